@@ -1,0 +1,1 @@
+"""Model building blocks: TP linears and embeddings, norms, rotary embedding, attention ops."""

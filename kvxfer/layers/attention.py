@@ -1,0 +1,104 @@
+"""Attention metadata for a flattened batch and the device dispatch of the attention ops.
+
+The torch ops (`kvxfer.layers.torch_ops`) run everywhere; on CUDA the Triton ops
+(`kvxfer.layers.triton_ops`) are used when they import. Both share one signature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvxfer.layers import torch_ops
+
+try:
+    from kvxfer.layers import triton_ops
+except ImportError:  # no triton on this machine, or the module is not built yet
+    triton_ops = None
+
+
+@dataclass
+class AttentionMetadata:
+    """A flattened batch of `B` sequences; sequence `b`'s new tokens are its last `q_len` positions.
+
+    Device tensors: `query_start_loc` [B+1] int32 (cumulative new-token counts), `seq_lens` [B]
+    int32 (context length after this step: cached + new), `block_tables` [B, max_blocks] int32
+    (padded with 0), `slot_mapping` [T] int64 (`block_id * block_size + offset` of each new token).
+    The `*_host` lists hold the same on the host, for the torch backend's per-sequence loop.
+    """
+
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor
+    slot_mapping: torch.Tensor
+    query_start_loc_host: list[int]
+    seq_lens_host: list[int]
+    block_tables_host: list[list[int]]
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_host)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.query_start_loc_host[-1]
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: list[int],
+        seq_lens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        """Metadata for sequences that each add `query_lens[b]` tokens, reaching `seq_lens[b]` tokens."""
+        if not (len(query_lens) == len(seq_lens) == len(block_tables)):
+            raise ValueError("query_lens, seq_lens and block_tables must have one entry per sequence")
+        starts = [0]
+        slots: list[int] = []
+        for q_len, seq_len, table in zip(query_lens, seq_lens, block_tables):
+            if not 0 <= q_len <= seq_len:
+                raise ValueError(f"query length {q_len} must be between 0 and the sequence length {seq_len}")
+            if len(table) * block_size < seq_len:
+                raise ValueError(f"block table of {len(table)} blocks cannot hold {seq_len} tokens")
+            starts.append(starts[-1] + q_len)
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(seq_len - q_len, seq_len))
+        width = max((len(t) for t in block_tables), default=0)
+        padded = [list(t) + [0] * (width - len(t)) for t in block_tables]
+        return cls(
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=device).reshape(len(padded), width),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            query_start_loc_host=starts,
+            seq_lens_host=list(seq_lens),
+            block_tables_host=[list(t) for t in block_tables],
+            max_query_len=max(query_lens, default=0),
+            max_seq_len=max(seq_lens, default=0),
+        )
+
+
+def _ops(tensor: torch.Tensor):
+    return triton_ops if tensor.is_cuda and triton_ops is not None else torch_ops
+
+
+def store_kv(
+    kv_layer: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None, slot_mapping: torch.Tensor
+) -> None:
+    """Write new tokens' K (and V) into one layer's paged cache view (see `torch_ops.store_kv`)."""
+    _ops(kv_layer).store_kv(kv_layer, key, value, slot_mapping)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    kv_layer: torch.Tensor,
+    attn: AttentionMetadata,
+    scale: float,
+    v_dim: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its paged context (see `torch_ops`)."""
+    return _ops(query).paged_attention(query, kv_layer, attn, scale, v_dim)

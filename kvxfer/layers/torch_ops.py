@@ -1,0 +1,129 @@
+"""Attention ops in plain torch: the CPU backend and the reference for the Triton kernels.
+
+`kv_layer` is one layer's strided view of the rank's cache, `[num_blocks, heads, 2 | 1,
+block_size, head_size]`; nothing here copies the cache beyond gathering a sequence's blocks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from kvxfer.layers.attention import AttentionMetadata
+
+# Upper bound on gathered context elements per batched-decode chunk (bounds temporary memory).
+_DECODE_CHUNK_ELEMENTS = 1 << 26
+
+
+def store_kv(
+    kv_layer: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None, slot_mapping: torch.Tensor
+) -> None:
+    """Write `key`/`value` `[T, heads, head_size]` at `slot_mapping` `[T]`; MLA passes `value=None`."""
+    if (value is None) != (kv_layer.shape[2] == 1):
+        raise ValueError(
+            f"store_kv: a cache with {kv_layer.shape[2]} slot(s) per token needs "
+            f"{'no value (MLA latent only)' if kv_layer.shape[2] == 1 else 'a value tensor'}"
+        )
+    block_size = kv_layer.shape[3]
+    blocks = slot_mapping // block_size
+    offsets = slot_mapping % block_size
+    kv_layer[blocks, :, 0, offsets] = key.to(kv_layer.dtype)
+    if value is not None:
+        kv_layer[blocks, :, 1, offsets] = value.to(kv_layer.dtype)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    kv_layer: torch.Tensor,
+    attn: AttentionMetadata,
+    scale: float,
+    v_dim: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its whole paged context.
+
+    `query` is `[T, Hq, Dk]`; query head `h` uses KV head `h // (Hq // H)`. With one slot per
+    token (MLA, absorbed form) K is the cached latent and V its first `v_dim` features.
+    Returns `[T, Hq, Dv]`.
+    """
+    num_slots = kv_layer.shape[2]
+    if num_slots == 1 and v_dim is None:
+        raise ValueError("paged_attention: a single-slot (MLA) cache needs v_dim")
+    out_dim = v_dim if num_slots == 1 else kv_layer.shape[4]
+    out = query.new_empty(query.shape[0], query.shape[1], out_dim)
+    starts = attn.query_start_loc_host
+    decodes, others = [], []
+    for b in range(len(attn.seq_lens_host)):
+        q_len = starts[b + 1] - starts[b]
+        if q_len == 1:
+            decodes.append(b)
+        elif q_len > 1:
+            others.append(b)
+    for b in others:
+        start, end = starts[b], starts[b + 1]
+        out[start:end] = _attend_one(query[start:end], kv_layer, attn, b, scale, out_dim)
+    if decodes:
+        _attend_decodes(query, kv_layer, attn, decodes, scale, out_dim, out)
+    return out
+
+
+def _gather_context(kv_layer: torch.Tensor, block_ids: torch.Tensor, out_dim: int):
+    """K and V of the given blocks as `[..., H, blocks * block_size, D]` (V a view of K for MLA)."""
+    ctx = kv_layer[block_ids.long()]  # [..., nb, H, slots, bs, D]
+    nb, heads, _, block_size, head_size = ctx.shape[-5:]
+    lead = ctx.shape[:-5]
+
+    def flat(slot: int) -> torch.Tensor:
+        part = ctx[..., slot, :, :].movedim(-4, -3)  # [..., H, nb, bs, D]
+        return part.reshape(*lead, heads, nb * block_size, head_size)
+
+    keys = flat(0)
+    values = keys[..., :out_dim] if kv_layer.shape[2] == 1 else flat(1)
+    return keys, values
+
+
+def _attend_one(
+    query: torch.Tensor, kv_layer: torch.Tensor, attn: AttentionMetadata, b: int, scale: float, out_dim: int
+) -> torch.Tensor:
+    q_len = query.shape[0]
+    seq_len = attn.seq_lens_host[b]
+    block_size = kv_layer.shape[3]
+    num_blocks = -(-seq_len // block_size)
+    keys, values = _gather_context(kv_layer, attn.block_tables[b, :num_blocks], out_dim)
+    keys, values = keys[:, :seq_len], values[:, :seq_len]
+    # Query i sits at position seq_len - q_len + i and sees every key up to it.
+    rows = torch.arange(q_len, device=query.device)[:, None] + (seq_len - q_len)
+    mask = torch.arange(seq_len, device=query.device)[None, :] <= rows
+    out = F.scaled_dot_product_attention(
+        query.transpose(0, 1), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+    )
+    return out.transpose(0, 1)
+
+
+def _attend_decodes(
+    query: torch.Tensor,
+    kv_layer: torch.Tensor,
+    attn: AttentionMetadata,
+    seqs: list[int],
+    scale: float,
+    out_dim: int,
+    out: torch.Tensor,
+) -> None:
+    """One-token sequences, batched: gather contexts padded to the longest and mask the padding."""
+    block_size = kv_layer.shape[3]
+    per_seq = max(attn.seq_lens_host[b] for b in seqs) * kv_layer[0, :, :, 0].numel()
+    chunk = max(1, _DECODE_CHUNK_ELEMENTS // max(per_seq, 1))
+    for i in range(0, len(seqs), chunk):
+        group = seqs[i : i + chunk]
+        lens = torch.tensor([attn.seq_lens_host[b] for b in group], device=query.device)
+        num_blocks = -(-int(lens.max()) // block_size)
+        index = torch.tensor(group, device=query.device)
+        keys, values = _gather_context(kv_layer, attn.block_tables[index, :num_blocks], out_dim)
+        mask = torch.arange(num_blocks * block_size, device=query.device)[None, :] < lens[:, None]
+        tokens = torch.tensor([attn.query_start_loc_host[b] for b in group], device=query.device)
+        result = F.scaled_dot_product_attention(
+            query[tokens].unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
+        )
+        out[tokens] = result.squeeze(2)
