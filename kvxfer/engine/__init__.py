@@ -1,0 +1,9 @@
+"""Inference engine: requests, paged KV block manager, scheduler, TP workers, model runner, sampler."""
+
+from kvxfer.engine.config import EngineConfig
+from kvxfer.engine.engine import LLMEngine
+from kvxfer.engine.llm import LLM
+from kvxfer.engine.request import RequestOutput, RequestStatus
+from kvxfer.engine.sampling_params import SamplingParams
+
+__all__ = ["EngineConfig", "LLMEngine", "LLM", "RequestOutput", "RequestStatus", "SamplingParams"]

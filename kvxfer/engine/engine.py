@@ -1,0 +1,278 @@
+"""`LLMEngine`: requests in, one scheduled model step per `step()`, outputs out.
+
+`add_request` and `abort_request` may be called from any thread: they validate at once
+and queue; `step()` applies the queue, schedules, runs every rank, and returns the
+outputs of the requests that advanced. With a connector, every step also carries the
+connector metadata to the ranks and collects their finished transfers, even when no
+model work is scheduled, so requests waiting for remote KV never stall the loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any
+
+from kvxfer.engine.block_manager import BlockManager
+from kvxfer.engine.config import EngineConfig
+from kvxfer.engine.executor import Executor, WorkerError
+from kvxfer.engine.model_runner import StepInput
+from kvxfer.engine.request import Request, RequestOutput
+from kvxfer.engine.sampling_params import SamplingParams
+from kvxfer.engine.scheduler import Scheduler
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        from kvxfer.models import load_model_config
+
+        self.config = config
+        # Everything that can be checked without the workers is checked before spawning them.
+        self.model_config = load_model_config(config.model_dir)
+        self.model_config.validate_tp(config.tensor_parallel_size)
+        _check_device(config)
+        self.spec = self.model_config.kv_cache_spec(config.block_size, config.torch_dtype_name)
+        self.tokenizer = _load_tokenizer(config.model_dir)
+        self.executor = Executor(config)
+        try:
+            self.num_blocks = self.executor.num_blocks
+            # The connectors see the pool size the ranks agreed on.
+            self.resolved_config = dataclasses.replace(config, num_kv_blocks=self.num_blocks)
+            self.connector = None
+            self.aggregator = None
+            kv_config = config.kv_transfer_config
+            if kv_config is not None:
+                from kvxfer.connectors import create_scheduler_connector
+                from kvxfer.connectors.base import KVOutputAggregator
+
+                self.connector = create_scheduler_connector(kv_config, self.resolved_config, self.spec)
+                self.aggregator = KVOutputAggregator(config.tensor_parallel_size)
+            self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
+            self.scheduler = Scheduler(
+                self.block_manager,
+                config.max_num_seqs,
+                config.max_num_batched_tokens,
+                self.connector,
+                getattr(kv_config, "failure_policy", "fail"),
+            )
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        max_positions = getattr(self.model_config.hf_config, "max_position_embeddings", None)
+        self.max_model_len = min(self.num_blocks * config.block_size, max_positions or 1 << 62)
+        self._queue_lock = threading.Lock()
+        self._step_lock = threading.RLock()
+        self._new_requests: list[Request] = []
+        self._aborts: list[str] = []
+        self._known_ids: set[str] = set()
+        self.last_step_num_tokens = 0
+        self._closed = False
+
+    # -------------------------------------------------------------------- input
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams | None = None,
+        kv_transfer_params: dict[str, Any] | None = None,
+    ) -> None:
+        """Queue a request; raises ValueError (and keeps nothing) when it cannot be served."""
+        request = self.make_request(request_id, prompt_token_ids, sampling_params, kv_transfer_params)
+        with self._queue_lock:
+            if request_id in self._known_ids:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._known_ids.add(request_id)
+            self._new_requests.append(request)
+
+    def make_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams | None = None,
+        kv_transfer_params: dict[str, Any] | None = None,
+    ) -> Request:
+        """Validate one request without queuing it."""
+        self._check_open()
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        sampling_params = sampling_params or SamplingParams()
+        if not isinstance(sampling_params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
+        tokens = list(prompt_token_ids) if prompt_token_ids is not None else []
+        if not tokens:
+            raise ValueError(f"request {request_id!r}: the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in tokens):
+            raise ValueError(f"request {request_id!r}: prompt token ids must be integers in [0, {vocab})")
+        if len(tokens) >= self.max_model_len:
+            raise ValueError(
+                f"request {request_id!r}: prompt of {len(tokens)} tokens is too long; this engine holds at most "
+                f"{self.max_model_len} tokens per sequence (KV pool of {self.num_blocks} blocks of "
+                f"{self.config.block_size} tokens, max_position_embeddings "
+                f"{getattr(self.model_config.hf_config, 'max_position_embeddings', None)})"
+            )
+        if kv_transfer_params is not None:
+            if self.connector is None:
+                if any(kv_transfer_params.get(k) for k in ("do_remote_prefill", "do_remote_decode")):
+                    raise ValueError(
+                        f"request {request_id!r}: kv_transfer_params given, but the engine has no kv_transfer_config"
+                    )
+            else:
+                from kvxfer.connectors.metadata import parse_kv_transfer_params
+
+                parse_kv_transfer_params(kv_transfer_params)
+        return Request(request_id, tokens, sampling_params, kv_transfer_params, self.model_config.eos_token_ids)
+
+    def abort_request(self, request_id: str) -> None:
+        """End a request; its output (finish_reason "abort") comes with the next step."""
+        with self._queue_lock:
+            self._aborts.append(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        with self._queue_lock:
+            return bool(self._new_requests) or self.scheduler.has_unfinished()
+
+    # --------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        with self._step_lock:
+            self._check_open()
+            self._apply_queue()
+            out = self.scheduler.schedule()
+            self.last_step_num_tokens = out.num_scheduled_tokens
+            advanced: list[Request] = []
+            if out.scheduled or self.connector is not None:
+                meta = self.connector.build_connector_meta(out) if self.connector is not None else None
+                step = StepInput.from_scheduler_output(out, self.config.block_size, meta)
+                try:
+                    results = self.executor.collective_rpc("execute_step", step)
+                except WorkerError as e:
+                    advanced = self.scheduler.fail_scheduled(out, f"model step failed: {e}")
+                else:
+                    if self.connector is not None:
+                        combined = self.aggregator.aggregate([kv_out for _, kv_out in results])
+                        self.scheduler.update_connector_output(combined)
+                    sampled_iter = iter(results[0][0])
+                    sampled = [next(sampled_iter) if s.samples else None for s in out.scheduled]
+                    advanced = self.scheduler.update_from_output(out, sampled)
+            advanced += self.scheduler.pop_finished()
+            return [self._output(r) for r in advanced]
+
+    def _apply_queue(self) -> None:
+        with self._queue_lock:
+            new, self._new_requests = self._new_requests, []
+            aborts, self._aborts = self._aborts, []
+        for request in new:
+            self.scheduler.add(request)
+        for request_id in aborts:
+            self.scheduler.abort(request_id)
+
+    def _output(self, request: Request) -> RequestOutput:
+        new_ids = request.output_token_ids[request.num_new_tokens_emitted :]
+        request.num_new_tokens_emitted = len(request.output_token_ids)
+        finished = request.is_finished
+        if finished:
+            with self._queue_lock:
+                self._known_ids.discard(request.request_id)
+        if self.tokenizer is not None:
+            self._detokenize(request)
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=list(request.output_token_ids),
+            new_token_ids=new_ids,
+            text=request.text,
+            finished=finished,
+            finish_reason=request.finish_reason if finished else None,
+            logprobs=list(request.logprobs) if request.sampling_params.logprobs else None,
+            error=request.error,
+            kv_transfer_params=request.output_kv_transfer_params,
+            kv_transfer_stats=request.kv_transfer_stats,
+            num_cached_tokens=request.num_cached_tokens,
+        )
+
+    def _detokenize(self, request: Request) -> None:
+        ids, decode = request.output_token_ids, self.tokenizer.decode
+        if request.is_finished:
+            request.text = decode(ids, skip_special_tokens=True)
+            return
+        # Decode only a short window: the text of the tokens since the last emitted boundary,
+        # held back while it ends in an incomplete character.
+        start, read = request.detok_offsets
+        before = decode(ids[start:read], skip_special_tokens=True)
+        after = decode(ids[start:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            request.text += after[len(before) :]
+            request.detok_offsets = (read, len(ids))
+
+    # ---------------------------------------------------------------- utilities
+    def collective_rpc(self, method: str, *args: Any) -> list:
+        """Call a worker method on every rank; results in rank order."""
+        with self._step_lock:
+            self._check_open()
+            return self.executor.collective_rpc(method, *args)
+
+    def stats(self) -> dict[str, Any]:
+        bm, sched = self.block_manager, self.scheduler
+        stats = {
+            "num_blocks": bm.num_blocks,
+            "num_free_blocks": bm.num_free_blocks,
+            "num_used_blocks": bm.num_blocks - bm.num_free_blocks,
+            "block_usage": 1.0 - bm.num_free_blocks / bm.num_blocks,
+            "num_cached_blocks": bm.num_cached_blocks,
+            "prefix_query_tokens": bm.prefix_query_tokens,
+            "prefix_hit_tokens": bm.prefix_hit_tokens,
+            "prefix_hit_blocks": bm.prefix_hit_blocks,
+            "prefix_hit_rate": bm.prefix_hit_tokens / bm.prefix_query_tokens if bm.prefix_query_tokens else 0.0,
+            "num_preemptions": sched.num_preemptions,
+            "num_running": len(sched.running),
+            "num_waiting": len(sched.waiting),
+            "num_waiting_for_remote_kv": len(sched.remote),
+            "num_pending_free": len(sched.pending_free),
+        }
+        if self.connector is not None:
+            stats["connector"] = self.connector.stats()
+        return stats
+
+    def worker_pids(self) -> list[int]:
+        return self.executor.worker_pids()
+
+    def shutdown(self) -> None:
+        with self._step_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self.executor.shutdown()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the engine is shut down")
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _check_device(config: EngineConfig) -> None:
+    if config.device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch.cuda.is_available() is false")
+    if torch.cuda.device_count() < config.tensor_parallel_size:
+        raise ValueError(
+            f"tensor_parallel_size={config.tensor_parallel_size} needs as many GPUs; "
+            f"{torch.cuda.device_count()} visible"
+        )
+
+
+def _load_tokenizer(model_dir: str):
+    """The checkpoint's tokenizer, or None when it ships none (token-id prompts only)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError):
+        return None

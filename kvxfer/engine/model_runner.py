@@ -1,0 +1,81 @@
+"""Runs one scheduled step on one TP rank: builds the flattened batch and its attention
+metadata, runs the model over the rank's paged KV cache, and samples on rank 0."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvxfer.engine.sampler import Sampler, SamplingInfo
+from kvxfer.engine.scheduler import SchedulerOutput
+from kvxfer.layers.attention import AttentionMetadata
+
+
+@dataclass
+class StepInput:
+    """One step, as sent to every rank: token ids and block ids only, no tensors."""
+
+    input_ids: list[int]
+    positions: list[int]
+    query_lens: list[int]
+    seq_lens: list[int]
+    block_tables: list[list[int]]
+    sample_rows: list[int]  # sequences (batch rows) whose next token is sampled
+    sampling: list[SamplingInfo]  # one per sample row
+    finished_request_ids: list[str]
+    connector_meta: Any = None
+
+    @classmethod
+    def from_scheduler_output(cls, out: SchedulerOutput, block_size: int, connector_meta: Any) -> StepInput:
+        step = cls([], [], [], [], [], [], [], list(out.finished_ids), connector_meta)
+        for row, sched in enumerate(out.scheduled):
+            request, n = sched.request, sched.num_new_tokens
+            start, end = request.num_computed_tokens, request.num_computed_tokens + n
+            step.input_ids.extend(request.token_slice(start, end))
+            step.positions.extend(range(start, end))
+            step.query_lens.append(n)
+            step.seq_lens.append(end)
+            step.block_tables.append(request.block_ids[: -(-end // block_size)])
+            if sched.samples:
+                params = request.sampling_params
+                step.sample_rows.append(row)
+                step.sampling.append(
+                    SamplingInfo(request.request_id, params.temperature, params.top_p, params.seed, params.logprobs)
+                )
+        return step
+
+
+class ModelRunner:
+    def __init__(
+        self, model: torch.nn.Module, kv_cache: torch.Tensor, block_size: int, sampler: Sampler | None
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.device = kv_cache.device
+        self.sampler = sampler  # rank 0 only
+
+    @torch.inference_mode()
+    def run(self, step: StepInput) -> list[tuple[int, float | None]] | None:
+        """Sampled (token, logprob) per sample row on rank 0; None on the other ranks."""
+        if self.sampler is not None:
+            self.sampler.forget(step.finished_request_ids)
+        if not step.query_lens:
+            return [] if self.sampler is not None else None
+        attn = AttentionMetadata.build(
+            step.query_lens, step.seq_lens, step.block_tables, self.block_size, self.device
+        )
+        input_ids = torch.tensor(step.input_ids, dtype=torch.long, device=self.device)
+        positions = torch.tensor(step.positions, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, positions, self.kv_cache, attn)
+        if not step.sample_rows:
+            return [] if self.sampler is not None else None
+        starts = attn.query_start_loc_host
+        last = torch.tensor([starts[row + 1] - 1 for row in step.sample_rows], device=self.device)
+        # Every rank joins: the logits are gathered from the vocab shards onto rank 0.
+        logits = self.model.compute_logits(hidden[last])
+        if self.sampler is None:
+            return None
+        return self.sampler(logits, step.sampling)

@@ -1,0 +1,107 @@
+"""Request state inside the engine, and the output handed back to callers."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from kvxfer.engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+class Request:
+    """One sequence: its tokens, the KV blocks holding them, and how far they are computed."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        kv_transfer_params: dict[str, Any] | None = None,
+        eos_token_ids: tuple[int, ...] = (),
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.kv_transfer_params = kv_transfer_params
+        self.eos_token_ids = () if sampling_params.ignore_eos else tuple(eos_token_ids)
+        # A prefill leg of a disaggregated request stops after its first token.
+        self.max_tokens = 1 if (kv_transfer_params or {}).get("do_remote_decode") else sampling_params.max_tokens
+        self.output_token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        self.block_ids: list[int] = []
+        self.block_hashes: list[int] = []  # chained hashes of the full blocks cached so far
+        self.num_cached_tokens = 0  # prompt tokens served from the local prefix cache
+        self.num_external_tokens = 0  # prompt tokens arriving from a remote engine
+        self.remote_kv_checked = False  # the connector was asked once; recompute never asks again
+        self.num_preemptions = 0
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.output_kv_transfer_params: dict[str, Any] | None = None
+        self.kv_transfer_stats: dict[str, Any] | None = None
+        self.text = ""
+        self.detok_offsets = (0, 0)  # (window start, end of the tokens already in `text`)
+        self.num_new_tokens_emitted = 0  # output tokens already reported in a RequestOutput
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
+
+    def append_token(self, token_id: int, logprob: float | None) -> None:
+        self.output_token_ids.append(token_id)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        if token_id in self.eos_token_ids:
+            self.finish_reason = "stop"
+        elif len(self.output_token_ids) >= self.max_tokens:
+            self.finish_reason = "length"
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, {self.status.name}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={len(self.block_ids)})"
+        )
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    new_token_ids: list[int]
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None
+    logprobs: list[float] | None = None
+    error: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+    kv_transfer_stats: dict[str, Any] | None = None
+    num_cached_tokens: int = 0

@@ -1,0 +1,272 @@
+"""Continuous-batching scheduler: chunked prefill under a token budget, preemption by
+recompute, requests waiting for remote KV, and the scheduler-side connector hooks.
+
+Each step the running requests are served first (one decode token, or the next prefill
+chunk), preempting the most recently admitted ones when blocks run out; then waiting
+requests are admitted in arrival order while the budget, `max_num_seqs` and the pool allow.
+A request whose prompt KV arrives from a remote engine holds its blocks in
+`WAITING_FOR_REMOTE_KV`, outside the batch, until every rank has received it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvxfer.engine.block_manager import BlockManager
+from kvxfer.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the end of the known tokens, so a token is sampled."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)
+    # Requests finished since the previous step: workers drop their per-request state.
+    finished_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        connector: Any = None,
+        failure_policy: str = "fail",
+    ) -> None:
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.connector = connector
+        self.failure_policy = failure_policy
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.remote: dict[str, Request] = {}  # WAITING_FOR_REMOTE_KV
+        self.pending_free: dict[str, Request] = {}  # finished; the connector holds the blocks
+        self.requests: dict[str, Request] = {}  # unfinished, by id
+        self._recv_done: set[str] = set()
+        self._recv_failed: dict[str, str] = {}
+        self._finished_since_step: list[str] = []
+        self.finished: list[Request] = []  # finished outside a model step, to report next
+        self.num_preemptions = 0
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def add(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort(self, request_id: str) -> bool:
+        request = self.requests.get(request_id)
+        if request is None:
+            return False
+        if request.status == RequestStatus.WAITING_FOR_REMOTE_KV:
+            self.remote.pop(request_id, None)
+        elif request in self.running:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self._finish(request, "abort")
+        return True
+
+    # ----------------------------------------------------------------- schedule
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_ids=self._finished_since_step)
+        self._finished_since_step = []
+        self._collect_remote_results()
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._grow_or_preempt(request, n, i, out):
+                break
+            out.scheduled.append(ScheduledRequest(request, n))
+            budget -= n
+            i += 1
+        if not out.preempted_ids:
+            self._admit_waiting(budget, out)
+        return out
+
+    def _grow_or_preempt(self, request: Request, n: int, index: int, out: SchedulerOutput) -> bool:
+        while not self.bm.allocate(request, request.num_computed_tokens + n):
+            if len(self.running) - 1 > index:
+                self._preempt(self.running.pop(), out)
+                continue
+            self.running.pop(index)
+            if self._holds_whole_pool(request):
+                request.error = (
+                    f"sequence of {request.num_tokens} tokens does not fit in the KV pool "
+                    f"({self.bm.num_blocks} blocks of {self.bm.block_size} tokens)"
+                )
+                self._finish(request, "error")
+            else:
+                self._preempt(request, out)
+            return False
+        return True
+
+    def _holds_whole_pool(self, request: Request) -> bool:
+        others = len(self.running) + len(self.remote) + len(self.pending_free)
+        return others == 0 and self.bm.num_free_blocks + len(request.block_ids) >= self.bm.num_blocks
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        self.bm.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+        out.preempted_ids.append(request.request_id)
+
+    def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            fresh = not request.block_ids  # not back from a remote load
+            cached_ids, cached_hashes = self.bm.match_prefix(request) if fresh else ([], [])
+            num_local = len(cached_ids) * self.bm.block_size if fresh else request.num_computed_tokens
+            ask_connector = self.connector is not None and not request.remote_kv_checked
+            num_external = self.connector.get_num_new_matched_tokens(request, num_local) if ask_connector else 0
+            if num_external > 0:
+                if not self.bm.allocate(request, num_local + num_external, cached_ids, cached_hashes):
+                    break
+                self.waiting.popleft()
+                request.status = RequestStatus.WAITING_FOR_REMOTE_KV
+                request.num_external_tokens = num_external
+                self._note_admitted(request, num_local)
+                self.remote[request.request_id] = request
+                continue
+            n = min(request.num_tokens - num_local, budget)
+            if not self.bm.allocate(request, num_local + n, cached_ids, cached_hashes):
+                break
+            self.waiting.popleft()
+            if fresh:
+                self._note_admitted(request, num_local)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(request, n))
+            budget -= n
+
+    def _note_admitted(self, request: Request, num_local: int) -> None:
+        request.num_computed_tokens = num_local
+        if request.num_preemptions == 0:
+            request.num_cached_tokens = num_local
+        if self.connector is not None and not request.remote_kv_checked:
+            request.remote_kv_checked = True
+            self.connector.update_state_after_alloc(
+                request, list(request.block_ids), num_local, request.num_external_tokens
+            )
+
+    def _collect_remote_results(self) -> None:
+        for request_id in sorted(self._recv_done):
+            request = self.remote.pop(request_id, None)
+            if request is None:
+                continue
+            # The last prompt token is always computed here: its logits give the first token.
+            total = request.num_computed_tokens + request.num_external_tokens
+            request.num_computed_tokens = min(total, request.num_tokens - 1)
+            request.status = RequestStatus.WAITING
+            self.waiting.appendleft(request)
+        self._recv_done.clear()
+        for request_id, reason in sorted(self._recv_failed.items()):
+            request = self.remote.pop(request_id, None)
+            if request is None:
+                continue
+            request.num_external_tokens = 0
+            if self.failure_policy == "recompute":
+                request.status = RequestStatus.WAITING
+                self.waiting.appendleft(request)
+            else:
+                request.error = f"KV transfer failed: {reason}"
+                self._finish(request, "error")
+        self._recv_failed.clear()
+
+    # ------------------------------------------------------------------ results
+    def update_from_output(
+        self, out: SchedulerOutput, sampled: list[tuple[int, float | None] | None]
+    ) -> list[Request]:
+        """Advance the scheduled requests by the step's results; returns the requests with
+        a new token or finished in this step."""
+        touched: list[Request] = []
+        for sched, sample in zip(out.scheduled, sampled):
+            request = sched.request
+            if request.is_finished:
+                continue
+            request.num_computed_tokens += sched.num_new_tokens
+            self.bm.cache_computed_blocks(request)
+            if request.num_computed_tokens < request.num_tokens:
+                continue  # a prefill chunk that does not reach the end yet
+            assert sample is not None, f"{request.request_id}: no token sampled"
+            request.append_token(*sample)
+            touched.append(request)
+            if request.finish_reason is not None:
+                self.running.remove(request)
+                self._finish(request, request.finish_reason)
+        return touched
+
+    def fail_scheduled(self, out: SchedulerOutput, message: str) -> list[Request]:
+        """The step failed: its requests end with an error, the engine goes on."""
+        failed = []
+        for sched in out.scheduled:
+            request = sched.request
+            if request.is_finished or request not in self.running:
+                continue
+            self.running.remove(request)
+            request.error = message
+            self._finish(request, "error")
+        return failed
+
+    def pop_finished(self) -> list[Request]:
+        """Requests ended outside the model step (abort, error) since the last call."""
+        finished, self.finished = self.finished, []
+        return finished
+
+    def update_connector_output(self, output: Any) -> None:
+        for request_id in output.finished_recving:
+            if request_id in self.remote:
+                self._recv_done.add(request_id)
+        for request_id, reason in output.failed_recving.items():
+            if request_id in self.remote:
+                self._recv_failed[request_id] = reason
+        for request_id in output.finished_sending:
+            request = self.pending_free.pop(request_id, None)
+            if request is not None:
+                self.bm.free(request)
+        for request_id, stats in output.recv_stats.items():
+            request = self.requests.get(request_id)
+            if request is not None:
+                request.kv_transfer_stats = stats.as_dict()
+        self.connector.update_connector_output(output)
+
+    def _finish(self, request: Request, reason: str) -> None:
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        self.requests.pop(request.request_id, None)
+        self._finished_since_step.append(request.request_id)
+        if reason in ("abort", "error"):
+            self.finished.append(request)
+        delay = False
+        if self.connector is not None:
+            delay, request.output_kv_transfer_params = self.connector.request_finished(
+                request, list(request.block_ids)
+            )
+        if delay and request.block_ids:
+            self.pending_free[request.request_id] = request
+        else:
+            self.bm.free(request)

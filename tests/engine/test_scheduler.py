@@ -1,0 +1,183 @@
+"""Scheduler: pure logic with a stand-in for the model step (sampled tokens are made up)."""
+
+from kvxfer.engine.block_manager import BlockManager
+from kvxfer.engine.request import Request, RequestStatus
+from kvxfer.engine.sampling_params import SamplingParams
+from kvxfer.engine.scheduler import Scheduler
+
+BS = 4
+
+
+def make(rid, n_prompt, max_tokens=3):
+    return Request(rid, list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens))
+
+
+def run_step(sched, token=7):
+    out = sched.schedule()
+    sampled = [(token, None) if s.samples else None for s in out.scheduled]
+    return out, sched.update_from_output(out, sampled)
+
+
+def run_all(sched, limit=200):
+    finished = {}
+    for _ in range(limit):
+        if not sched.has_unfinished():
+            break
+        _, touched = run_step(sched)
+        finished.update({r.request_id: r for r in touched if r.is_finished})
+    return finished
+
+
+def test_chunked_prefill_respects_the_token_budget():
+    bm = BlockManager(64, BS)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=8)
+    sched.add(make("a", 20))
+    out, touched = run_step(sched)
+    assert [s.num_new_tokens for s in out.scheduled] == [8] and touched == []
+    out, _ = run_step(sched)
+    assert out.num_scheduled_tokens == 8
+    out, touched = run_step(sched)
+    assert out.num_scheduled_tokens == 4 and touched[0].output_token_ids == [7]
+
+
+def test_continuous_batching_mixes_decode_and_prefill():
+    bm = BlockManager(64, BS)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=16)
+    sched.add(make("a", 5))
+    run_step(sched)
+    sched.add(Request("b", list(range(100, 106)), SamplingParams()))
+    out, _ = run_step(sched)
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [("a", 1), ("b", 6)]
+
+
+def test_prefix_hit_skips_cached_tokens():
+    bm = BlockManager(64, BS)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=16)
+    sched.add(make("a", 5))
+    run_step(sched)
+    sched.add(make("b", 6))  # shares the first full block with "a"
+    out, _ = run_step(sched)
+    assert out.scheduled[1].num_new_tokens == 2 and out.scheduled[1].request.num_cached_tokens == 4
+
+
+def test_max_num_seqs_limits_the_batch():
+    bm = BlockManager(64, BS)
+    sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=100)
+    for i in range(3):
+        sched.add(make(f"r{i}", 3))
+    out, _ = run_step(sched)
+    assert len(out.scheduled) == 2
+
+
+def test_preemption_when_blocks_run_out_and_everything_is_freed():
+    bm = BlockManager(4, BS)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    sched.add(make("a", 4, max_tokens=6))
+    sched.add(make("b", 4, max_tokens=6))
+    finished = run_all(sched)
+    assert sched.num_preemptions > 0
+    assert {r: len(x.output_token_ids) for r, x in finished.items()} == {"a": 6, "b": 6}
+    assert bm.num_free_blocks == 4
+
+
+def test_sequence_larger_than_the_pool_ends_with_an_error():
+    bm = BlockManager(2, BS)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    sched.add(make("a", 7, max_tokens=10))
+    assert run_all(sched) == {}
+    assert not sched.has_unfinished()
+    errors = sched.pop_finished()
+    assert errors[0].finish_reason == "error" and "does not fit" in errors[0].error
+    assert bm.num_free_blocks == 2
+
+
+def test_abort_frees_blocks():
+    bm = BlockManager(8, BS)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    sched.add(make("a", 6, max_tokens=10))
+    run_step(sched)
+    assert sched.abort("a")
+    assert [r.finish_reason for r in sched.pop_finished()] == ["abort"]
+    assert bm.num_free_blocks == 8 and not sched.has_unfinished()
+
+
+class FakeConnector:
+    """Scheduler-side stand-in: every prompt but its last block arrives remotely."""
+
+    def __init__(self, delay_free=False):
+        self.delay_free = delay_free
+        self.calls = []
+
+    def get_num_new_matched_tokens(self, request, num_local):
+        self.calls.append(("match", request.request_id, num_local))
+        return request.num_prompt_tokens - num_local if request.kv_transfer_params else 0
+
+    def update_state_after_alloc(self, request, block_ids, num_local, num_external):
+        self.calls.append(("alloc", request.request_id, len(block_ids), num_local, num_external))
+
+    def build_connector_meta(self, out):
+        return None
+
+    def request_finished(self, request, block_ids):
+        self.calls.append(("finished", request.request_id))
+        return self.delay_free, {"done": request.request_id}
+
+    def update_connector_output(self, output):
+        self.calls.append(("output",))
+
+
+class Out:
+    def __init__(self, recv=(), sent=(), failed=None):
+        self.finished_recving = set(recv)
+        self.finished_sending = set(sent)
+        self.failed_recving = dict(failed or {})
+        self.recv_stats = {}
+
+
+def test_remote_kv_wait_does_not_block_others_and_resumes():
+    bm = BlockManager(16, BS)
+    conn = FakeConnector()
+    sched = Scheduler(bm, 8, 64, conn)
+    remote = Request("remote", list(range(1, 10)), SamplingParams(max_tokens=2), {"do_remote_prefill": True})
+    sched.add(remote)
+    sched.add(make("local", 3))
+    out, _ = run_step(sched)
+    assert remote.status == RequestStatus.WAITING_FOR_REMOTE_KV
+    assert len(remote.block_ids) == 3
+    assert [s.request.request_id for s in out.scheduled] == ["local"]
+    assert ("alloc", "remote", 3, 0, 9) in conn.calls
+    run_step(sched)
+    sched.update_connector_output(Out(recv=["remote"]))
+    out, _ = run_step(sched)
+    # Only the last prompt token is computed locally.
+    assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [("local", 1), ("remote", 1)]
+
+
+def test_remote_failure_fails_or_recomputes_by_policy():
+    for policy in ("fail", "recompute"):
+        bm = BlockManager(16, BS)
+        sched = Scheduler(bm, 8, 64, FakeConnector(), failure_policy=policy)
+        sched.add(Request("r", list(range(1, 10)), SamplingParams(max_tokens=2), {"do_remote_prefill": True}))
+        run_step(sched)
+        sched.update_connector_output(Out(failed={"r": "peer died"}))
+        out, _ = run_step(sched)
+        if policy == "fail":
+            (err,) = sched.pop_finished()
+            assert err.finish_reason == "error" and "peer died" in err.error
+            assert bm.num_free_blocks == 16
+        else:
+            assert out.scheduled[0].num_new_tokens == 9
+            run_all(sched)
+            assert bm.num_free_blocks == 16
+
+
+def test_delayed_free_until_the_connector_reports_sending_done():
+    bm = BlockManager(16, BS)
+    conn = FakeConnector(delay_free=True)
+    sched = Scheduler(bm, 8, 64, conn)
+    sched.add(make("p", 6, max_tokens=1))
+    _, touched = run_step(sched)
+    assert touched[0].is_finished and touched[0].output_kv_transfer_params == {"done": "p"}
+    assert bm.num_free_blocks == 14 and "p" in sched.pending_free
+    sched.update_connector_output(Out(sent=["p"]))
+    assert bm.num_free_blocks == 16
