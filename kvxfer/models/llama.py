@@ -1,0 +1,89 @@
+"""Llama / Qwen3 decoder: GQA attention (Qwen3 adds per-head q/k RMSNorm) and a SwiGLU MLP."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kvxfer.layers.attention import AttentionMetadata, paged_attention, store_kv
+from kvxfer.layers.linear import QKVParallelLinear, RowParallelLinear
+from kvxfer.layers.mlp import GatedMLP
+from kvxfer.layers.norm import RMSNorm
+from kvxfer.layers.parallel import TPInfo
+from kvxfer.layers.rotary import RotaryEmbedding
+from kvxfer.models.base import CausalLM
+from kvxfer.models.config import ModelConfig
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, tp: TPInfo, dtype, device) -> None:
+        super().__init__()
+        hf = config.hf_config
+        self.head_size = config.head_size
+        bias = bool(getattr(hf, "attention_bias", False))
+        self.qkv_proj = QKVParallelLinear(
+            hf.hidden_size, self.head_size, hf.num_attention_heads, config.num_kv_heads, tp, bias, dtype, device
+        )
+        self.o_proj = RowParallelLinear(
+            hf.num_attention_heads * self.head_size, hf.hidden_size, tp, bias, dtype=dtype, device=device
+        )
+        self.qk_norm = config.architecture == "Qwen3ForCausalLM"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_size, hf.rms_norm_eps, dtype, device)
+            self.k_norm = RMSNorm(self.head_size, hf.rms_norm_eps, dtype, device)
+        self.rotary = rotary
+        self.scale = self.head_size**-0.5
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, kv_layer: torch.Tensor, attn: AttentionMetadata
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split(self.qkv_proj.split_sizes, dim=-1)
+        q = q.view(num_tokens, -1, self.head_size)
+        k = k.view(num_tokens, -1, self.head_size)
+        v = v.view(num_tokens, -1, self.head_size)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        store_kv(kv_layer, k, v, attn.slot_mapping)
+        out = paged_attention(q, kv_layer, attn, self.scale)
+        return self.o_proj(out.reshape(num_tokens, -1))
+
+    def load(self, ckpt, prefix: str) -> None:
+        self.qkv_proj.load(ckpt, f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj")
+        self.o_proj.load(ckpt, f"{prefix}.o_proj")
+        if self.qk_norm:
+            self.q_norm.load(ckpt, f"{prefix}.q_norm")
+            self.k_norm.load(ckpt, f"{prefix}.k_norm")
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, tp: TPInfo, dtype, device) -> None:
+        super().__init__()
+        hf = config.hf_config
+        self.input_layernorm = RMSNorm(hf.hidden_size, hf.rms_norm_eps, dtype, device)
+        self.self_attn = LlamaAttention(config, rotary, tp, dtype, device)
+        self.post_attention_layernorm = RMSNorm(hf.hidden_size, hf.rms_norm_eps, dtype, device)
+        bias = bool(getattr(hf, "mlp_bias", False))
+        self.mlp = GatedMLP(hf.hidden_size, hf.intermediate_size, tp, bias, dtype=dtype, device=device)
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, kv_layer: torch.Tensor, attn: AttentionMetadata
+    ) -> torch.Tensor:
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), kv_layer, attn)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+    def load(self, ckpt, prefix: str) -> None:
+        self.input_layernorm.load(ckpt, f"{prefix}.input_layernorm")
+        self.self_attn.load(ckpt, f"{prefix}.self_attn")
+        self.post_attention_layernorm.load(ckpt, f"{prefix}.post_attention_layernorm")
+        self.mlp.load(ckpt, f"{prefix}.mlp")
+
+
+class LlamaForCausalLM(CausalLM):
+    def __init__(self, config: ModelConfig, tp: TPInfo, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(config, tp, dtype, device)
+        self.rotary = RotaryEmbedding(config.hf_config, config.head_size, interleaved=False, device=device)
+        self.layers.extend(
+            LlamaDecoderLayer(config, self.rotary, tp, dtype, device) for _ in range(config.num_layers)
+        )
