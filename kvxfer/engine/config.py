@@ -24,9 +24,9 @@ class EngineConfig:
     # (overrides the memory probe; lets tests give ranks different budgets).
     kv_cache_memory_bytes: int | list[int] | None = None
     # Share of the probed memory given to the KV pool: CPU available RAM (capped by
-    # cpu_kv_cache_max_bytes), or CUDA free memory after the weights are loaded.
+    # cpu_kv_cache_max_bytes, split over the ranks), or CUDA free memory after the weights load.
     kv_cache_memory_fraction: float | None = None
-    cpu_kv_cache_max_bytes: int = 2 << 30
+    cpu_kv_cache_max_bytes: int = 1 << 30
     seed: int = 0
     # Upper bound for any wait on a worker (start-up, a step, a collective).
     worker_timeout_s: float = 300.0

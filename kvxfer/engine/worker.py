@@ -56,8 +56,9 @@ class Worker:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             return int(free * (fraction or 0.8))
-        available = _available_ram_bytes() // self.tp_size  # the ranks share one host's RAM
-        return min(int(available * (fraction or 0.2)), self.config.cpu_kv_cache_max_bytes)
+        # The ranks share one host's RAM (and zeroing a CPU pool touches every page).
+        share = min(int(_available_ram_bytes() * (fraction or 0.2)), self.config.cpu_kv_cache_max_bytes)
+        return share // self.tp_size
 
     def init_kv_cache(self, dist_port: int) -> int:
         """Join the TP group, agree on the pool size (MIN over ranks), allocate the KV cache."""
