@@ -1,0 +1,90 @@
+"""A minimal paged-KV driver for model tests: sequences with block tables over one cache tensor
+in the contract layout, stepped in flattened mixed batches (no engine involved)."""
+
+from __future__ import annotations
+
+import torch
+
+from kvxfer.layers.attention import AttentionMetadata
+
+BLOCK = 4
+
+# Prompt lengths: shorter than a block, an exact multiple of the block, and one prefilled in
+# two chunks (6 + 5).
+PROMPT_LENS = (3, 8, 11)
+CHUNK = 6
+DECODE_STEPS = 4
+
+
+def make_prompts(vocab: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in PROMPT_LENS]
+
+
+class PagedRunner:
+    def __init__(self, model, model_config, tp_size: int, num_blocks: int = 48) -> None:
+        spec = model_config.kv_cache_spec(BLOCK, "float32")
+        self.cache = torch.zeros((num_blocks, *spec.block_shape(tp_size)), dtype=torch.float32)
+        self.model = model
+        self.free = list(range(num_blocks))[::-1]  # hand out blocks in a non-trivial order
+        self.free = self.free[1::2] + self.free[0::2]
+        self.tables: dict[int, list[int]] = {}
+        self.tokens: dict[int, list[int]] = {}  # every token whose KV is (or is being) cached
+
+    def add(self, seq: int, shared_from: int | None = None, shared_blocks: int = 0) -> None:
+        """A new sequence, optionally starting with another one's first full blocks (a prefix hit)."""
+        self.tables[seq] = list(self.tables[shared_from][:shared_blocks]) if shared_from is not None else []
+        self.tokens[seq] = list(self.tokens[shared_from][: shared_blocks * BLOCK]) if shared_from is not None else []
+
+    @torch.no_grad()
+    def step(self, work: list[tuple[int, list[int]]]) -> torch.Tensor | None:
+        """Run one batch; `work` is (sequence, its new tokens). Returns each sequence's last-token logits."""
+        ids, positions, query_lens, seq_lens, tables = [], [], [], [], []
+        for seq, new in work:
+            start = len(self.tokens[seq])
+            self.tokens[seq].extend(new)
+            total = len(self.tokens[seq])
+            while len(self.tables[seq]) * BLOCK < total:
+                self.tables[seq].append(self.free.pop())
+            ids.extend(new)
+            positions.extend(range(start, total))
+            query_lens.append(len(new))
+            seq_lens.append(total)
+            tables.append(self.tables[seq])
+        attn = AttentionMetadata.build(query_lens, seq_lens, tables, BLOCK)
+        hidden = self.model(torch.tensor(ids), torch.tensor(positions), self.cache, attn)
+        last = torch.tensor(attn.query_start_loc_host[1:]) - 1
+        return self.model.compute_logits(hidden[last])
+
+
+def run_scenario(runner: PagedRunner, prompts: list[list[int]], pick) -> list[tuple[int, int, torch.Tensor]]:
+    """Prefill (one prompt chunked), mixed prefill+decode, a cached-prefix prefill, decodes.
+
+    `pick(seq, logits)` chooses each sequence's next token. Returns (sequence, position,
+    logits) for every computed last token, with logits None on non-zero TP ranks.
+    """
+    p0, p1, p2 = prompts
+    results = []
+
+    def step(work):
+        logits = runner.step(work)
+        chosen = []
+        for b, (seq, _) in enumerate(work):
+            row = logits[b] if logits is not None else None
+            results.append((seq, len(runner.tokens[seq]) - 1, row))
+            chosen.append(pick(seq, row))
+        return chosen
+
+    for seq in range(3):
+        runner.add(seq)
+    t0, t1, _ = step([(0, p0), (1, p1), (2, p2[:CHUNK])])
+    t0, t2, t1 = step([(0, [t0]), (2, p2[CHUNK:]), (1, [t1])])
+    # Sequence 3 shares sequence 1's two full prompt blocks and prefills 4 more tokens over them.
+    runner.add(3, shared_from=1, shared_blocks=2)
+    suffix = [(x * 7 + 5) % 500 + 3 for x in p1[:4]]
+    t0, t1, t2, t3 = step([(0, [t0]), (1, [t1]), (2, [t2]), (3, suffix)])
+    nxt = {0: t0, 1: t1, 2: t2, 3: t3}
+    for _ in range(DECODE_STEPS):
+        toks = step([(s, [nxt[s]]) for s in range(4)])
+        nxt = dict(enumerate(toks))
+    return results
