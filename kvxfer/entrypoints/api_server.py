@@ -1,0 +1,316 @@
+"""OpenAI-compatible HTTP API of one kvxfer engine (role prefill, decode or both).
+
+Routes: /v1/completions, /v1/chat/completions (JSON or server-sent events), /v1/models,
+/v1/abort/{request_id} (used by the proxy to release a prefill's held blocks), /health,
+/metrics. A request is validated completely before it reaches the engine; the response
+status is sent only once the first output exists, so a failed KV pull is an HTTP error
+rather than a broken stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from kvxfer.entrypoints.async_engine import AsyncEngine, EngineDead, RequestStream
+from kvxfer.entrypoints.metrics import ServerMetrics
+from kvxfer.entrypoints.protocol import (
+    REQUEST_ID_RE,
+    BadRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    KVTransferParams,
+    parse_body,
+    parse_request_id,
+)
+from kvxfer.entrypoints.render import IncrementalText, Renderer
+from kvxfer.entrypoints.outputs import as_dict, logprob_entries
+
+DISCONNECT_POLL_S = 1.0
+
+
+@dataclass
+class ServerContext:
+    engine: AsyncEngine
+    renderer: Renderer
+    metrics: ServerMetrics
+    model_name: str
+    role: str  # "prefill" | "decode" | "both"
+    sampling_params: Callable[..., Any]  # kvxfer's SamplingParams
+    side_channel: tuple[str, int] | None  # where peers handshake; None without a connector
+    ranks_alive: Callable[[Any], bool]  # runs on the engine thread
+    engine_stats: Callable[[Any], dict]  # runs on the engine thread
+
+
+def error_body(message: str, status: int, kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "code": status}}
+
+
+def build_app(ctx: ServerContext) -> FastAPI:
+    app = FastAPI(title="kvxfer", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(BadRequest)
+    async def _bad_request(_: Request, exc: BadRequest) -> JSONResponse:
+        ctx.metrics.rejected.labels(str(exc.status)).inc()
+        return JSONResponse(error_body(exc.message, exc.status), status_code=exc.status)
+
+    @app.exception_handler(EngineDead)
+    async def _engine_dead(_: Request, exc: EngineDead) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), 503, "engine_unavailable"), status_code=503)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = parse_body(CompletionRequest, await request.body())
+        prompt_ids = ctx.renderer.encode_prompt(req.prompt)
+        return await _generate(ctx, request, req, prompt_ids, req.max_tokens, req.logprobs, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = parse_body(ChatCompletionRequest, await request.body())
+        prompt_ids = ctx.renderer.encode_chat(req.messages)
+        max_tokens = req.token_limit(default=max(1, ctx.renderer.max_model_len - len(prompt_ids)))
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        return await _generate(ctx, request, req, prompt_ids, max_tokens, top, chat=True)
+
+    @app.post("/v1/abort/{request_id}")
+    async def abort(request_id: str) -> dict:
+        if not REQUEST_ID_RE.match(request_id):
+            raise BadRequest("request id must be 1-128 characters of [A-Za-z0-9._:-]")
+        await ctx.engine.call(lambda e: e.abort_request(request_id), timeout_s=10)
+        return {"request_id": request_id, "aborted": True}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = {"id": ctx.model_name, "object": "model", "created": 0, "owned_by": "kvxfer",
+                "max_model_len": ctx.renderer.max_model_len}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health() -> Response:
+        problems = await _health_problems(ctx)
+        if problems:
+            return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
+        return JSONResponse({"status": "ok", "role": ctx.role})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        stats = await ctx.engine.call(ctx.engine_stats, timeout_s=10) if ctx.engine.alive else {}
+        return Response(ctx.metrics.render(stats), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+async def _health_problems(ctx: ServerContext) -> list[str]:
+    if not ctx.engine.alive:
+        return [f"engine is not running: {ctx.engine.error!r}"]
+    problems = []
+    try:
+        if not await ctx.engine.call(ctx.ranks_alive, timeout_s=5):
+            problems.append("a tensor-parallel rank is down")
+    except Exception as exc:
+        problems.append(f"rank check failed: {exc!r}")
+    if ctx.side_channel is not None:
+        host, port = ctx.side_channel
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2)
+            writer.close()
+        except (OSError, asyncio.TimeoutError) as exc:
+            problems.append(f"side channel {host}:{port} does not accept connections: {exc!r}")
+    return problems
+
+
+def _check_kv_params(ctx: ServerContext, kv: KVTransferParams | None, prompt_len: int) -> dict | None:
+    if kv is None:
+        return None
+    if kv.do_remote_prefill:
+        if ctx.role == "prefill":
+            raise BadRequest("kv_transfer_params: a prefill server does not take do_remote_prefill")
+        if kv.remote_num_tokens > prompt_len:
+            raise BadRequest(
+                f"kv_transfer_params: remote_num_tokens ({kv.remote_num_tokens}) exceeds the prompt "
+                f"length ({prompt_len}); these params belong to another prompt"
+            )
+    if kv.do_remote_decode and ctx.role == "decode":
+        raise BadRequest("kv_transfer_params: a decode server does not take do_remote_decode")
+    if ctx.side_channel is None and (kv.do_remote_prefill or kv.do_remote_decode):
+        raise BadRequest("kv_transfer_params: this server runs without a KV connector")
+    return kv.to_engine() or None
+
+
+async def _generate(
+    ctx: ServerContext, request: Request, req: Any, prompt_ids: list[int], max_tokens: int,
+    top_logprobs: int | None, chat: bool,
+) -> Response:
+    request_id = parse_request_id(request.headers.get("x-request-id")) or uuid.uuid4().hex
+    if len(prompt_ids) + max_tokens > ctx.renderer.max_model_len:
+        raise BadRequest(
+            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+            f"context length ({ctx.renderer.max_model_len})"
+        )
+    kv = _check_kv_params(ctx, req.kv_transfer_params, len(prompt_ids))
+    params = ctx.sampling_params(
+        max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+        ignore_eos=req.ignore_eos, logprobs=top_logprobs is not None,
+    )
+    try:
+        stream = await ctx.engine.add_request(request_id, prompt_ids, params, kv)
+    except KeyError:
+        raise BadRequest(f"request id {request_id!r} is already in flight", status=409) from None
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+
+    view = _ResponseView(ctx, request_id, req, chat, top_logprobs)
+    try:
+        first = await _next_or_disconnect(stream, request)
+    except BaseException:
+        stream.close()
+        raise
+    if first is None:  # the client left before the first token; the request is aborted
+        stream.close()
+        return Response(status_code=499)
+    if first.finished and first.finish_reason == "error":
+        stream.close()
+        view.finish(first)
+        return JSONResponse(error_body(first.error or "request failed", 502, "engine_error"), status_code=502)
+    if req.stream:
+        return StreamingResponse(_sse(view, stream, first), media_type="text/event-stream",
+                                 headers={"X-Request-Id": request_id})
+    output = first
+    try:
+        while not output.finished:
+            output = await _next_or_disconnect(stream, request)
+            if output is None:
+                return Response(status_code=499)
+    finally:
+        stream.close()
+    view.finish(output)
+    if output.finish_reason == "error":
+        return JSONResponse(error_body(output.error or "request failed", 502, "engine_error"), status_code=502)
+    return JSONResponse(view.full(output), headers={"X-Request-Id": request_id})
+
+
+async def _next_or_disconnect(stream: RequestStream, request: Request) -> Any | None:
+    """The next output, or None once the client has disconnected."""
+    while True:
+        try:
+            return await asyncio.wait_for(stream.next(), DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                return None
+
+
+async def _sse(view: _ResponseView, stream: RequestStream, output: Any) -> AsyncIterator[str]:
+    # Cancelled by Starlette when the client disconnects: `finally` aborts the request.
+    try:
+        while True:
+            if output.finish_reason == "error":
+                view.finish(output)
+                yield _event(error_body(output.error or "request failed", 502, "engine_error"))
+                return
+            yield _event(view.chunk(output))
+            if output.finished:
+                view.finish(output)
+                yield "data: [DONE]\n\n"
+                return
+            output = await stream.next()
+    except EngineDead as exc:
+        yield _event(error_body(str(exc), 503, "engine_unavailable"))
+    finally:
+        stream.close()
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+class _ResponseView:
+    """Builds the OpenAI JSON of one request (completion or chat; full or chunks)."""
+
+    def __init__(self, ctx: ServerContext, request_id: str, req: Any, chat: bool, top_logprobs: int | None):
+        self.ctx = ctx
+        self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
+        self.created = int(time.time())
+        self.req = req
+        self.chat = chat
+        self.top_logprobs = top_logprobs
+        self.text = IncrementalText(ctx.renderer)
+        self.num_logprobs_sent = 0
+        self.recorded = False
+
+    def finish(self, output: Any) -> None:
+        if not self.recorded:
+            self.recorded = True
+            self.ctx.metrics.record_finished(output)
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.ctx.model_name}
+
+    def _tail(self, output: Any) -> dict:
+        extra = {
+            "usage": {
+                "prompt_tokens": len(output.prompt_token_ids),
+                "completion_tokens": len(output.output_token_ids),
+                "total_tokens": len(output.prompt_token_ids) + len(output.output_token_ids),
+            },
+            "kv_transfer_params": as_dict(output.kv_transfer_params),
+            "kv_transfer_stats": as_dict(output.kv_transfer_stats),
+        }
+        if self.req.return_token_ids:
+            extra["prompt_token_ids"] = list(output.prompt_token_ids)
+        return extra
+
+    def full(self, output: Any) -> dict:
+        text = self.ctx.renderer.decode(list(output.output_token_ids))
+        choice: dict[str, Any] = {"index": 0, "finish_reason": output.finish_reason,
+                                  "logprobs": self._logprobs(output, 0)}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        if self.req.return_token_ids:
+            choice["token_ids"] = list(output.output_token_ids)
+        body = self._head("chat.completion" if self.chat else "text_completion")
+        return body | {"choices": [choice]} | self._tail(output)
+
+    def chunk(self, output: Any) -> dict:
+        ids = list(output.output_token_ids)
+        delta = self.text.delta(ids, final=output.finished)
+        start, self.num_logprobs_sent = self.num_logprobs_sent, len(ids)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": output.finish_reason if output.finished else None,
+                                  "logprobs": self._logprobs(output, start)}
+        if self.chat:
+            choice["delta"] = {"content": delta} | ({"role": "assistant"} if start == 0 else {})
+        else:
+            choice["text"] = delta
+        if self.req.return_token_ids:
+            choice["token_ids"] = ids[start:]
+        body = self._head("chat.completion.chunk" if self.chat else "text_completion")
+        body["choices"] = [choice]
+        return body | self._tail(output) if output.finished else body
+
+    def _logprobs(self, output: Any, start: int) -> dict | None:
+        if self.top_logprobs is None:
+            return None
+        entries = logprob_entries(output, max(1, self.top_logprobs))[start:]
+        tok = self.ctx.renderer.token_text
+        if self.chat:
+            content = [
+                {"token": tok(t), "logprob": lp, "token_id": t,
+                 "top_logprobs": [{"token": tok(i), "logprob": v, "token_id": i} for i, v in top]}
+                for t, lp, top in entries
+            ]
+            return {"content": content}
+        return {
+            "tokens": [tok(t) for t, _, _ in entries],
+            "token_ids": [t for t, _, _ in entries],
+            "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [{tok(i): v for i, v in top} for _, _, top in entries],
+            "top_token_logprobs": [[{"token_id": i, "logprob": v} for i, v in top] for _, _, top in entries],
+        }

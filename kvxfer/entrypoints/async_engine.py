@@ -1,0 +1,206 @@
+"""Asyncio front of an `LLMEngine`: the engine lives in one background thread.
+
+Every engine call (build, add, abort, step, stats, rpc, shutdown) runs on that thread, so the
+engine needs no locks. Request handlers talk to it through a command queue and read their
+outputs from a per-request asyncio queue fed with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDead(RuntimeError):
+    """The engine thread stopped (engine error or shutdown); no request can make progress."""
+
+
+class RequestStream:
+    """Outputs of one request, in order. `close()` aborts the request if it is still running."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str):
+        self.engine = engine
+        self.request_id = request_id
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+
+    async def next(self) -> Any:
+        """The next RequestOutput; raises EngineDead if the engine stopped."""
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+    def close(self) -> None:
+        """Stop listening; a request that has not finished is aborted (its blocks freed)."""
+        self.engine._streams.pop(self.request_id, None)
+        if not self.finished:
+            self.finished = True
+            self.engine.submit_nowait(lambda e: e.abort_request(self.request_id))
+
+
+class AsyncEngine:
+    def __init__(self, build_engine: Callable[[], Any], idle_step_s: float = 0.05):
+        """`build_engine` runs on the engine thread. While no request is unfinished the thread
+        still steps every `idle_step_s` so the connector can free blocks whose consumers have
+        notified and expire leases."""
+        self._build_engine = build_engine
+        self._idle_step_s = idle_step_s
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kvxfer-engine", daemon=True)
+        self.error: BaseException | None = None
+
+    # --- lifecycle (any thread) ---
+
+    def start(self, timeout_s: float) -> None:
+        """Build the engine on its thread; raises what the build raised, or on time-out."""
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            self._stop.set()
+            raise TimeoutError(f"engine did not start within {timeout_s:.0f}s")
+        if self.error is not None:
+            raise self.error
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None and not self._stop.is_set()
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        self._commands.put(None)  # wake the thread if it is waiting for commands
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    # --- asyncio side ---
+
+    async def call(self, fn: Callable[[Any], Any], timeout_s: float = 60.0) -> Any:
+        """Run `fn(engine)` on the engine thread between steps and return its result. The
+        time-out also covers a command queued just as the engine thread stopped."""
+        self._check_alive()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((fn, future))
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+
+    def submit_nowait(self, fn: Callable[[Any], Any]) -> None:
+        if self.alive:
+            self._commands.put((fn, None))
+
+    async def add_request(
+        self, request_id: str, prompt_token_ids: list[int], sampling_params: Any, kv_transfer_params: dict | None
+    ) -> RequestStream:
+        """Register the stream first, so no output can be missed, then add the request.
+        Errors from `add_request` (e.g. ValueError) propagate and leave nothing behind."""
+        self._loop = asyncio.get_running_loop()
+        if request_id in self._streams:
+            raise KeyError(request_id)
+        stream = RequestStream(self, request_id)
+        self._streams[request_id] = stream
+        try:
+            await self.call(
+                lambda e: e.add_request(request_id, prompt_token_ids, sampling_params, kv_transfer_params)
+            )
+        except BaseException:
+            stream.finished = True  # nothing to abort: the engine never took it
+            stream.close()
+            raise
+        return stream
+
+    def is_active(self, request_id: str) -> bool:
+        return request_id in self._streams
+
+    def _check_alive(self) -> None:
+        if not self.alive:
+            raise EngineDead(f"engine is not running: {self.error!r}" if self.error else "engine is not running")
+
+    def _dispatch(self, outputs: list) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                stream.queue.put_nowait(output)
+
+    def _fail_all(self, error: EngineDead) -> None:
+        for stream in list(self._streams.values()):
+            stream.queue.put_nowait(error)
+        self._streams.clear()
+
+    # --- engine thread ---
+
+    def _run(self) -> None:
+        try:
+            engine = self._build_engine()
+        except BaseException as exc:  # reported to start()
+            self.error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            self._serve(engine)
+        except BaseException as exc:
+            logger.exception("engine loop failed")
+            self.error = exc
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._fail_all, EngineDead(f"engine failed: {exc!r}"))
+        finally:
+            self._stop.set()
+            self._drain_commands(EngineDead("engine stopped"))
+            try:
+                engine.shutdown()
+            except Exception:
+                logger.exception("engine shutdown failed")
+
+    def _serve(self, engine: Any) -> None:
+        last_step = 0.0
+        while not self._stop.is_set():
+            busy = engine.has_unfinished_requests()
+            self._run_commands(engine, wait_s=0.0 if busy else self._idle_step_s)
+            now = time.monotonic()
+            if engine.has_unfinished_requests() or now - last_step >= self._idle_step_s:
+                last_step = now
+                outputs = engine.step()
+                if outputs and self._loop is not None:
+                    self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _run_commands(self, engine: Any, wait_s: float) -> None:
+        try:
+            item = self._commands.get(timeout=wait_s) if wait_s > 0 else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while item is not None:
+            fn, future = item
+            try:
+                result = fn(engine)
+            except Exception as exc:
+                if future is not None:
+                    future.set_exception(exc)
+                else:
+                    logger.warning("engine command failed: %r", exc)
+            else:
+                if future is not None:
+                    future.set_result(result)
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _drain_commands(self, error: BaseException) -> None:
+        while True:
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and item[1] is not None:
+                item[1].set_exception(error)

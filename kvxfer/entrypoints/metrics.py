@@ -1,0 +1,67 @@
+"""Prometheus metrics of one server: request counters kept here, engine gauges read at scrape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+# engine.stats() key -> (metric name, help, kind); keys the engine does not report are skipped.
+ENGINE_STATS = {
+    "num_free_blocks": ("kvxfer_kv_free_blocks", "Free KV cache blocks", "gauge"),
+    "num_blocks": ("kvxfer_kv_blocks", "KV cache blocks in the pool", "gauge"),
+    "num_running": ("kvxfer_running_requests", "Requests being computed", "gauge"),
+    "num_waiting": ("kvxfer_waiting_requests", "Requests waiting (including for remote KV)", "gauge"),
+    "num_waiting_for_remote_kv": ("kvxfer_waiting_for_remote_kv_requests", "Requests waiting for remote KV", "gauge"),
+    "num_held_requests": ("kvxfer_kv_held_requests", "Finished prefill requests whose blocks are held for a decode engine", "gauge"),
+    "kv_transfer_failures": ("kvxfer_kv_transfer_failures", "KV transfers that failed", "counter"),
+    "kv_expired_leases": ("kvxfer_kv_expired_leases", "Held prefill blocks freed by lease expiry", "counter"),
+    "kv_transfers": ("kvxfer_kv_transfers_engine", "KV transfers completed, as counted by the connector", "counter"),
+    "num_preemptions": ("kvxfer_preemptions", "Requests preempted for lack of blocks", "counter"),
+    "prefix_cache_hit_blocks": ("kvxfer_prefix_cache_hit_blocks", "Blocks served from the prefix cache", "counter"),
+}
+
+
+class _EngineStatsCollector:
+    def __init__(self):
+        self.stats: dict[str, Any] = {}
+
+    def collect(self):
+        for key, (name, help_text, kind) in ENGINE_STATS.items():
+            value = self.stats.get(key)
+            if isinstance(value, (int, float)):
+                family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+                yield family(name, help_text, value=value)
+
+
+class ServerMetrics:
+    def __init__(self):
+        disable_created_metrics()  # `*_created` series only add noise here
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("kvxfer_requests", "Finished requests", ["finish_reason"], registry=r)
+        self.rejected = Counter("kvxfer_rejected_requests", "Requests rejected before the engine", ["status"], registry=r)
+        self.prompt_tokens = Counter("kvxfer_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("kvxfer_generation_tokens", "Generated tokens", registry=r)
+        self.transfers = Counter("kvxfer_kv_transfers", "Requests whose KV was pulled from a prefill engine", registry=r)
+        self.transfer_bytes = Counter("kvxfer_kv_transfer_bytes", "Bytes pulled from prefill engines", registry=r)
+        self.transfer_seconds = Counter("kvxfer_kv_transfer_seconds", "Seconds spent pulling KV", registry=r)
+        self.transfer_descriptors = Counter("kvxfer_kv_transfer_descriptors", "NIXL descriptors posted", registry=r)
+        self._engine = _EngineStatsCollector()
+        r.register(self._engine)
+
+    def record_finished(self, output: Any) -> None:
+        self.requests.labels(output.finish_reason or "unknown").inc()
+        self.prompt_tokens.inc(len(output.prompt_token_ids))
+        self.generation_tokens.inc(len(output.output_token_ids))
+        stats = output.kv_transfer_stats
+        if stats:
+            self.transfers.inc()
+            self.transfer_bytes.inc(stats.get("bytes", 0))
+            self.transfer_seconds.inc(stats.get("seconds", 0.0))
+            self.transfer_descriptors.inc(stats.get("descriptors", 0))
+
+    def render(self, engine_stats: dict[str, Any]) -> bytes:
+        self._engine.stats = engine_stats
+        return generate_latest(self.registry)

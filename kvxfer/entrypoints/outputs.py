@@ -1,0 +1,39 @@
+"""Reads the parts of an engine `RequestOutput` the API returns in JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import msgspec
+
+
+def as_dict(value: Any) -> dict | None:
+    """kv_transfer_params / kv_transfer_stats as a JSON-ready dict (None when absent)."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, msgspec.Struct):
+        return msgspec.to_builtins(value)
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def logprob_entries(output: Any, top_k: int) -> list[tuple[int, float, list[tuple[int, float]]]]:
+    """Per generated token: (token id, its log-prob, up to `top_k` alternatives best first).
+
+    The engine reports either the chosen token's log-prob (a float) or a {token id: log-prob}
+    map per position. With a float only the chosen token is known; it is the top-1 exactly
+    when sampling is greedy, which is the only case the API accepts top-k > 1 without a map.
+    """
+    entries = []
+    for token_id, per_token in zip(output.output_token_ids, output.logprobs or ()):
+        if isinstance(per_token, dict):
+            ranked = sorted(((int(i), float(v)) for i, v in per_token.items()), key=lambda x: -x[1])
+            chosen = per_token.get(token_id, float("nan"))
+        else:
+            ranked, chosen = [(int(token_id), float(per_token))], float(per_token)
+        entries.append((int(token_id), float(chosen), ranked[:top_k]))
+    return entries

@@ -1,0 +1,266 @@
+"""P/D proxy router: prefill leg on one server, decode leg (streamed through) on another.
+
+For each request: the prefill leg (max_tokens=1, not streamed, `do_remote_decode`) returns the
+`kv_transfer_params` the decode leg needs; both legs carry one X-Request-Id. Backends are
+health-checked in the background and on every failed connection; a failure after a successful
+prefill aborts the prefill request on its server so its held blocks are freed at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import uuid
+from dataclasses import dataclass, field
+
+import anyio
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from kvxfer.entrypoints.protocol import REQUEST_ID_RE
+
+logger = logging.getLogger("kvxfer.proxy")
+
+
+@dataclass
+class Backend:
+    url: str
+    healthy: bool = False
+    in_flight: int = 0
+    problem: str = "not checked yet"
+
+
+@dataclass
+class Pool:
+    role: str
+    backends: list[Backend]
+    policy: str
+    _turn: itertools.count = field(default_factory=itertools.count)
+
+    def pick(self, exclude: set[str]) -> Backend | None:
+        live = [b for b in self.backends if b.healthy and b.url not in exclude]
+        if not live:
+            return None
+        if self.policy == "least_loaded":
+            return min(live, key=lambda b: b.in_flight)
+        return live[next(self._turn) % len(live)]
+
+    def describe(self) -> str:
+        return "; ".join(f"{b.url}: {b.problem}" for b in self.backends)
+
+
+class UpstreamError(Exception):
+    def __init__(self, status: int, message: str, backend: Backend | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.backend = backend  # set when the request may have reached it
+
+
+def error_json(status: int, message: str, kind: str = "proxy_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+class Router:
+    def __init__(self, prefill: list[str], decode: list[str], policy: str, request_timeout_s: float,
+                 health_interval_s: float):
+        self.prefill = Pool("prefill", [Backend(u.rstrip("/")) for u in prefill], policy)
+        self.decode = Pool("decode", [Backend(u.rstrip("/")) for u in decode], policy)
+        self.health_interval_s = health_interval_s
+        timeout = httpx.Timeout(connect=5.0, read=request_timeout_s, write=30.0, pool=30.0)
+        self.client = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=1000))
+
+    async def check_health(self) -> None:
+        async def one(backend: Backend) -> None:
+            try:
+                r = await self.client.get(f"{backend.url}/health", timeout=3.0)
+                backend.healthy = r.status_code == 200
+                backend.problem = "ok" if backend.healthy else f"/health returned {r.status_code}: {r.text[:200]}"
+            except httpx.HTTPError as exc:
+                backend.healthy, backend.problem = False, f"unreachable ({type(exc).__name__})"
+
+        await asyncio.gather(*(one(b) for b in self.prefill.backends + self.decode.backends))
+
+    async def health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            await self.check_health()
+
+    async def _send(self, pool: Pool, path: str, body: dict, headers: dict, stream: bool):
+        """Send to a healthy backend; a backend that refuses the connection is marked down and
+        the next one is tried. Returns (backend, response) with the backend's load counted."""
+        tried: set[str] = set()
+        while (backend := pool.pick(tried)) is not None:
+            tried.add(backend.url)
+            backend.in_flight += 1
+            try:
+                req = self.client.build_request("POST", f"{backend.url}{path}", json=body, headers=headers)
+                return backend, await self.client.send(req, stream=stream)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                backend.in_flight -= 1
+                backend.healthy, backend.problem = False, f"unreachable ({type(exc).__name__})"
+                logger.warning("%s server %s unreachable: %r", pool.role, backend.url, exc)
+            except httpx.HTTPError as exc:
+                backend.in_flight -= 1
+                raise UpstreamError(502, f"{pool.role} server {backend.url} failed: {exc!r}", backend) from None
+        raise UpstreamError(503, f"no healthy {pool.role} server ({pool.describe()})")
+
+    async def abort(self, backend: Backend, request_id: str) -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            await self.client.post(f"{backend.url}/v1/abort/{request_id}", timeout=5.0)
+
+    async def route(self, request: Request, path: str) -> Response:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return error_json(400, f"request body is not valid JSON: {exc}", "invalid_request_error")
+        if not isinstance(body, dict):
+            return error_json(400, "request body must be a JSON object", "invalid_request_error")
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        if not REQUEST_ID_RE.match(request_id):
+            return error_json(400, "X-Request-Id must be 1-128 characters of [A-Za-z0-9._:-]", "invalid_request_error")
+        headers = {"X-Request-Id": request_id}
+
+        prefill_body = body | {"max_tokens": 1, "stream": False, "kv_transfer_params": {"do_remote_decode": True}}
+        prefill_body.pop("stream_options", None)
+        if "max_completion_tokens" in body:
+            prefill_body["max_completion_tokens"] = 1
+        try:
+            prefill, resp = await self._send(self.prefill, path, prefill_body, headers, stream=False)
+        except UpstreamError as exc:
+            if exc.backend is not None:  # e.g. timed out: the prefill may still hold blocks
+                await self.abort(exc.backend, request_id)
+            return error_json(exc.status, exc.message)
+        prefill.in_flight -= 1
+        if resp.status_code != 200:
+            return _passthrough_error(resp, f"prefill server {prefill.url}")
+        params = resp.json().get("kv_transfer_params")
+        if not isinstance(params, dict):
+            return error_json(502, f"prefill server {prefill.url} returned no kv_transfer_params")
+
+        decode_body = body | {"kv_transfer_params": params}
+        stream = bool(body.get("stream"))
+        try:
+            decode, resp = await self._send(self.decode, path, decode_body, headers, stream=stream)
+        except UpstreamError as exc:
+            await self.abort(prefill, request_id)
+            return error_json(exc.status, exc.message)
+        if resp.status_code != 200 or not stream:
+            decode.in_flight -= 1
+            if resp.status_code != 200:
+                await resp.aread()
+                await self.abort(prefill, request_id)
+                return _passthrough_error(resp, f"decode server {decode.url}")
+            return Response(resp.content, media_type="application/json", headers=headers)
+        return StreamingResponse(self._relay(resp, prefill, decode, request_id),
+                                 media_type="text/event-stream", headers=headers)
+
+    async def _relay(self, resp: httpx.Response, prefill: Backend, decode: Backend, request_id: str):
+        completed = False
+        try:
+            async for chunk in resp.aiter_raw():
+                yield chunk
+            completed = True
+        except httpx.HTTPError as exc:
+            decode.healthy, decode.problem = False, f"failed mid-stream ({type(exc).__name__})"
+            message = f"decode server {decode.url} failed mid-stream: {exc!r}"
+            logger.warning("%s: %s", request_id, message)
+            payload = {"error": {"message": message, "type": "upstream_error", "code": 502}}
+            yield f"data: {json.dumps(payload)}\n\n".encode()
+        finally:
+            decode.in_flight -= 1
+            # Also runs when the client disconnected (cancellation): shield the clean-up.
+            with anyio.CancelScope(shield=True):
+                await resp.aclose()
+                if not completed:
+                    await self.abort(prefill, request_id)
+
+    async def models(self) -> Response:
+        pool = self.decode if any(b.healthy for b in self.decode.backends) else self.prefill
+        backend = pool.pick(set())
+        if backend is None:
+            return error_json(503, f"no healthy server ({self.decode.describe()})")
+        try:
+            r = await self.client.get(f"{backend.url}/v1/models", timeout=5.0)
+        except httpx.HTTPError as exc:
+            return error_json(502, f"{backend.url} failed: {exc!r}")
+        return Response(r.content, status_code=r.status_code, media_type="application/json")
+
+    def status(self) -> JSONResponse:
+        pools = {p.role: [{"url": b.url, "healthy": b.healthy, "in_flight": b.in_flight, "status": b.problem}
+                          for b in p.backends] for p in (self.prefill, self.decode)}
+        ok = all(any(b.healthy for b in p.backends) for p in (self.prefill, self.decode))
+        return JSONResponse({"status": "ok" if ok else "unavailable"} | pools, status_code=200 if ok else 503)
+
+
+def _passthrough_error(resp: httpx.Response, who: str) -> Response:
+    if 400 <= resp.status_code < 500:  # the client's request was bad: pass the server's answer on
+        return Response(resp.content, status_code=resp.status_code, media_type="application/json")
+    try:
+        detail = resp.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        detail = resp.text[:500]
+    return error_json(502, f"{who} returned {resp.status_code}: {detail}")
+
+
+def build_app(router: Router) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await router.check_health()
+        task = asyncio.create_task(router.health_loop())
+        yield
+        task.cancel()
+        await router.client.aclose()
+
+    app = FastAPI(title="kvxfer proxy", docs_url=None, redoc_url=None, lifespan=lifespan)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await router.route(request, "/v1/completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await router.route(request, "/v1/chat/completions")
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return await router.models()
+
+    @app.get("/health")
+    async def health() -> Response:
+        return router.status()
+
+    return app
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prefill", nargs="+", required=True, metavar="URL", help="prefill server base URLs")
+    parser.add_argument("--decode", nargs="+", required=True, metavar="URL", help="decode server base URLs")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--policy", choices=["round_robin", "least_loaded"], default="round_robin")
+    parser.add_argument("--request-timeout", type=float, default=300.0,
+                        help="seconds a backend may stay silent before the request fails")
+    parser.add_argument("--health-interval", type=float, default=2.0, help="seconds between backend health checks")
+    parser.add_argument("--log-level", default="info")
+
+
+def main(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    router = Router(args.prefill, args.decode, args.policy, args.request_timeout, args.health_interval)
+    uvicorn.run(build_app(router), host=args.host, port=args.port, log_level=args.log_level.lower(),
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+if __name__ == "__main__":
+    cli = argparse.ArgumentParser(prog="kvxfer-proxy", description=__doc__.splitlines()[0])
+    add_arguments(cli)
+    raise SystemExit(main(cli.parse_args()))

@@ -1,0 +1,78 @@
+"""Text <-> token ids for the API server: prompts, chat templates, incremental detokenization."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from kvxfer.entrypoints.protocol import BadRequest, ChatMessage
+
+# Used when the tokenizer config has no chat template.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+class Renderer:
+    def __init__(self, model_dir: str):
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        self.vocab_size: int = config["vocab_size"]
+        self.max_model_len: int = config.get("max_position_embeddings", 1 << 31)
+        self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+            if not ids:
+                raise BadRequest("prompt: encodes to zero tokens")
+            return ids
+        bad = [t for t in prompt if t >= self.vocab_size]
+        if bad:
+            raise BadRequest(f"prompt: token id {bad[0]} is out of range (vocab size {self.vocab_size})")
+        return list(prompt)
+
+    def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+        try:
+            plain = [{"role": m.role, "content": m.text()} for m in messages]
+        except ValueError as exc:
+            raise BadRequest(f"messages: {exc}") from None
+        template = None if self.has_chat_template else DEFAULT_CHAT_TEMPLATE
+        text = self.tokenizer.apply_chat_template(
+            plain, chat_template=template, add_generation_prompt=True, tokenize=False
+        )
+        return self.encode_prompt_text_raw(text)
+
+    def encode_prompt_text_raw(self, text: str) -> list[int]:
+        # The template already placed any special tokens it wants.
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if not ids:
+            raise BadRequest("messages: render to zero tokens")
+        return ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+
+class IncrementalText:
+    """Text deltas for streaming: the decoded text grows; a trailing incomplete UTF-8
+    sequence (shown as U+FFFD) is held back until the next token completes it."""
+
+    def __init__(self, renderer: Renderer):
+        self.renderer = renderer
+        self.sent = ""
+
+    def delta(self, token_ids: list[int], final: bool) -> str:
+        text = self.renderer.decode(token_ids)
+        if not final:
+            text = text.rstrip("\ufffd")
+        # Sent text cannot be taken back: emit only what extends it.
+        new = text[len(self.sent) :]
+        self.sent += new
+        return new

@@ -1,0 +1,128 @@
+"""`kvxfer serve MODEL_DIR --role prefill|decode|both ...`: one engine behind the HTTP API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import uuid
+from pathlib import Path
+
+logger = logging.getLogger("kvxfer.serve")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", help="HF-format model directory (config.json, *.safetensors, tokenizer)")
+    parser.add_argument("--role", choices=["prefill", "decode", "both"], default="both",
+                        help="prefill: computes prompts and lends their KV; decode: pulls KV and generates; "
+                             "both: either, and plain colocated serving")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (engine default when unset)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--side-channel-port", type=int, default=5600,
+                        help="zmq port where decode engines fetch this engine's KV metadata")
+    parser.add_argument("--side-channel-host", default=None,
+                        help="address peers use for the side channel (default: --host, or 127.0.0.1 for 0.0.0.0)")
+    parser.add_argument("--engine-id", default=None, help="unique engine id (default: random)")
+    parser.add_argument("--served-model-name", default=None, help="model name in the API (default: directory name)")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size (default: sized from memory)")
+    parser.add_argument("--max-num-seqs", type=int, default=None)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--kv-lease-seconds", type=float, default=120.0,
+                        help="prefill: how long finished requests' blocks wait for their decode engine")
+    parser.add_argument("--kv-failure-policy", choices=["fail", "recompute"], default="fail",
+                        help="decode: what a failed KV pull does to the request")
+    parser.add_argument("--kv-handshake-timeout", type=float, default=10.0)
+    parser.add_argument("--kv-connector", choices=["nixl", "none"], default="nixl",
+                        help="none: plain colocated serving, no KV transfer (role must be both)")
+    parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for the engine")
+    parser.add_argument("--log-level", default="info")
+
+
+def engine_config(args: argparse.Namespace):
+    """(EngineConfig, side-channel address or None without a connector)."""
+    from kvxfer.engine import EngineConfig
+
+    kv_config, side_channel = None, None
+    if args.kv_connector == "none":
+        if args.role != "both":
+            raise SystemExit(f"error: --role {args.role} needs a KV connector (--kv-connector nixl)")
+    else:
+        kv_config, side_channel = _kv_transfer_config(args)
+    optional = {
+        "dtype": args.dtype, "num_kv_blocks": args.num_kv_blocks, "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+    }
+    config = EngineConfig(
+        model_dir=args.model_dir, tensor_parallel_size=args.tp, device=args.device, block_size=args.block_size,
+        enable_prefix_caching=not args.no_prefix_caching, kv_transfer_config=kv_config,
+        **{k: v for k, v in optional.items() if v is not None},
+    )
+    return config, side_channel
+
+
+def _kv_transfer_config(args: argparse.Namespace):
+    from kvxfer.connectors.config import KVTransferConfig
+
+    side_host = args.side_channel_host or ("127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host)
+    kv_config = KVTransferConfig(
+        connector="nixl", role=args.role, engine_id=args.engine_id or f"{args.role}-{uuid.uuid4().hex[:12]}",
+        side_channel_host=side_host, side_channel_port=args.side_channel_port,
+        lease_seconds=args.kv_lease_seconds, failure_policy=args.kv_failure_policy,
+        handshake_timeout_s=args.kv_handshake_timeout,
+    )
+    return kv_config, (side_host, args.side_channel_port)
+
+
+def main(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kvxfer.engine import LLMEngine
+    from kvxfer.engine.sampling_params import SamplingParams
+    from kvxfer.entrypoints.api_server import ServerContext, build_app
+    from kvxfer.entrypoints.async_engine import AsyncEngine
+    from kvxfer.entrypoints.engine_probes import engine_stats, ranks_alive
+    from kvxfer.entrypoints.metrics import ServerMetrics
+    from kvxfer.entrypoints.render import Renderer
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model_dir = os.path.abspath(args.model_dir)
+    if not Path(model_dir, "config.json").is_file():
+        raise SystemExit(f"error: {model_dir} is not a model directory (no config.json)")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda but torch sees no CUDA device")
+    config, side_channel = engine_config(args)
+    renderer = Renderer(model_dir)  # fails fast on a missing tokenizer, before workers spawn
+
+    engine = AsyncEngine(lambda: LLMEngine(config))
+    logger.info("starting %s engine: %s tp=%d device=%s", args.role, model_dir, args.tp, args.device)
+    try:
+        engine.start(args.startup_timeout)
+    except Exception as exc:
+        engine.shutdown()
+        raise SystemExit(f"error: engine failed to start: {exc}") from None
+    ctx = ServerContext(
+        engine=engine, renderer=renderer, metrics=ServerMetrics(),
+        model_name=args.served_model_name or Path(model_dir).name, role=args.role,
+        sampling_params=SamplingParams, side_channel=side_channel,
+        ranks_alive=ranks_alive, engine_stats=engine_stats,
+    )
+    try:
+        uvicorn.run(build_app(ctx), host=args.host, port=args.port, log_level=args.log_level.lower(),
+                    timeout_graceful_shutdown=5)
+    finally:
+        engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    cli = argparse.ArgumentParser(prog="kvxfer serve", description=__doc__.splitlines()[0])
+    add_arguments(cli)
+    raise SystemExit(main(cli.parse_args()))
