@@ -97,7 +97,7 @@ def load_model_config(model_dir: str | os.PathLike) -> ModelConfig:
         )
     arch = archs[0]
     family = ARCHITECTURES[arch]
-    _check_supported(hf, model_dir)
+    _check_supported(hf, family, model_dir)
     is_mla = family == "deepseek"
     if is_mla:
         num_kv_heads, head_size = 1, hf.kv_lora_rank + hf.qk_rope_head_dim
@@ -122,7 +122,7 @@ def load_model_config(model_dir: str | os.PathLike) -> ModelConfig:
     )
 
 
-def _check_supported(hf: PretrainedConfig, model_dir: str) -> None:
+def _check_supported(hf: PretrainedConfig, family: str, model_dir: str) -> None:
     if hf.hidden_act != "silu":
         raise ValueError(f"hidden_act {hf.hidden_act!r} in {model_dir!r} is not supported (only 'silu')")
     rope_type = (getattr(hf, "rope_parameters", None) or {}).get("rope_type", "default")
@@ -130,6 +130,8 @@ def _check_supported(hf: PretrainedConfig, model_dir: str) -> None:
         raise NotImplementedError(
             f"rope type {rope_type!r} in {model_dir!r} is not supported; supported: {STATIC_ROPE_TYPES}"
         )
+    if family == "deepseek" and getattr(hf, "mlp_bias", False):
+        raise NotImplementedError(f"DeepSeek MLP biases ({model_dir!r}) are not supported")
     if getattr(hf, "use_sliding_window", False):
         raise NotImplementedError(f"sliding-window attention ({model_dir!r}) is not supported")
 
