@@ -44,9 +44,10 @@ class ServerContext:
     model_name: str
     role: str  # "prefill" | "decode" | "both"
     sampling_params: Callable[..., Any]  # kvxfer's SamplingParams
-    side_channel: tuple[str, int] | None  # where peers handshake; None without a connector
+    kv_connector: bool  # whether the engine has a KV connector at all
     ranks_alive: Callable[[Any], bool]  # runs on the engine thread
     engine_stats: Callable[[Any], dict]  # runs on the engine thread
+    side_channel_problem: Callable[[], str | None] | None = None  # blocking; None: nothing to check
 
 
 def error_body(message: str, status: int, kind: str = "invalid_request_error") -> dict:
@@ -116,13 +117,10 @@ async def _health_problems(ctx: ServerContext) -> list[str]:
             problems.append("a tensor-parallel rank is down")
     except Exception as exc:
         problems.append(f"rank check failed: {exc!r}")
-    if ctx.side_channel is not None:
-        host, port = ctx.side_channel
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2)
-            writer.close()
-        except (OSError, asyncio.TimeoutError) as exc:
-            problems.append(f"side channel {host}:{port} does not accept connections: {exc!r}")
+    if ctx.side_channel_problem is not None:
+        problem = await asyncio.to_thread(ctx.side_channel_problem)
+        if problem:
+            problems.append(problem)
     return problems
 
 
@@ -139,7 +137,7 @@ def _check_kv_params(ctx: ServerContext, kv: KVTransferParams | None, prompt_len
             )
     if kv.do_remote_decode and ctx.role == "decode":
         raise BadRequest("kv_transfer_params: a decode server does not take do_remote_decode")
-    if ctx.side_channel is None and (kv.do_remote_prefill or kv.do_remote_decode):
+    if not ctx.kv_connector and (kv.do_remote_prefill or kv.do_remote_decode):
         raise BadRequest("kv_transfer_params: this server runs without a KV connector")
     return kv.to_engine() or None
 

@@ -1,19 +1,47 @@
-"""Health and stats read from an LLMEngine; both run on the engine thread."""
+"""Readiness and stats of a served engine: TP ranks answering, the KV side channel serving
+every rank's metadata, and engine.stats() flattened for the metrics page."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+import zmq
+
 
 def ranks_alive(engine: Any) -> bool:
-    """Every TP rank answers a cheap call (a dead rank raises or times out)."""
+    """Every TP rank answers a cheap call (a dead rank raises). Runs on the engine thread."""
     infos = engine.collective_rpc("kv_pool_info")
     return len(infos) == engine.config.tensor_parallel_size and all(i is not None for i in infos)
 
 
 def engine_stats(engine: Any) -> dict:
-    """engine.stats() flattened: the connector's counters appear as `kv_<name>`."""
+    """engine.stats() with the connector's counters as `kv_<name>`. Runs on the engine thread."""
     stats = dict(engine.stats())
     for key, value in (stats.pop("connector", None) or {}).items():
         stats[f"kv_{key}"] = value
     return stats
+
+
+def side_channel_problem(host: str, port: int, engine_id: str, tp_size: int, timeout_s: float) -> str | None:
+    """None when the side channel answers a metadata query the way a decode engine would ask
+    it, with all `tp_size` ranks registered; else what is wrong. Blocking."""
+    from kvxfer.connectors.metadata import Query, decode_reply
+
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(f"tcp://{host}:{port}")
+        sock.send(msgspec.msgpack.encode(Query(engine_id=engine_id)))
+        if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+            return f"KV side channel {host}:{port} did not answer within {timeout_s:.0f}s"
+        reply = decode_reply(sock.recv())
+    except (zmq.ZMQError, ValueError) as exc:
+        return f"KV side channel {host}:{port}: {exc}"
+    finally:
+        sock.close()
+    if not reply.ok or reply.metadata is None:
+        return f"KV side channel {host}:{port}: {reply.error}"
+    if len(reply.metadata.ranks) != tp_size:
+        return f"KV side channel {host}:{port} lists {len(reply.metadata.ranks)} of {tp_size} ranks"
+    return None

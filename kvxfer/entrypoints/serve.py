@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import uuid
@@ -22,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--side-channel-port", type=int, default=5600,
-                        help="zmq port where decode engines fetch this engine's KV metadata")
+                        help="zmq port where decode engines fetch this engine's KV metadata "
+                             "(prefill and both; a decode engine does not listen)")
     parser.add_argument("--side-channel-host", default=None,
                         help="address peers use for the side channel (default: --host, or 127.0.0.1 for 0.0.0.0)")
     parser.add_argument("--engine-id", default=None, help="unique engine id (default: random)")
@@ -44,15 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace):
-    """(EngineConfig, side-channel address or None without a connector)."""
+    """EngineConfig for the arguments; its kv_transfer_config is None without a connector."""
     from kvxfer.engine import EngineConfig
 
-    kv_config, side_channel = None, None
+    kv_config = None
     if args.kv_connector == "none":
         if args.role != "both":
             raise SystemExit(f"error: --role {args.role} needs a KV connector (--kv-connector nixl)")
     else:
-        kv_config, side_channel = _kv_transfer_config(args)
+        kv_config = _kv_transfer_config(args)
     optional = {
         "dtype": args.dtype, "num_kv_blocks": args.num_kv_blocks, "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
@@ -62,20 +64,19 @@ def engine_config(args: argparse.Namespace):
         enable_prefix_caching=not args.no_prefix_caching, kv_transfer_config=kv_config,
         **{k: v for k, v in optional.items() if v is not None},
     )
-    return config, side_channel
+    return config
 
 
 def _kv_transfer_config(args: argparse.Namespace):
     from kvxfer.connectors.config import KVTransferConfig
 
     side_host = args.side_channel_host or ("127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host)
-    kv_config = KVTransferConfig(
+    return KVTransferConfig(
         connector="nixl", role=args.role, engine_id=args.engine_id or f"{args.role}-{uuid.uuid4().hex[:12]}",
         side_channel_host=side_host, side_channel_port=args.side_channel_port,
         lease_seconds=args.kv_lease_seconds, failure_policy=args.kv_failure_policy,
         handshake_timeout_s=args.kv_handshake_timeout,
     )
-    return kv_config, (side_host, args.side_channel_port)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -85,7 +86,7 @@ def main(args: argparse.Namespace) -> int:
     from kvxfer.engine.sampling_params import SamplingParams
     from kvxfer.entrypoints.api_server import ServerContext, build_app
     from kvxfer.entrypoints.async_engine import AsyncEngine
-    from kvxfer.entrypoints.engine_probes import engine_stats, ranks_alive
+    from kvxfer.entrypoints.engine_probes import engine_stats, ranks_alive, side_channel_problem
     from kvxfer.entrypoints.metrics import ServerMetrics
     from kvxfer.entrypoints.render import Renderer
 
@@ -98,7 +99,7 @@ def main(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise SystemExit("error: --device cuda but torch sees no CUDA device")
-    config, side_channel = engine_config(args)
+    config = engine_config(args)
     renderer = Renderer(model_dir)  # fails fast on a missing tokenizer, before workers spawn
 
     engine = AsyncEngine(lambda: LLMEngine(config))
@@ -111,9 +112,13 @@ def main(args: argparse.Namespace) -> int:
     ctx = ServerContext(
         engine=engine, renderer=renderer, metrics=ServerMetrics(),
         model_name=args.served_model_name or Path(model_dir).name, role=args.role,
-        sampling_params=SamplingParams, side_channel=side_channel,
+        sampling_params=SamplingParams, kv_connector=config.kv_transfer_config is not None,
         ranks_alive=ranks_alive, engine_stats=engine_stats,
     )
+    kv = config.kv_transfer_config
+    if kv is not None and kv.is_producer:  # only engines that lend KV listen on a side channel
+        ctx.side_channel_problem = functools.partial(
+            side_channel_problem, kv.side_channel_host, kv.side_channel_port, kv.engine_id, args.tp, 2.0)
     try:
         uvicorn.run(build_app(ctx), host=args.host, port=args.port, log_level=args.log_level.lower(),
                     timeout_graceful_shutdown=5)

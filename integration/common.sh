@@ -1,0 +1,106 @@
+# Helpers shared by the integration scripts; sourced, not run.
+# PYTHON: interpreter with kvxfer installed (default: the repo's .venv, else python3).
+
+KVX_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x "$KVX_ROOT/.venv/bin/python" ]]; then PYTHON="$KVX_ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
+
+kvx_cli() { "$PYTHON" -m kvxfer.entrypoints.cli "$@"; }
+
+kvx_log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
+kvx_die() { kvx_log "error: $*"; exit 1; }
+
+# kvx_model_dir MODEL CACHE_DIR: MODEL if it is a model directory, else build the preset
+# of that name under CACHE_DIR (once) and print its path.
+kvx_model_dir() {
+  local model=$1 cache=$2
+  if [[ -f "$model/config.json" ]]; then (cd "$model" && pwd); return; fi
+  [[ "$model" == */* ]] && kvx_die "MODEL=$model is neither a model directory (no config.json) nor a preset name"
+  local dir="$cache/$model"
+  if [[ ! -f "$dir/config.json" ]]; then
+    kvx_log "building preset $model in $dir"
+    mkdir -p "$cache"
+    # Built aside and renamed, so concurrent runs never see a half-written checkpoint.
+    local tmp="$dir.tmp.$$"
+    kvx_cli make-model --preset "$model" --out "$tmp" >&2 || { rm -rf "$tmp"; kvx_die "could not build preset $model"; }
+    mv -T "$tmp" "$dir" 2>/dev/null || rm -rf "$tmp"
+  fi
+  echo "$dir"
+}
+
+# kvx_free_ports N: N distinct free TCP ports on 127.0.0.1, space-separated.
+kvx_free_ports() {
+  "$PYTHON" - "$1" <<'EOF'
+import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+}
+
+# kvx_gpu_ids: the visible GPU ids, one per line (CUDA_VISIBLE_DEVICES order, else all).
+kvx_gpu_ids() {
+  if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES"; return; fi
+  local n
+  n=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+  [[ "$n" -gt 0 ]] && seq 0 $((n - 1))
+  return 0
+}
+
+# Background processes, each its own process group (its TP workers included).
+KVX_PIDS=()
+KVX_NAMES=()
+KVX_LOGS=()
+
+# kvx_start NAME LOGFILE CMD...: start CMD in the background in a new session.
+kvx_start() {
+  local name=$1 log=$2; shift 2
+  setsid "$@" >"$log" 2>&1 </dev/null &
+  KVX_PIDS+=($!); KVX_NAMES+=("$name"); KVX_LOGS+=("$log")
+  kvx_log "started $name (pid $!, log $log)"
+}
+
+# kvx_stop_all: SIGTERM every group, SIGKILL what is left after a grace period.
+kvx_stop_all() {
+  local pid i
+  ((${#KVX_PIDS[@]})) || return 0
+  for pid in "${KVX_PIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
+  for i in $(seq 1 "${KVX_STOP_GRACE:-15}"); do
+    local alive=0
+    for pid in "${KVX_PIDS[@]}"; do kill -0 -- "-$pid" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    sleep 1
+  done
+  for pid in "${KVX_PIDS[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  KVX_PIDS=()
+}
+
+# kvx_http_ok URL: GET URL answers 200 within 2 s.
+kvx_http_ok() {
+  if command -v curl >/dev/null; then
+    [[ "$(curl -s -o /dev/null -m 2 -w '%{http_code}' "$1")" == 200 ]]
+  else
+    "$PYTHON" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" "$1" 2>/dev/null
+  fi
+}
+
+# kvx_wait_healthy URL PID NAME LOG TIMEOUT_S: wait for URL/health to answer 200; fail early
+# (with the log's tail) if the process exits, or on time-out.
+kvx_wait_healthy() {
+  local url=$1 pid=$2 name=$3 log=$4 timeout=$5 start=$SECONDS
+  while true; do
+    if kvx_http_ok "$url/health"; then kvx_log "$name is healthy ($url)"; return 0; fi
+    if ! kill -0 "$pid" 2>/dev/null; then
+      tail -n 30 "$log" >&2
+      kvx_die "$name exited before becoming healthy (log: $log)"
+    fi
+    if ((SECONDS - start > timeout)); then
+      tail -n 30 "$log" >&2
+      kvx_die "$name not healthy after ${timeout}s (log: $log)"
+    fi
+    sleep 1
+  done
+}

@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# Disaggregated accuracy test: prefill + decode servers behind the proxy against a colocated
+# (--role both) server of the same model; greedy outputs must agree (see accuracy_check.py).
+#
+# Environment (defaults in brackets):
+#   MODEL [tiny-qwen3]     preset name (built on the fly into MODEL_CACHE) or model directory
+#   PREFILL_TP [1]  DECODE_TP [1]  NUM_PREFILL [1]  NUM_DECODE [1]  REFERENCE_TP [1]
+#   DEVICE [cpu]           cpu | cuda (each instance gets its own GPUs, counted from the TP sizes)
+#   GPU_SHARING [0]        1: on cuda, let instances share GPUs when there are too few
+#   BLOCK_SIZE [16]  NUM_KV_BLOCKS [512, or "auto"]  NUM_PROMPTS [100]  MAX_TOKENS [8]  CONCURRENCY [8]
+#   HEALTH_TIMEOUT [300]   seconds to wait for every server's /health
+#   MODEL_CACHE [~/.cache/kvxfer/models]  WORK_DIR [fresh temp dir]  KEEP_LOGS [0]
+# Exit status 0 only when the check passes. Every process started here is stopped on exit,
+# failure or Ctrl-C.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+MODEL=${MODEL:-tiny-qwen3}
+PREFILL_TP=${PREFILL_TP:-1} DECODE_TP=${DECODE_TP:-1} REFERENCE_TP=${REFERENCE_TP:-1}
+NUM_PREFILL=${NUM_PREFILL:-1} NUM_DECODE=${NUM_DECODE:-1}
+DEVICE=${DEVICE:-cpu} GPU_SHARING=${GPU_SHARING:-0}
+BLOCK_SIZE=${BLOCK_SIZE:-16} NUM_KV_BLOCKS=${NUM_KV_BLOCKS:-512}
+NUM_PROMPTS=${NUM_PROMPTS:-100} MAX_TOKENS=${MAX_TOKENS:-8} CONCURRENCY=${CONCURRENCY:-8}
+HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-300}
+MODEL_CACHE=${MODEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvxfer/models}
+
+for var in PREFILL_TP DECODE_TP REFERENCE_TP NUM_PREFILL NUM_DECODE BLOCK_SIZE NUM_PROMPTS MAX_TOKENS \
+           CONCURRENCY HEALTH_TIMEOUT; do
+  [[ "${!var}" =~ ^[1-9][0-9]*$ ]] || kvx_die "$var must be a positive integer, got '${!var}'"
+done
+[[ "$NUM_KV_BLOCKS" == auto || "$NUM_KV_BLOCKS" =~ ^[1-9][0-9]*$ ]] || kvx_die "NUM_KV_BLOCKS must be a positive integer or auto"
+[[ "$DEVICE" == cpu || "$DEVICE" == cuda ]] || kvx_die "DEVICE must be cpu or cuda, got '$DEVICE'"
+
+KEEP_WORK=0
+if [[ -z "${WORK_DIR:-}" ]]; then WORK_DIR=$(mktemp -d -t kvxfer-accuracy.XXXXXX); else KEEP_WORK=1; mkdir -p "$WORK_DIR"; fi
+LOGS="$WORK_DIR/logs"
+mkdir -p "$LOGS"
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  kvx_stop_all
+  if ((rc != 0)) || [[ "${KEEP_LOGS:-0}" == 1 ]] || ((KEEP_WORK)); then
+    kvx_log "logs in $LOGS"
+  else
+    rm -rf "$WORK_DIR"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+MODEL_DIR=$(kvx_model_dir "$MODEL" "$MODEL_CACHE")
+
+# --- GPUs: consecutive ids per instance, in the order prefill, decode, reference ---
+GPUS=()
+GPU_NEXT=0
+if [[ "$DEVICE" == cuda ]]; then
+  mapfile -t GPUS < <(kvx_gpu_ids)
+  need=$((NUM_PREFILL * PREFILL_TP + NUM_DECODE * DECODE_TP + REFERENCE_TP))
+  ((${#GPUS[@]} > 0)) || kvx_die "DEVICE=cuda but no GPU is visible"
+  if ((need > ${#GPUS[@]})); then
+    max_tp=$((PREFILL_TP > DECODE_TP ? PREFILL_TP : DECODE_TP))
+    max_tp=$((max_tp > REFERENCE_TP ? max_tp : REFERENCE_TP))
+    if [[ "$GPU_SHARING" != 1 ]] || ((max_tp > ${#GPUS[@]})); then
+      kvx_die "need $need GPUs (NUM_PREFILL*PREFILL_TP + NUM_DECODE*DECODE_TP + REFERENCE_TP =" \
+        "$NUM_PREFILL*$PREFILL_TP + $NUM_DECODE*$DECODE_TP + $REFERENCE_TP), ${#GPUS[@]} visible" \
+        "$( [[ "$GPU_SHARING" != 1 ]] && echo '(GPU_SHARING=1 lets instances share GPUs)')"
+    fi
+    kvx_log "sharing ${#GPUS[@]} GPUs between instances that need $need"
+  fi
+fi
+# take_gpus N: sets GPU_ENV to the env assignment for the next N GPUs (empty on cpu).
+take_gpus() {
+  GPU_ENV=()
+  [[ "$DEVICE" == cuda ]] || return 0
+  local ids=() k
+  for ((k = 0; k < $1; k++)); do ids+=("${GPUS[$(((GPU_NEXT + k) % ${#GPUS[@]}))]}"); done
+  GPU_NEXT=$((GPU_NEXT + $1))
+  GPU_ENV=("CUDA_VISIBLE_DEVICES=$(IFS=,; echo "${ids[*]}")")
+}
+
+# --- servers ---
+NUM_SERVERS=$((NUM_PREFILL + NUM_DECODE + 1))
+read -r -a PORTS <<<"$(kvx_free_ports $((2 * NUM_SERVERS + 1)))"
+PORT_NEXT=0
+next_port() { PORT=${PORTS[$PORT_NEXT]}; PORT_NEXT=$((PORT_NEXT + 1)); }
+
+COMMON=(--device "$DEVICE" --host 127.0.0.1 --block-size "$BLOCK_SIZE" --log-level warning)
+[[ "$NUM_KV_BLOCKS" == auto ]] || COMMON+=(--num-kv-blocks "$NUM_KV_BLOCKS")
+PREFILL_URLS=() DECODE_URLS=() SERVER_URLS=() SERVER_IDX=()
+
+start_server() {  # NAME ROLE TP [extra args]
+  local name=$1 role=$2 tp=$3; shift 3
+  local port side
+  next_port; port=$PORT
+  next_port; side=$PORT
+  take_gpus "$tp"
+  kvx_start "$name" "$LOGS/$name.log" env "${GPU_ENV[@]}" "$PYTHON" -m kvxfer.entrypoints.cli serve "$MODEL_DIR" \
+    --role "$role" --tp "$tp" --port "$port" --side-channel-port "$side" "${COMMON[@]}" "$@"
+  SERVER_URLS+=("http://127.0.0.1:$port"); SERVER_IDX+=($((${#KVX_PIDS[@]} - 1)))
+  URL="http://127.0.0.1:$port"
+}
+
+kvx_log "model $MODEL_DIR | prefill ${NUM_PREFILL}x TP$PREFILL_TP | decode ${NUM_DECODE}x TP$DECODE_TP |" \
+  "reference TP$REFERENCE_TP | $DEVICE | block size $BLOCK_SIZE"
+for ((i = 0; i < NUM_PREFILL; i++)); do start_server "prefill$i" prefill "$PREFILL_TP"; PREFILL_URLS+=("$URL"); done
+# fail policy: a failed pull must show up as an error, never be hidden by a local recompute.
+for ((i = 0; i < NUM_DECODE; i++)); do
+  start_server "decode$i" decode "$DECODE_TP" --kv-failure-policy fail; DECODE_URLS+=("$URL")
+done
+start_server reference both "$REFERENCE_TP"; REFERENCE_URL=$URL
+
+for ((k = 0; k < ${#SERVER_URLS[@]}; k++)); do
+  j=${SERVER_IDX[$k]}
+  kvx_wait_healthy "${SERVER_URLS[$k]}" "${KVX_PIDS[$j]}" "${KVX_NAMES[$j]}" "${KVX_LOGS[$j]}" "$HEALTH_TIMEOUT"
+done
+
+next_port
+PROXY_URL="http://127.0.0.1:$PORT"
+kvx_start proxy "$LOGS/proxy.log" "$PYTHON" "$KVX_ROOT/integration/proxy.py" --port "$PORT" \
+  --prefill "${PREFILL_URLS[@]}" --decode "${DECODE_URLS[@]}" --log-level warning
+kvx_wait_healthy "$PROXY_URL" "${KVX_PIDS[-1]}" proxy "${KVX_LOGS[-1]}" 60
+
+# --- the check ---
+set +e
+"$PYTHON" "$KVX_ROOT/integration/accuracy_check.py" --proxy "$PROXY_URL" --reference "$REFERENCE_URL" \
+  --servers "${PREFILL_URLS[@]}" "${DECODE_URLS[@]}" \
+  --model-dir "$MODEL_DIR" --block-size "$BLOCK_SIZE" --num-prompts "$NUM_PROMPTS" --max-tokens "$MAX_TOKENS" \
+  --concurrency "$CONCURRENCY" --json "$WORK_DIR/report.json"
+rc=$?
+set -e
+summary="MODEL=$MODEL PREFILL=${NUM_PREFILL}xTP$PREFILL_TP DECODE=${NUM_DECODE}xTP$DECODE_TP DEVICE=$DEVICE BLOCK_SIZE=$BLOCK_SIZE"
+if ((rc == 0)); then echo "PASS $summary"; else echo "FAIL $summary (rc $rc)"; fi
+exit "$rc"
