@@ -88,3 +88,47 @@ def run_scenario(runner: PagedRunner, prompts: list[list[int]], pick) -> list[tu
         toks = step([(s, [nxt[s]]) for s in range(4)])
         nxt = dict(enumerate(toks))
     return results
+
+
+def forced_tokens(vocab: int):
+    """A `pick` that ignores logits (absent on TP ranks > 0): the same tokens on every rank."""
+    counts: dict[int, int] = {}
+
+    def pick(seq: int, _logits) -> int:
+        counts[seq] = counts.get(seq, 0) + 1
+        return (seq * 31 + counts[seq] * 17) % (vocab - 3) + 3
+
+    return pick
+
+
+def scenario_logits(model_dir: str, tp_rank: int = 0, tp_size: int = 1) -> list[tuple[int, int, torch.Tensor]]:
+    """The scenario with forced tokens on this rank's shard of the model."""
+    from kvxfer.models import build_model, load_model_config
+
+    config = load_model_config(model_dir)
+    model = build_model(config, tp_rank, tp_size, "cpu", torch.float32)
+    model.load_weights(model_dir)
+    runner = PagedRunner(model, config, tp_size)
+    return run_scenario(runner, make_prompts(config.vocab_size), forced_tokens(config.vocab_size))
+
+
+def tp_worker(rank: int, tp_size: int, port: int, jobs: list[tuple[str, str]], out_dir: str) -> None:
+    """One TP rank as a real process over gloo; rank 0 saves each job's logits."""
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp_size, timeout=timedelta(seconds=60)
+    )
+    try:
+        for name, model_dir in jobs:
+            results = scenario_logits(model_dir, rank, tp_size)
+            if rank == 0:
+                torch.save(results, os.path.join(out_dir, f"{name}.pt"))
+            else:
+                assert all(logits is None for _, _, logits in results)
+    finally:
+        dist.destroy_process_group()
