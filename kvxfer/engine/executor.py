@@ -12,6 +12,7 @@ that several TP engines can share one process.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -65,11 +66,16 @@ class _ProcessRank:
         self.process = subprocess.Popen(argv + ["1" if pdeathsig else "0"], pass_fds=(theirs.fileno(),))
         theirs.close()
         self.conn = Connection(ours.detach())
-        self.conn.send((config, rank, tp_size))
+        self._send((config, rank, tp_size))
+
+    def _send(self, obj: Any) -> None:
+        # Plain pickle: tensors travel by value, not as shared-memory handles that need
+        # multiprocessing's authentication between these processes.
+        self.conn.send_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
     def send(self, method: str, args: tuple) -> None:
         try:
-            self.conn.send((method, args))
+            self._send((method, args))
         except (BrokenPipeError, OSError) as e:
             raise EngineDeadError(f"TP rank {self.rank} is gone ({self._exit_text()})") from e
 
@@ -81,7 +87,7 @@ class _ProcessRank:
             if time.monotonic() > deadline:
                 raise EngineDeadError(f"TP rank {self.rank} did not answer within {timeout:.0f}s")
         try:
-            status, value = self.conn.recv()
+            status, value = pickle.loads(self.conn.recv_bytes())
         except (EOFError, OSError) as e:
             raise EngineDeadError(f"TP rank {self.rank} closed its pipe ({self._exit_text()})") from e
         if status == "err":
@@ -90,7 +96,7 @@ class _ProcessRank:
 
     def stop(self, timeout: float) -> None:
         try:
-            self.conn.send(("shutdown", ()))
+            self._send(("shutdown", ()))
         except OSError:
             pass
         for action, wait in ((None, timeout), (self.process.terminate, 2.0), (self.process.kill, 2.0)):

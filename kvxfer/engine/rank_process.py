@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -38,7 +39,7 @@ def main(fd: int, parent_pid: int, pdeathsig: bool) -> None:
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="parent-watch").start()
     conn = Connection(fd)
     try:
-        config, rank, tp_size = conn.recv()
+        config, rank, tp_size = pickle.loads(conn.recv_bytes())
     except (EOFError, OSError):
         return
     import torch
@@ -51,16 +52,16 @@ def main(fd: int, parent_pid: int, pdeathsig: bool) -> None:
     try:
         while True:
             try:
-                method, args = conn.recv()
+                method, args = pickle.loads(conn.recv_bytes())
             except (EOFError, OSError):
                 break
             if method == "shutdown":
                 break
             try:
-                reply = ("ok", getattr(worker, method)(*args))
+                payload = pickle.dumps(("ok", getattr(worker, method)(*args)), protocol=pickle.HIGHEST_PROTOCOL)
             except Exception as e:
-                reply = ("err", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-4)}")
-            conn.send(reply)
+                payload = pickle.dumps(("err", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-4)}"))
+            conn.send_bytes(payload)
     finally:
         worker.shutdown()
         conn.close()
