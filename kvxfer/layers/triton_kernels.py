@@ -18,6 +18,7 @@ def store_kv_kernel(
     slot_ptr, block_size, D,
     HAS_VALUE: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """Grid (token, KV head): copy one head of one token's K (and V) into its cache slot."""
     tok = tl.program_id(0)
     head = tl.program_id(1)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
@@ -79,6 +80,11 @@ def decode_kernel(
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DT: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
+    """Grid (sequence, KV head x query-head tile, context split): one new token per sequence.
+
+    With SPLIT, writes the split's normalised output and log2-sum-exp to `part`/`lse` for
+    `merge_splits_kernel`; otherwise writes the output row directly.
+    """
     seq = tl.program_id(0)
     g_tiles = tl.cdiv(G, BLOCK_G)
     kv_head = tl.program_id(1) // g_tiles
@@ -133,6 +139,7 @@ def merge_splits_kernel(
     part_ptr, lse_ptr, qsl_ptr, out_ptr, o_st, o_sh, Hq, n_splits, DV,
     BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
+    """Grid (sequence, query head): combine the context splits' outputs weighted by exp2(lse)."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_tok = tl.load(qsl_ptr + seq)
@@ -159,6 +166,7 @@ def prefill_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DT: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
+    """Grid (sequence, query tile, query head): causal attention of the sequence's new tokens."""
     seq = tl.program_id(0)
     m_start = tl.program_id(1) * BLOCK_M
     head = tl.program_id(2)

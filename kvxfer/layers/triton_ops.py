@@ -102,36 +102,32 @@ def decode_attention(
         return out
     num_seqs, hq, heads = attn.num_seqs, query.shape[1], kv_layer.shape[1]
     group = hq // heads
-    block_dv, block_dt = _pow2(dv), _pow2(dt)
-    block_g = min(_pow2(group), max(_MIN_DOT, 64 * 128 // block_dv))
-    block_n = 64 if block_dv <= 128 else 32
-    programs = num_seqs * heads * triton.cdiv(group, block_g)
+    tiles = decode_tiles(group, dv, dt)
+    head_programs = heads * triton.cdiv(group, tiles["BLOCK_G"])
     if num_splits is None:
-        num_splits = _auto_splits(programs, attn.max_seq_len, query.device)
-    per_split = triton.cdiv(triton.cdiv(max(attn.max_seq_len, 1), num_splits), block_n) * block_n
+        num_splits = _auto_splits(num_seqs * head_programs, attn.max_seq_len, query.device)
+    per_split = triton.cdiv(triton.cdiv(max(attn.max_seq_len, 1), num_splits), tiles["BLOCK_N"]) * tiles["BLOCK_N"]
     num_splits = max(1, triton.cdiv(attn.max_seq_len, per_split))
     split = num_splits > 1
     if split:
-        part = torch.empty((num_seqs, hq, num_splits, block_dv), dtype=torch.float32, device=query.device)
+        part = torch.empty((num_seqs, hq, num_splits, tiles["BLOCK_DV"]), dtype=torch.float32, device=query.device)
         lse = torch.empty((num_seqs, hq, num_splits), dtype=torch.float32, device=query.device)
     else:
         part = lse = out  # unused
     block_tables = attn.block_tables.contiguous()
-    kernels.decode_kernel[(num_seqs, heads * triton.cdiv(group, block_g), num_splits)](
+    kernels.decode_kernel[(num_seqs, head_programs, num_splits)](
         query, query.stride(0), query.stride(1),
         kv_layer, *kv_layer.stride()[:4],
         block_tables, block_tables.stride(0), attn.seq_lens, attn.query_start_loc,
         out, out.stride(0), out.stride(1),
         part, lse,
         scale * _LOG2E, kv_layer.shape[3], hq, group, dv, dt, per_split,
-        HAS_TAIL=dt > 0, SHARED_V=kv_layer.shape[2] == 1, SPLIT=split,
-        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_DV=block_dv, BLOCK_DT=block_dt,
-        DOT_PREC=_dot_precision(kv_layer), num_warps=4 if block_dv <= 128 else 8,
+        HAS_TAIL=dt > 0, SHARED_V=kv_layer.shape[2] == 1, SPLIT=split, DOT_PREC=_dot_precision(kv_layer), **tiles,
     )
     if split:
         kernels.merge_splits_kernel[(num_seqs, hq)](
             part, lse, attn.query_start_loc, out, out.stride(0), out.stride(1), hq, num_splits, dv,
-            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_DV=block_dv,
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_DV=tiles["BLOCK_DV"],
         )
     return out
 
@@ -148,21 +144,37 @@ def prefill_attention(
     if out.shape[0] == 0:
         return out
     hq, heads = query.shape[1], kv_layer.shape[1]
-    block_dv, block_dt = _pow2(dv), _pow2(dt)
-    block_m = 64 if block_dv <= 256 else 32
-    block_n = 64 if block_dv <= 128 else 32
+    tiles = prefill_tiles(dv, dt)
     block_tables = attn.block_tables.contiguous()
-    kernels.prefill_kernel[(attn.num_seqs, triton.cdiv(attn.max_query_len, block_m), hq)](
+    kernels.prefill_kernel[(attn.num_seqs, triton.cdiv(attn.max_query_len, tiles["BLOCK_M"]), hq)](
         query, query.stride(0), query.stride(1),
         kv_layer, *kv_layer.stride()[:4],
         block_tables, block_tables.stride(0), attn.seq_lens, attn.query_start_loc,
         out, out.stride(0), out.stride(1),
         scale * _LOG2E, kv_layer.shape[3], hq // heads, dv, dt,
-        HAS_TAIL=dt > 0, SHARED_V=kv_layer.shape[2] == 1,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DV=block_dv, BLOCK_DT=block_dt,
-        DOT_PREC=_dot_precision(kv_layer), num_warps=4 if block_dv <= 128 else 8,
+        HAS_TAIL=dt > 0, SHARED_V=kv_layer.shape[2] == 1, DOT_PREC=_dot_precision(kv_layer), **tiles,
     )
     return out
+
+
+# Tile sizes: the tests compile these for sm_90 and check ptxas reports no register spills.
+def decode_tiles(group: int, dv: int, dt: int) -> dict[str, int]:
+    """Decode kernel tiles for `group` query heads per KV head, V width `dv`, K tail width `dt`."""
+    block_dv = _pow2(dv)
+    wide = block_dv > 128
+    return {
+        "BLOCK_G": min(_pow2(group), 16 if wide else 32), "BLOCK_N": 32 if wide else 64,
+        "BLOCK_DV": block_dv, "BLOCK_DT": _pow2(dt), "num_warps": 8 if wide else 4,
+    }
+
+
+def prefill_tiles(dv: int, dt: int) -> dict[str, int]:
+    """Prefill kernel tiles for V width `dv` and K tail width `dt`."""
+    block_dv = _pow2(dv)
+    return {
+        "BLOCK_M": 64 if block_dv <= 256 else 32, "BLOCK_N": 64 if block_dv <= 128 else 32,
+        "BLOCK_DV": block_dv, "BLOCK_DT": _pow2(dt), "num_warps": 4 if block_dv <= 128 else 8,
+    }
 
 
 def _prepare(
