@@ -25,6 +25,8 @@ def build_model(
     if not 0 <= tp_rank < tp_size:
         raise ValueError(f"tp_rank {tp_rank} is outside tensor_parallel_size {tp_size}")
     if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or 'float16'")
         dtype = getattr(torch, dtype)
     device = torch.device(device)
     tp = TPInfo(tp_rank, tp_size)

@@ -92,8 +92,8 @@ def load_model_config(model_dir: str | os.PathLike) -> ModelConfig:
     archs = [a for a in (getattr(hf, "architectures", None) or []) if a in ARCHITECTURES]
     if not archs:
         raise ValueError(
-            f"unsupported architecture {getattr(hf, 'architectures', None)!r} in {model_dir!r}; "
-            f"kvxfer supports {sorted(ARCHITECTURES)}"
+            f"unsupported architecture {getattr(hf, 'architectures', None)!r} (model_type {hf.model_type!r}) "
+            f"in {model_dir!r}; kvxfer supports {sorted(ARCHITECTURES)}"
         )
     arch = archs[0]
     family = ARCHITECTURES[arch]
