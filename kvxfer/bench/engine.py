@@ -1,0 +1,146 @@
+"""`kvxfer bench engine`: kvxfer throughput against HF transformers `generate` on the same prompts.
+
+Both run greedy with EOS ignored, so every prompt yields exactly its output length; HF
+runs batched with left padding. Throughput counts generated tokens (and, separately,
+prompt + generated tokens) over the wall time of the whole batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import time
+
+
+def _length_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    lo_i, hi_i = int(lo), int(hi or lo)
+    if not 1 <= lo_i <= hi_i:
+        raise argparse.ArgumentTypeError(f"expected N or LO-HI with 1 <= LO <= HI, got {text!r}")
+    return lo_i, hi_i
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from kvxfer.models.presets import PRESETS
+
+    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--input-len", type=_length_range, default=(128, 128), help="N, or LO-HI drawn per prompt")
+    parser.add_argument("--output-len", type=_length_range, default=(64, 64), help="N, or LO-HI drawn per prompt")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the kvxfer engine")
+    parser.add_argument("--device", nargs="?", const="cuda", default="cpu", choices=["cpu", "cuda"],
+                        help="--device alone means cuda")
+    parser.add_argument("--model-dir", help="use this checkpoint instead of building the preset")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--hf-batch-size", type=int, default=0, help="HF generate batch (0: all prompts at once)")
+    parser.add_argument("--skip-hf", action="store_true", help="only run kvxfer")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="also print the results as one JSON object")
+
+
+def preset_dir(preset: str) -> str:
+    """The preset's checkpoint in a cache dir keyed by its definition; built when missing."""
+    from kvxfer.models.presets import PRESETS, make_model
+
+    key = hashlib.sha256(repr(PRESETS[preset]).encode()).hexdigest()[:12]
+    root = os.environ.get("KVXFER_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "kvxfer"))
+    path = os.path.join(root, "models", f"{preset}-{key}")
+    if not os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
+        tmp = f"{path}.tmp{os.getpid()}"
+        make_model(preset, tmp)
+        os.replace(tmp, path)
+    return path
+
+
+def make_workload(args: argparse.Namespace, vocab: int) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(args.seed)
+    prompts, outputs = [], []
+    for _ in range(args.num_prompts):
+        prompts.append([rng.randrange(3, vocab) for _ in range(rng.randint(*args.input_len))])
+        outputs.append(rng.randint(*args.output_len))
+    return prompts, outputs
+
+
+def run_kvxfer(args, model_dir: str, prompts: list[list[int]], outputs: list[int]) -> float:
+    from kvxfer import LLM, SamplingParams
+
+    llm = LLM(model_dir, tensor_parallel_size=args.tp, device=args.device, block_size=args.block_size,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    try:
+        llm.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+        params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in outputs]
+        start = time.perf_counter()
+        results = llm.generate(prompts, params, use_tqdm=True)
+        seconds = time.perf_counter() - start
+        stats = llm.engine.stats()
+    finally:
+        llm.shutdown()
+    produced = sum(len(r.output_token_ids) for r in results)
+    if produced != sum(outputs):
+        raise RuntimeError(f"kvxfer produced {produced} tokens, expected {sum(outputs)}")
+    print(f"kvxfer: {stats['num_blocks']} KV blocks, {stats['num_preemptions']} preemptions")
+    return seconds
+
+
+def run_hf(args, model_dir: str, prompts: list[list[int]], outputs: list[int]) -> float:
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device).eval()
+    pad = model.generation_config.pad_token_id or 0
+    batch = args.hf_batch_size or len(prompts)
+
+    def generate(chunk: list[list[int]], new_tokens: int) -> None:
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=args.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=args.device)
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, pad_token_id=pad)
+
+    with torch.inference_mode():
+        generate(prompts[:2], 4)  # warm-up
+        _sync(args.device)
+        start = time.perf_counter()
+        for i in tqdm(range(0, len(prompts), batch), desc="hf generate"):
+            # A batch runs until its longest output; only the requested tokens are counted.
+            generate(prompts[i : i + batch], max(outputs[i : i + batch]))
+        _sync(args.device)
+        return time.perf_counter() - start
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def main(args: argparse.Namespace) -> int:
+    from kvxfer.models import load_model_config
+
+    model_dir = args.model_dir or preset_dir(args.preset)
+    vocab = load_model_config(model_dir).vocab_size
+    prompts, outputs = make_workload(args, vocab)
+    n_out, n_in = sum(outputs), sum(len(p) for p in prompts)
+    print(f"{args.preset}: {len(prompts)} prompts, {n_in} prompt + {n_out} output tokens, "
+          f"tp={args.tp}, device={args.device}")
+    result = {"preset": args.preset, "num_prompts": len(prompts), "input_tokens": n_in, "output_tokens": n_out,
+              "tp": args.tp, "device": args.device}
+    kv_s = run_kvxfer(args, model_dir, prompts, outputs)
+    result.update(kvxfer_seconds=kv_s, kvxfer_output_tok_s=n_out / kv_s, kvxfer_total_tok_s=(n_in + n_out) / kv_s)
+    print(f"kvxfer: {kv_s:.2f} s, {n_out / kv_s:.1f} output tok/s, {(n_in + n_out) / kv_s:.1f} total tok/s")
+    if not args.skip_hf:
+        hf_s = run_hf(args, model_dir, prompts, outputs)
+        result.update(hf_seconds=hf_s, hf_output_tok_s=n_out / hf_s, ratio=hf_s / kv_s)
+        print(f"hf generate: {hf_s:.2f} s, {n_out / hf_s:.1f} output tok/s")
+        print(f"ratio kvxfer / hf: {hf_s / kv_s:.2f}x")
+    if args.json:
+        print(json.dumps(result))
+    return 0
