@@ -1,0 +1,406 @@
+"""NIXL connector, worker side: one agent per TP rank reading into / serving its KV tensor.
+
+Decode side: lazy handshake per remote engine (background thread, time-out), slices ->
+descriptors -> one READ per remote rank, polling, then a `ReadDone` notification to every
+prefill rank in `notify_targets`. Prefill side: count `ReadDone`s per request until every
+expected decode rank is done, or the lease expires.
+
+Progress: NIXL's own progress thread spins a core per agent, so it is off; instead a light
+thread per agent drains notifications every millisecond (which also progresses UCX: a peer's
+connection set-up needs this side to progress even while its engine is idle). The agent runs
+in NIXL's strict thread-sync mode so that thread and the caller's may both call it. READs
+carry no notification: one would make their completion wait for the prefill side's progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from kvxfer.connectors.base import (
+    ConnectorMetadata,
+    KVConnectorOutput,
+    KVConnectorWorker,
+    RecvRequest,
+    SendRequest,
+    TransferStats,
+)
+from kvxfer.connectors.config import KVTransferConfig
+from kvxfer.connectors.descriptors import Region, read_descriptors
+from kvxfer.connectors.handshake import HandshakeServer, fetch_engine_metadata, register_rank
+from kvxfer.connectors.metadata import EngineMetadata, RankMetadata, ReadDone, Register, compat_of
+
+logger = logging.getLogger(__name__)
+
+_REGISTER_TIMEOUT_S = 120.0  # other ranks wait this long for rank 0's side channel to come up
+_PROGRESS_INTERVAL_S = 0.001
+
+
+@dataclass
+class Peer:
+    meta: EngineMetadata
+    agents: dict[int, str]  # remote rank -> NIXL agent name
+    regions: dict[int, Region]
+
+
+@dataclass
+class _Load:
+    req: RecvRequest
+    peer_id: str
+    started: float
+    handles: list[Any] = field(default_factory=list)
+    dlists: list[Any] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)  # prefill ranks to notify when done
+    bytes: int = 0
+    descriptors: int = 0
+
+
+@dataclass
+class _Send:
+    deadline: float | None = None  # None until the scheduler's SendRequest arrives
+    readers: set[tuple[str, int]] = field(default_factory=set)
+    expected: int | None = None  # decode ranks that will notify, known from the first ReadDone
+    first_seen: float = field(default_factory=time.monotonic)
+
+
+class NixlConnectorWorker(KVConnectorWorker):
+    def __init__(
+        self, config: KVTransferConfig, spec: Any, tp_rank: int, tp_size: int, model_identity: str
+    ) -> None:
+        from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
+
+        spec.validate_tp(tp_size)
+        self.config, self.spec, self.tp_rank, self.tp_size = config, spec, tp_rank, tp_size
+        self.compat = compat_of(spec, model_identity)
+        self.agent_name = f"{config.engine_id}-r{tp_rank}-{uuid.uuid4().hex[:6]}"
+        self.agent = nixl_agent(
+            self.agent_name,
+            nixl_agent_config(
+                enable_prog_thread=False,
+                backends=list(config.backends),
+                sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT,
+            ),
+        )
+        self.region: Region | None = None
+        self.mem_type = "DRAM"
+        self._reg_descs = None
+        self._server: HandshakeServer | None = None
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"kv-handshake-r{tp_rank}")
+        self._register_future: Future | None = None
+        self._handshakes: dict[str, Future] = {}
+        self.peers: dict[str, Peer] = {}
+        self._waiting: dict[str, list[RecvRequest]] = {}  # remote engine -> loads awaiting its handshake
+        self._loads: dict[str, _Load] = {}
+        self._sends: dict[str, _Send] = {}
+        self._failed: dict[str, str] = {}  # failures not yet reported
+        self._done: set[str] = set()
+        self._stats: dict[str, TransferStats] = {}
+        self.counters = {"transfers": 0, "failures": 0, "expired_leases": 0, "bytes": 0, "descriptors": 0}
+        self._notif_encoder = msgspec.msgpack.Encoder()
+        self._notif_decoder = msgspec.msgpack.Decoder(ReadDone)
+        self._inbox: list[bytes] = []
+        self._inbox_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._progress = threading.Thread(target=self._progress_loop, name=f"kv-progress-r{tp_rank}", daemon=True)
+        self._progress.start()
+
+    def _progress_loop(self) -> None:
+        while not self._stop.wait(_PROGRESS_INTERVAL_S):
+            try:
+                notifs = self.agent.get_new_notifs()
+            except Exception as e:  # keep progressing; a broken agent shows up in the caller's calls
+                logger.warning("NIXL progress failed: %s", e)
+                continue
+            if notifs:
+                with self._inbox_lock:
+                    for msgs in notifs.values():
+                        self._inbox.extend(msgs)
+
+    # --- registration ---------------------------------------------------------------------
+
+    def register_kv_cache(self, kv_cache: Any) -> None:
+        """Register this rank's KV tensor once and publish it on the engine's side channel."""
+        expected = self.spec.block_shape(self.tp_size)
+        if tuple(kv_cache.shape[1:]) != tuple(expected) or not kv_cache.is_contiguous():
+            raise ValueError(f"KV cache must be a contiguous (num_blocks, *{expected}) tensor, got {tuple(kv_cache.shape)}")
+        if str(kv_cache.dtype).removeprefix("torch.") != self.spec.dtype:
+            raise ValueError(f"KV cache dtype {kv_cache.dtype} differs from the spec's {self.spec.dtype}")
+        self.mem_type = "VRAM" if kv_cache.is_cuda else "DRAM"
+        device_id = (kv_cache.device.index or 0) if kv_cache.is_cuda else 0
+        self._reg_descs = self.agent.register_memory(kv_cache)
+        self.region = Region(
+            base_addr=kv_cache.data_ptr(),
+            num_blocks=kv_cache.shape[0],
+            block_bytes=self.spec.bytes_per_block(self.tp_size),
+            head_bytes=self.spec.bytes_per_head_block(),
+            device_id=device_id,
+        )
+        if not self.config.is_producer:
+            return
+        rank = RankMetadata(
+            tp_rank=self.tp_rank,
+            agent_name=self.agent_name,
+            agent_metadata=self.agent.get_agent_metadata(),
+            base_addr=self.region.base_addr,
+            region_bytes=kv_cache.numel() * kv_cache.element_size(),
+            device_id=device_id,
+            mem_type=self.mem_type,
+            num_blocks=self.region.num_blocks,
+            kv_heads=self.spec.heads_per_rank(self.tp_size),
+        )
+        host, port = self.config.side_channel_host, self.config.side_channel_port
+        if self.tp_rank == 0:
+            self._server = HandshakeServer(host, port, self.config.engine_id, self.tp_size, self.compat)
+            self._server.add_rank(rank)
+        else:
+            # In the background: rank 0 may bind its side channel after this rank gets here.
+            msg = Register(self.config.engine_id, self.compat.hash(), self.tp_size, rank)
+            self._register_future = self._pool.submit(register_rank, host, port, msg, _REGISTER_TIMEOUT_S)
+
+    # --- decode side ----------------------------------------------------------------------
+
+    def start_load_kv(self, meta: ConnectorMetadata) -> None:
+        for req in meta.recv:
+            self._start_load(req)
+        now = time.monotonic()
+        for send in meta.send:
+            self._add_send(send, now)
+
+    def _start_load(self, req: RecvRequest) -> None:
+        if req.request_id in self._loads:
+            self._failed[req.request_id] = f"request {req.request_id!r} is already loading"
+            return
+        peer = self.peers.get(req.remote_engine_id)
+        if peer is not None:
+            self._post(req, peer)
+            return
+        self._waiting.setdefault(req.remote_engine_id, []).append(req)
+        if req.remote_engine_id not in self._handshakes:
+            self._handshakes[req.remote_engine_id] = self._pool.submit(
+                fetch_engine_metadata,
+                req.remote_host,
+                req.remote_port,
+                req.remote_engine_id,
+                self.compat,
+                self.config.handshake_timeout_s,
+            )
+
+    def _finish_handshakes(self) -> None:
+        for engine_id, fut in list(self._handshakes.items()):
+            if not fut.done():
+                continue
+            del self._handshakes[engine_id]
+            waiting = self._waiting.pop(engine_id, [])
+            try:
+                peer = self._add_peer(fut.result())
+            except Exception as e:  # timeout, dead port, unknown engine, mismatch, NIXL
+                for req in waiting:
+                    self._fail(req.request_id, f"KV handshake with {req.remote_host}:{req.remote_port} failed: {e}")
+                continue
+            for req in waiting:
+                self._post(req, peer)
+
+    def _add_peer(self, meta: EngineMetadata) -> Peer:
+        head_bytes = self.spec.bytes_per_head_block()
+        agents, regions = {}, {}
+        for rank in meta.ranks:
+            block_bytes = rank.kv_heads * head_bytes
+            if rank.kv_heads != self.spec.heads_per_rank(meta.tp_size) or rank.region_bytes != rank.num_blocks * block_bytes:
+                raise ValueError(f"remote rank {rank.tp_rank} advertises a KV region inconsistent with its spec")
+            if rank.mem_type not in ("DRAM", "VRAM"):
+                raise ValueError(f"remote rank {rank.tp_rank} has unknown memory type {rank.mem_type!r}")
+            agents[rank.tp_rank] = self.agent.add_remote_agent(rank.agent_metadata)
+            regions[rank.tp_rank] = Region(rank.base_addr, rank.num_blocks, block_bytes, head_bytes, rank.device_id)
+        peer = Peer(meta, agents, regions)
+        self.peers[meta.engine_id] = peer
+        return peer
+
+    def _drop_peer(self, engine_id: str) -> None:
+        """Forget a failed peer (its other loads fail too), so the next request handshakes afresh."""
+        peer = self.peers.pop(engine_id, None)
+        if peer is None:
+            return
+        for req_id, load in list(self._loads.items()):
+            if load.peer_id == engine_id:
+                self._fail(req_id, f"remote engine {engine_id!r} failed during the transfer")
+        for name in peer.agents.values():
+            try:
+                self.agent.remove_remote_agent(name)
+            except Exception:
+                pass
+
+    def _post(self, req: RecvRequest, peer: Peer) -> None:
+        load = _Load(req, peer.meta.engine_id, time.perf_counter())
+        meta = peer.meta
+        try:
+            if req.remote_tp_size != meta.tp_size:
+                raise ValueError(f"params say remote TP {req.remote_tp_size}, engine {meta.engine_id!r} runs TP {meta.tp_size}")
+            if len(req.local_block_ids) != len(req.remote_block_ids):
+                raise ValueError(f"{len(req.local_block_ids)} local blocks for {len(req.remote_block_ids)} remote blocks")
+            bad = [b for b in req.remote_block_ids if not 0 <= b < meta.num_blocks]
+            if bad:
+                raise ValueError(f"remote block ids {bad[:8]} out of range for the peer's pool of {meta.num_blocks} blocks")
+            bad = [b for b in req.local_block_ids if not 0 <= b < self.region.num_blocks]
+            if bad:
+                raise ValueError(f"local block ids {bad[:8]} out of range for this pool of {self.region.num_blocks} blocks")
+        except ValueError as e:
+            self._fail(req.request_id, str(e))
+            return
+        self._loads[req.request_id] = load
+        load.targets = self.spec.notify_targets(self.tp_rank, self.tp_size, meta.tp_size)
+        try:
+            if req.local_block_ids:
+                slices = self.spec.get_tp_transfer_slices(self.tp_rank, self.tp_size, meta.tp_size)
+                plan = read_descriptors(slices, self.region, peer.regions, req.local_block_ids, req.remote_block_ids)
+                for rank, (local, remote) in plan.items():
+                    self._post_read(load, peer.agents[rank], local, remote, peer.meta.ranks[rank].mem_type)
+        except Exception as e:  # NIXL refuses (e.g. the peer disconnected)
+            self._fail(req.request_id, f"posting the KV read failed: {type(e).__name__}: {e}", drop_peer=True)
+
+    def _post_read(self, load: _Load, agent: str, local: np.ndarray, remote: np.ndarray, remote_mem: str) -> None:
+        local_h = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", local, self.mem_type)
+        load.dlists.append(local_h)
+        remote_h = self.agent.prep_xfer_dlist(agent, remote, remote_mem)
+        load.dlists.append(remote_h)
+        idx = np.arange(len(local), dtype=np.int32)
+        handle = self.agent.make_prepped_xfer("READ", local_h, idx, remote_h, idx)
+        load.handles.append(handle)
+        if self.agent.transfer(handle) == "ERR":
+            raise RuntimeError(f"NIXL refused the READ from {agent}")
+        load.bytes += int(local[:, 1].sum())
+        load.descriptors += len(local)
+
+    def _poll_loads(self) -> None:
+        now = time.perf_counter()
+        for req_id, load in list(self._loads.items()):
+            states = [self.agent.check_xfer_state(h) for h in load.handles]
+            if "ERR" in states:
+                self._fail(req_id, "NIXL READ failed (peer gone or memory no longer registered)", drop_peer=True)
+            elif now - load.started > self.config.transfer_timeout_s:
+                self._fail(req_id, f"KV READ not done after {self.config.transfer_timeout_s:.1f}s", drop_peer=True)
+            elif all(s == "DONE" for s in states):
+                self._complete(load)
+
+    def _complete(self, load: _Load) -> None:
+        req = load.req
+        peer = self.peers.get(load.peer_id)
+        msg = self._notif_encoder.encode(ReadDone(req.remote_request_id, self.config.engine_id, self.tp_rank, self.tp_size))
+        try:
+            for rank in load.targets:
+                self.agent.send_notif(peer.agents[rank], msg)
+        except Exception as e:
+            self._fail(req.request_id, f"notifying the prefill side failed: {e}", drop_peer=True)
+            return
+        self._release(load)
+        del self._loads[req.request_id]
+        seconds = time.perf_counter() - load.started
+        self._stats[req.request_id] = TransferStats(load.bytes, load.descriptors, seconds)
+        self._done.add(req.request_id)
+        self.counters["transfers"] += 1
+        self.counters["bytes"] += load.bytes
+        self.counters["descriptors"] += load.descriptors
+
+    def _fail(self, req_id: str, reason: str, drop_peer: bool = False) -> None:
+        logger.warning("KV load of request %s failed: %s", req_id, reason)
+        load = self._loads.pop(req_id, None)
+        if load is not None:
+            self._release(load)
+            if drop_peer:
+                self._drop_peer(load.peer_id)
+        self._failed[req_id] = reason
+        self.counters["failures"] += 1
+
+    def _release(self, load: _Load) -> None:
+        # Releasing an in-flight handle cancels it: no READ lands in blocks reported done or failed.
+        for h in load.handles + load.dlists:
+            try:
+                h.release()
+            except Exception as e:
+                logger.error("releasing a NIXL handle of request %s failed: %s", load.req.request_id, e)
+        load.handles.clear()
+        load.dlists.clear()
+
+    # --- prefill side ---------------------------------------------------------------------
+
+    def _add_send(self, send: SendRequest, now: float) -> None:
+        entry = self._sends.setdefault(send.request_id, _Send())
+        entry.deadline = send.deadline
+
+    def _poll_notifs(self) -> None:
+        with self._inbox_lock:
+            inbox, self._inbox = self._inbox, []
+        for raw in inbox:
+            try:
+                done = self._notif_decoder.decode(raw)
+            except msgspec.DecodeError:
+                logger.warning("ignoring a malformed NIXL notification %r", raw[:64])
+                continue
+            entry = self._sends.setdefault(done.request_id, _Send())
+            if entry.expected is None:
+                try:
+                    entry.expected = len(self.spec.consumers(self.tp_rank, done.decode_tp_size, self.tp_size))
+                except ValueError as e:
+                    logger.warning("ignoring a notification for %s: %s", done.request_id, e)
+                    continue
+            entry.readers.add((done.decode_engine_id, done.decode_rank))
+
+    def _poll_sends(self, out: KVConnectorOutput) -> None:
+        now = time.monotonic()
+        for req_id, entry in list(self._sends.items()):
+            if entry.deadline is None:
+                # Notifications for a request this rank was not (yet) told to hold: keep them a
+                # lease long in case the SendRequest is on its way, then drop them.
+                if now - entry.first_seen > self.config.lease_seconds:
+                    del self._sends[req_id]
+                continue
+            if entry.expected is not None and len(entry.readers) >= entry.expected:
+                out.finished_sending.add(req_id)
+            elif now >= entry.deadline:
+                out.finished_sending.add(req_id)
+                out.expired_sending.add(req_id)
+                self.counters["expired_leases"] += 1
+            else:
+                continue
+            del self._sends[req_id]
+
+    # --- both -----------------------------------------------------------------------------
+
+    def get_finished(self) -> KVConnectorOutput:
+        if self._register_future is not None and self._register_future.done():
+            self._register_future.result()  # a rank that could not register is a startup error
+            self._register_future = None
+        self._finish_handshakes()
+        self._poll_loads()
+        out = KVConnectorOutput(set(), set(), set(), {}, {})
+        if self.config.is_producer:
+            self._poll_notifs()
+            self._poll_sends(out)
+        out.finished_recving, self._done = self._done, set()
+        out.failed_recving, self._failed = self._failed, {}
+        out.recv_stats, self._stats = self._stats, {}
+        return out
+
+    def has_pending(self) -> bool:
+        return bool(self._loads or self._waiting or self._sends)
+
+    def shutdown(self) -> None:
+        for req_id in list(self._loads):
+            self._fail(req_id, "connector shut down")
+        self._stop.set()
+        self._progress.join(timeout=5)
+        if self._server is not None:
+            self._server.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for engine_id in list(self.peers):
+            self._drop_peer(engine_id)
+        if self._reg_descs is not None:
+            self.agent.deregister_memory(self._reg_descs)
+            self._reg_descs = None
