@@ -228,6 +228,7 @@ class LLMEngine:
             "num_waiting": len(sched.waiting),
             "num_waiting_for_remote_kv": len(sched.remote),
             "num_pending_free": len(sched.pending_free),
+            "num_aborted_loads": len(sched.aborted_loads),
         }
         if self.connector is not None:
             stats["connector"] = self.connector.stats()

@@ -59,6 +59,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.remote: dict[str, Request] = {}  # WAITING_FOR_REMOTE_KV
         self.pending_free: dict[str, Request] = {}  # finished; the connector holds the blocks
+        self.aborted_loads: dict[str, Request] = {}  # aborted while their KV was arriving
         self.requests: dict[str, Request] = {}  # unfinished, by id
         self._recv_done: set[str] = set()
         self._recv_failed: dict[str, str] = {}
@@ -78,7 +79,10 @@ class Scheduler:
         if request is None:
             return False
         if request.status == RequestStatus.WAITING_FOR_REMOTE_KV:
+            # READs may still be writing into its blocks: they are freed once every rank has
+            # reported the receive finished or failed.
             self.remote.pop(request_id, None)
+            self.aborted_loads[request_id] = request
         elif request in self.running:
             self.running.remove(request)
         else:
@@ -123,7 +127,7 @@ class Scheduler:
         return True
 
     def _holds_whole_pool(self, request: Request) -> bool:
-        others = len(self.running) + len(self.remote) + len(self.pending_free)
+        others = len(self.running) + len(self.remote) + len(self.pending_free) + len(self.aborted_loads)
         return others == 0 and self.bm.num_free_blocks + len(request.block_ids) >= self.bm.num_blocks
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
@@ -238,6 +242,10 @@ class Scheduler:
         return finished
 
     def update_connector_output(self, output: Any) -> None:
+        for request_id in output.finished_recving | output.failed_recving.keys():
+            aborted = self.aborted_loads.pop(request_id, None)
+            if aborted is not None:
+                self.bm.free(aborted)
         for request_id in output.finished_recving:
             if request_id in self.remote:
                 self._recv_done.add(request_id)
@@ -266,6 +274,8 @@ class Scheduler:
             delay, request.output_kv_transfer_params = self.connector.request_finished(
                 request, list(request.block_ids)
             )
+        if request.request_id in self.aborted_loads:
+            return
         if delay and request.block_ids:
             self.pending_free[request.request_id] = request
         else:

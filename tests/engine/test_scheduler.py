@@ -181,3 +181,15 @@ def test_delayed_free_until_the_connector_reports_sending_done():
     assert bm.num_free_blocks == 14 and "p" in sched.pending_free
     sched.update_connector_output(Out(sent=["p"]))
     assert bm.num_free_blocks == 16
+
+
+def test_abort_while_loading_frees_blocks_only_after_the_ranks_report():
+    bm = BlockManager(16, BS)
+    sched = Scheduler(bm, 8, 64, FakeConnector())
+    sched.add(Request("r", list(range(1, 10)), SamplingParams(max_tokens=2), {"do_remote_prefill": True}))
+    run_step(sched)
+    assert sched.abort("r")
+    assert [r.finish_reason for r in sched.pop_finished()] == ["abort"]
+    assert bm.num_free_blocks == 13 and not sched.has_unfinished()
+    sched.update_connector_output(Out(failed={"r": "cancelled"}))
+    assert bm.num_free_blocks == 16
