@@ -24,8 +24,11 @@ class RotaryEmbedding(nn.Module):
             raise NotImplementedError(f"rope type {rope_type!r} is not supported")
         if inv_freq.numel() * 2 != rotary_dim:
             raise ValueError(f"rope frequencies cover {inv_freq.numel() * 2} dims, expected {rotary_dim}")
-        self.register_buffer("inv_freq", inv_freq.float().to(device), persistent=False)
-        self.scaling = float(scaling)
+        # cos/sin of every position up to max_position_embeddings, indexed by each layer.
+        positions = torch.arange(hf_config.max_position_embeddings, dtype=torch.float)
+        freqs = positions[:, None] * inv_freq.float()[None, :]
+        self.register_buffer("cos_table", (freqs.cos() * scaling).to(device), persistent=False)
+        self.register_buffer("sin_table", (freqs.sin() * scaling).to(device), persistent=False)
         self.interleaved = interleaved
 
     def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -35,9 +38,8 @@ class RotaryEmbedding(nn.Module):
         de-interleaved (all first members, then all second members). Queries and keys get the
         same permutation, so their dot products, and thus attention, equal the reference's.
         """
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        cos = (freqs.cos() * self.scaling)[:, None, :]
-        sin = (freqs.sin() * self.scaling)[:, None, :]
+        cos = self.cos_table[positions][:, None, :]
+        sin = self.sin_table[positions][:, None, :]
         return tuple(self._rotate(x, cos, sin) for x in xs)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
