@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from triton_checks import CHECKS, INTERPRETER_CHECKS, INTERPRETER_DTYPES
+from triton_checks import CHECKS, INTERPRETER_CASES
 
 HERE = Path(__file__).parent
 
@@ -38,8 +38,7 @@ def interpreter_results():
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
-@pytest.mark.parametrize("name", INTERPRETER_CHECKS)
+@pytest.mark.parametrize("name,dtype", INTERPRETER_CASES)
 def test_triton_ops_under_interpreter(interpreter_results, name, dtype):
     results, proc = interpreter_results
     key = f"{name}[{dtype}]"
