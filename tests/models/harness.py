@@ -22,9 +22,10 @@ def make_prompts(vocab: int, seed: int = 0) -> list[list[int]]:
 
 
 class PagedRunner:
-    def __init__(self, model, model_config, tp_size: int, num_blocks: int = 48) -> None:
-        spec = model_config.kv_cache_spec(BLOCK, "float32")
-        self.cache = torch.zeros((num_blocks, *spec.block_shape(tp_size)), dtype=torch.float32)
+    def __init__(self, model, model_config, tp_size: int, num_blocks: int = 48, device="cpu", dtype=torch.float32):
+        spec = model_config.kv_cache_spec(BLOCK, dtype)
+        self.cache = torch.zeros((num_blocks, *spec.block_shape(tp_size)), dtype=dtype, device=device)
+        self.device = device
         self.model = model
         self.free = list(range(num_blocks))[::-1]  # hand out blocks in a non-trivial order
         self.free = self.free[1::2] + self.free[0::2]
@@ -51,10 +52,12 @@ class PagedRunner:
             query_lens.append(len(new))
             seq_lens.append(total)
             tables.append(self.tables[seq])
-        attn = AttentionMetadata.build(query_lens, seq_lens, tables, BLOCK)
-        hidden = self.model(torch.tensor(ids), torch.tensor(positions), self.cache, attn)
-        last = torch.tensor(attn.query_start_loc_host[1:]) - 1
-        return self.model.compute_logits(hidden[last])
+        attn = AttentionMetadata.build(query_lens, seq_lens, tables, BLOCK, self.device)
+        ids_t = torch.tensor(ids, device=self.device)
+        hidden = self.model(ids_t, torch.tensor(positions, device=self.device), self.cache, attn)
+        last = torch.tensor(attn.query_start_loc_host[1:], device=self.device) - 1
+        logits = self.model.compute_logits(hidden[last])
+        return logits.cpu() if logits is not None else None
 
 
 def run_scenario(runner: PagedRunner, prompts: list[list[int]], pick) -> list[tuple[int, int, torch.Tensor]]:
@@ -101,14 +104,16 @@ def forced_tokens(vocab: int):
     return pick
 
 
-def scenario_logits(model_dir: str, tp_rank: int = 0, tp_size: int = 1) -> list[tuple[int, int, torch.Tensor]]:
+def scenario_logits(
+    model_dir: str, tp_rank: int = 0, tp_size: int = 1, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> list[tuple[int, int, torch.Tensor]]:
     """The scenario with forced tokens on this rank's shard of the model."""
     from kvxfer.models import build_model, load_model_config
 
     config = load_model_config(model_dir)
-    model = build_model(config, tp_rank, tp_size, "cpu", torch.float32)
+    model = build_model(config, tp_rank, tp_size, device, dtype)
     model.load_weights(model_dir)
-    runner = PagedRunner(model, config, tp_size)
+    runner = PagedRunner(model, config, tp_size, device=device, dtype=dtype)
     return run_scenario(runner, make_prompts(config.vocab_size), forced_tokens(config.vocab_size))
 
 
