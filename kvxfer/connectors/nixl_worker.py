@@ -6,8 +6,8 @@ prefill rank in `notify_targets`. Prefill side: count `ReadDone`s per request un
 expected decode rank is done, or the lease expires.
 
 Progress: NIXL's own progress thread spins a core per agent, so it is off; instead a light
-thread per agent drains notifications every millisecond (which also progresses UCX: a peer's
-connection set-up needs this side to progress even while its engine is idle). The agent runs
+thread per agent drains notifications (every millisecond while busy), which also progresses
+UCX: a peer's connection set-up needs this side to progress even while its engine is idle. The agent runs
 in NIXL's strict thread-sync mode so that thread and the caller's may both call it. READs
 carry no notification: one would make their completion wait for the prefill side's progress.
 """
@@ -41,7 +41,9 @@ from kvxfer.connectors.metadata import EngineMetadata, RankMetadata, ReadDone, R
 logger = logging.getLogger(__name__)
 
 _REGISTER_TIMEOUT_S = 120.0  # other ranks wait this long for rank 0's side channel to come up
-_PROGRESS_INTERVAL_S = 0.001
+# Progress every millisecond while this rank holds or loads a request, else every 20 ms.
+_PROGRESS_BUSY_S = 0.001
+_PROGRESS_IDLE_S = 0.02
 
 
 @dataclass
@@ -113,7 +115,7 @@ class NixlConnectorWorker(KVConnectorWorker):
         self._progress.start()
 
     def _progress_loop(self) -> None:
-        while not self._stop.wait(_PROGRESS_INTERVAL_S):
+        while not self._stop.wait(_PROGRESS_BUSY_S if self._sends or self._loads else _PROGRESS_IDLE_S):
             try:
                 notifs = self.agent.get_new_notifs()
             except Exception as e:  # keep progressing; a broken agent shows up in the caller's calls

@@ -1,0 +1,157 @@
+"""Rank processes for worker-level connector tests: each hosts NIXL connector workers.
+
+A test drives an `Actor` (a spawned process) by commands run on its `RankHost`; one process
+may host ranks of several engines (one worker, agent and pool each), so a handful of
+processes serve every (prefill TP, decode TP) pair.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+import traceback
+
+import numpy as np
+
+
+class RankHost:
+    def __init__(self) -> None:
+        self.workers = {}  # key -> (worker, kv tensor)
+
+    def add_worker(self, key, config, spec, rank: int, tp: int, num_blocks: int, identity: str = "test-model"):
+        import torch
+
+        from kvxfer.connectors.nixl_worker import NixlConnectorWorker
+
+        if key in self.workers:
+            return
+        worker = NixlConnectorWorker(config, spec, rank, tp, model_identity=identity)
+        kv = torch.zeros((num_blocks, *spec.block_shape(tp)), dtype=getattr(torch, spec.dtype))
+        worker.register_kv_cache(kv)
+        self.workers[key] = (worker, kv)
+
+    def _bytes(self, key) -> np.ndarray:
+        worker, kv = self.workers[key]
+        return kv.view(-1).view(__import__("torch").uint8).numpy().reshape(kv.shape[0], kv.shape[1], -1)
+
+    def fill(self, key, block_ids: list[int], data: np.ndarray) -> None:
+        pool = self._bytes(key)
+        pool[:] = 0xAB  # blocks outside the request hold junk a wrong read would copy
+        pool[block_ids] = data
+
+    def clear(self, key) -> None:
+        self._bytes(key)[:] = 0
+
+    def dump(self, key) -> np.ndarray:
+        return self._bytes(key).copy()
+
+    def hold(self, key, request_id: str, lease_s: float) -> None:
+        from kvxfer.connectors.base import ConnectorMetadata, SendRequest
+
+        self.workers[key][0].start_load_kv(ConnectorMetadata(send=[SendRequest(request_id, time.monotonic() + lease_s)]))
+
+    def load(self, key, requests) -> None:
+        from kvxfer.connectors.base import ConnectorMetadata
+
+        self.workers[key][0].start_load_kv(ConnectorMetadata(recv=list(requests)))
+
+    def poll(self, key, timeout: float, recv_ids=(), send_ids=()):
+        """Accumulate outputs until every id is reported (or `timeout`); returns plain dicts."""
+        worker = self.workers[key][0]
+        acc = {"finished_recving": set(), "failed_recving": {}, "finished_sending": set(), "expired_sending": set(),
+               "recv_stats": {}}
+        deadline = time.monotonic() + timeout
+        while True:
+            out = worker.get_finished()
+            acc["finished_recving"] |= out.finished_recving
+            acc["failed_recving"].update(out.failed_recving)
+            acc["finished_sending"] |= out.finished_sending
+            acc["expired_sending"] |= out.expired_sending
+            acc["recv_stats"].update({k: v.as_dict() for k, v in out.recv_stats.items()})
+            recv_done = all(r in acc["finished_recving"] or r in acc["failed_recving"] for r in recv_ids)
+            if (recv_done and all(s in acc["finished_sending"] for s in send_ids)) or time.monotonic() > deadline:
+                acc["elapsed"] = timeout - (deadline - time.monotonic())
+                return acc
+            time.sleep(0.0005)
+
+    def counters(self, key) -> dict:
+        return dict(self.workers[key][0].counters)
+
+    def has_pending(self, key) -> bool:
+        return self.workers[key][0].has_pending()
+
+    def drop(self, key) -> None:
+        worker, _ = self.workers.pop(key)
+        worker.shutdown()
+
+    def shutdown(self) -> None:
+        for key in list(self.workers):
+            self.drop(key)
+
+
+def _serve(conn) -> None:
+    host = RankHost()
+    try:
+        while True:
+            cmd, args = conn.recv()
+            if cmd == "stop":
+                break
+            try:
+                conn.send(("ok", getattr(host, cmd)(*args)))
+            except Exception:
+                conn.send(("error", traceback.format_exc()))
+    finally:
+        host.shutdown()
+
+
+class Actor:
+    def __init__(self, name: str) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child,), name=name, daemon=True)
+        self.proc.start()
+
+    def submit(self, cmd: str, *args) -> None:
+        self.conn.send((cmd, args))
+
+    def result(self, timeout: float = 60):
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"{self.proc.name}: no answer in {timeout}s")
+        status, value = self.conn.recv()
+        if status == "error":
+            raise RuntimeError(f"{self.proc.name}: {value}")
+        return value
+
+    def call(self, cmd: str, *args, timeout: float = 60):
+        self.submit(cmd, *args)
+        return self.result(timeout)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.join(10)
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.conn.send(("stop", ()))
+            except OSError:
+                pass
+            self.proc.join(10)
+        if self.proc.is_alive():
+            self.kill()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def held_heads(num_heads: int, rank: int, tp: int) -> list[int]:
+    """Global KV heads in a rank's tensor, from the design: split, or one replicated head when tp > H."""
+    if tp <= num_heads:
+        per = num_heads // tp
+        return list(range(rank * per, rank * per + per))
+    return [rank * num_heads // tp]
