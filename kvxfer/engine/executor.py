@@ -128,6 +128,11 @@ class Executor:
         self.ranks: list[_LocalRank | _ProcessRank] = []
         try:
             if rank0_local:
+                if tp > 1 and config.device == "cpu":
+                    # Rank 0 shares the cores with the other ranks, like they do (see rank_process).
+                    import torch
+
+                    torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
                 self.ranks.append(_LocalRank(config, tp))
             for rank in range(len(self.ranks), tp):
                 self.ranks.append(_ProcessRank(config, rank, tp))
