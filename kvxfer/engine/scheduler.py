@@ -92,8 +92,7 @@ class Scheduler:
 
     # ----------------------------------------------------------------- schedule
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(finished_ids=self._finished_since_step)
-        self._finished_since_step = []
+        out = SchedulerOutput()
         self._collect_remote_results()
         budget = self.max_num_batched_tokens
         i = 0
@@ -107,6 +106,8 @@ class Scheduler:
             i += 1
         if not out.preempted_ids:
             self._admit_waiting(budget, out)
+        if out.scheduled or self.connector is not None:  # otherwise no step reaches the ranks
+            out.finished_ids, self._finished_since_step = self._finished_since_step, []
         return out
 
     def _grow_or_preempt(self, request: Request, n: int, index: int, out: SchedulerOutput) -> bool:
