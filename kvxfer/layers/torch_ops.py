@@ -70,18 +70,37 @@ def paged_attention(
 
 
 def _gather_context(kv_layer: torch.Tensor, block_ids: torch.Tensor, out_dim: int):
-    """K and V of the given blocks as `[..., H, blocks * block_size, D]` (V a view of K for MLA)."""
-    ctx = kv_layer[block_ids.long()]  # [..., nb, H, slots, bs, D]
-    nb, heads, _, block_size, head_size = ctx.shape[-5:]
-    lead = ctx.shape[:-5]
+    """K and V of `block_ids` (`[nb]` or `[B, nb]`) as `[(B,) H, nb * block_size, D]`.
+
+    Gathering from the head-major view puts each head's blocks next to each other, so the
+    token axis is a free reshape: one copy per slot (none for MLA's V, a view of K).
+    """
+    heads, block_size, head_size = kv_layer.shape[1], kv_layer.shape[3], kv_layer.shape[4]
+    lead = block_ids.shape[:-1]
+    length = block_ids.shape[-1] * block_size
 
     def flat(slot: int) -> torch.Tensor:
-        part = ctx[..., slot, :, :].movedim(-4, -3)  # [..., H, nb, bs, D]
-        return part.reshape(*lead, heads, nb * block_size, head_size)
+        part = kv_layer[:, :, slot].transpose(0, 1)[:, block_ids.long()]  # [H, (B,) nb, bs, D]
+        return part.movedim(0, len(lead)).reshape(*lead, heads, length, head_size)
 
     keys = flat(0)
     values = keys[..., :out_dim] if kv_layer.shape[2] == 1 else flat(1)
     return keys, values
+
+
+def _attend(query, keys, values, mask, scale):
+    """`query` `[(B,) Hq, Q, Dk]` over `keys`/`values` `[(B,) H, L, D]` with `mask` `[(B,) Q, L]`.
+
+    The `Hq // H` query heads sharing a KV head are folded into the query rows, so K and V
+    are never repeated per query head.
+    """
+    *lead, num_q_heads, q_len, _ = query.shape
+    heads = keys.shape[-3]
+    group = num_q_heads // heads
+    query = query.reshape(*lead, heads, group * q_len, query.shape[-1])
+    mask = mask.unsqueeze(-3).expand(*lead, group, q_len, mask.shape[-1]).reshape(*lead, 1, group * q_len, -1)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
+    return out.reshape(*lead, num_q_heads, q_len, out.shape[-1])
 
 
 def _attend_one(
@@ -96,10 +115,7 @@ def _attend_one(
     # Query i sits at position seq_len - q_len + i and sees every key up to it.
     rows = torch.arange(q_len, device=query.device)[:, None] + (seq_len - q_len)
     mask = torch.arange(seq_len, device=query.device)[None, :] <= rows
-    out = F.scaled_dot_product_attention(
-        query.transpose(0, 1), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
-    )
-    return out.transpose(0, 1)
+    return _attend(query.transpose(0, 1), keys, values, mask, scale).transpose(0, 1)
 
 
 def _attend_decodes(
@@ -123,7 +139,5 @@ def _attend_decodes(
         keys, values = _gather_context(kv_layer, attn.block_tables[index, :num_blocks], out_dim)
         mask = torch.arange(num_blocks * block_size, device=query.device)[None, :] < lens[:, None]
         tokens = torch.tensor([attn.query_start_loc_host[b] for b in group], device=query.device)
-        result = F.scaled_dot_product_attention(
-            query[tokens].unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
-        )
+        result = _attend(query[tokens].unsqueeze(2), keys, values, mask[:, None, :], scale)
         out[tokens] = result.squeeze(2)
