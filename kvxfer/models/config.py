@@ -123,6 +123,9 @@ def load_model_config(model_dir: str | os.PathLike) -> ModelConfig:
 
 
 def _check_supported(hf: PretrainedConfig, family: str, model_dir: str) -> None:
+    if getattr(hf, "quantization_config", None):
+        method = dict(hf.quantization_config).get("quant_method", "?")
+        raise NotImplementedError(f"quantized checkpoints ({method!r} in {model_dir!r}) are not supported")
     if hf.hidden_act != "silu":
         raise ValueError(f"hidden_act {hf.hidden_act!r} in {model_dir!r} is not supported (only 'silu')")
     rope_type = (getattr(hf, "rope_parameters", None) or {}).get("rope_type", "default")

@@ -126,6 +126,15 @@ def test_legacy_rope_scaling_config_gives_the_same_rope(preset_dir, tmp_path):
     assert softmax_scale(new.hf_config) == softmax_scale(old.hf_config) != 48**-0.5
 
 
+def test_quantized_checkpoint_is_rejected_before_loading(preset_dir, tmp_path):
+    model_dir = copy_preset(preset_dir, "tiny-deepseek-v3", tmp_path)
+    raw = json.loads((model_dir / "config.json").read_text())
+    raw["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (model_dir / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(NotImplementedError, match="quantized checkpoints \\('fp8'"):
+        load_model_config(model_dir)
+
+
 def test_bad_dtype_and_rank(preset_dir):
     config = load_model_config(preset_dir("tiny-qwen3"))
     with pytest.raises(ValueError, match="unknown dtype 'float7'"):
