@@ -52,8 +52,17 @@ def test_pool_size_is_the_min_over_ranks_and_workers_exit_on_shutdown(model_dir)
         shapes = [t.shape for t in llm.engine.collective_rpc("read_kv_blocks", [0, 24])]
         assert shapes == [(2, *spec.block_shape(2))] * 2
         # The agreed pool works: more tokens than fit at once, served by preemption.
-        outs = llm.generate(prompts_of((30, 30, 30), offset=21), SamplingParams(max_tokens=100, ignore_eos=True))
+        prompts = prompts_of((30, 30, 30), offset=21)
+        params = SamplingParams(max_tokens=100, ignore_eos=True)
+        outs = llm.generate(prompts, params)
         assert all(len(o.output_token_ids) == 100 for o in outs)
+        # A second TP engine in this process (which already holds a process group) spawns all
+        # of its ranks, and computes the same.
+        with LLM(model_dir(PRESET), tensor_parallel_size=2, block_size=BLOCK_SIZE, num_kv_blocks=64) as other:
+            other_pids = other.engine.worker_pids()
+            assert len(other_pids) == 2
+            assert [o.output_token_ids for o in other.generate(prompts, params)] == [o.output_token_ids for o in outs]
+        assert wait_exited(other_pids, 5.0)
     finally:
         llm.shutdown()
     assert wait_exited(pids, 5.0), "TP worker still running after shutdown"
