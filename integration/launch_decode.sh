@@ -9,6 +9,6 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 MODEL_DIR=${1:?usage: $0 MODEL_DIR [kvxfer serve options]}
 shift
-exec "$PYTHON" -m kvxfer.entrypoints.cli serve "$MODEL_DIR" --role decode --tp "${TP:-1}" --device "${DEVICE:-cpu}" \
+exec "$PYTHON" -m kvxfer.entrypoints.serve "$MODEL_DIR" --role decode --tp "${TP:-1}" --device "${DEVICE:-cpu}" \
   --host "${HOST:-127.0.0.1}" --port "${PORT:-8200}" --side-channel-port "${SIDE_CHANNEL_PORT:-5700}" \
   --block-size "${BLOCK_SIZE:-16}" --kv-failure-policy "${FAILURE_POLICY:-fail}" "$@"

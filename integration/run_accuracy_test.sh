@@ -97,7 +97,7 @@ start_server() {  # NAME ROLE TP [extra args]
   next_port; port=$PORT
   next_port; side=$PORT
   take_gpus "$tp"
-  kvx_start "$name" "$LOGS/$name.log" env "${GPU_ENV[@]}" "$PYTHON" -m kvxfer.entrypoints.cli serve "$MODEL_DIR" \
+  kvx_start "$name" "$LOGS/$name.log" env "${GPU_ENV[@]}" "$PYTHON" -m kvxfer.entrypoints.serve "$MODEL_DIR" \
     --role "$role" --tp "$tp" --port "$port" --side-channel-port "$side" "${COMMON[@]}" "$@"
   SERVER_URLS+=("http://127.0.0.1:$port"); SERVER_IDX+=($((${#KVX_PIDS[@]} - 1)))
   URL="http://127.0.0.1:$port"

@@ -175,7 +175,6 @@ async def _generate(
         return Response(status_code=499)
     if first.finished and first.finish_reason == "error":
         stream.close()
-        view.finish(first)
         return JSONResponse(error_body(first.error or "request failed", 502, "engine_error"), status_code=502)
     if req.stream:
         return StreamingResponse(_sse(view, stream, first), media_type="text/event-stream",
@@ -188,20 +187,26 @@ async def _generate(
                 return Response(status_code=499)
     finally:
         stream.close()
-    view.finish(output)
     if output.finish_reason == "error":
         return JSONResponse(error_body(output.error or "request failed", 502, "engine_error"), status_code=502)
     return JSONResponse(view.full(output), headers={"X-Request-Id": request_id})
 
 
 async def _next_or_disconnect(stream: RequestStream, request: Request) -> Any | None:
-    """The next output, or None once the client has disconnected."""
+    """The next output, or None once the client has disconnected (checked at least every
+    DISCONNECT_POLL_S, also while outputs keep coming)."""
+    deadline = time.monotonic() + DISCONNECT_POLL_S
     while True:
         try:
-            return await asyncio.wait_for(stream.next(), DISCONNECT_POLL_S)
+            output = await asyncio.wait_for(stream.next(), max(deadline - time.monotonic(), 0.01))
         except asyncio.TimeoutError:
+            output = None
+        if time.monotonic() >= deadline:
             if await request.is_disconnected():
                 return None
+            deadline = time.monotonic() + DISCONNECT_POLL_S
+        if output is not None:
+            return output
 
 
 async def _sse(view: _ResponseView, stream: RequestStream, output: Any) -> AsyncIterator[str]:
@@ -209,12 +214,10 @@ async def _sse(view: _ResponseView, stream: RequestStream, output: Any) -> Async
     try:
         while True:
             if output.finish_reason == "error":
-                view.finish(output)
                 yield _event(error_body(output.error or "request failed", 502, "engine_error"))
                 return
             yield _event(view.chunk(output))
             if output.finished:
-                view.finish(output)
                 yield "data: [DONE]\n\n"
                 return
             output = await stream.next()
@@ -240,12 +243,6 @@ class _ResponseView:
         self.top_logprobs = top_logprobs
         self.text = IncrementalText(ctx.renderer)
         self.num_logprobs_sent = 0
-        self.recorded = False
-
-    def finish(self, output: Any) -> None:
-        if not self.recorded:
-            self.recorded = True
-            self.ctx.metrics.record_finished(output)
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.ctx.model_name}

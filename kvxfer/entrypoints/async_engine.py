@@ -43,18 +43,22 @@ class RequestStream:
 
     def close(self) -> None:
         """Stop listening; a request that has not finished is aborted (its blocks freed)."""
-        self.engine._streams.pop(self.request_id, None)
+        if self.engine._streams.get(self.request_id) is self:
+            del self.engine._streams[self.request_id]
         if not self.finished:
             self.finished = True
             self.engine.submit_nowait(lambda e: e.abort_request(self.request_id))
 
 
 class AsyncEngine:
-    def __init__(self, build_engine: Callable[[], Any], idle_step_s: float = 0.05):
-        """`build_engine` runs on the engine thread. While no request is unfinished the thread
-        still steps every `idle_step_s` so the connector can free blocks whose consumers have
-        notified and expire leases."""
+    def __init__(self, build_engine: Callable[[], Any], on_finished: Callable[[Any], None] | None = None,
+                 idle_step_s: float = 0.05):
+        """`build_engine` runs on the engine thread. `on_finished(output)` runs on the event loop
+        for every finished request, also those nobody listens to any more (aborted ones).
+        While no request is unfinished the thread still steps every `idle_step_s` so the
+        connector can free blocks whose consumers have notified and expire leases."""
         self._build_engine = build_engine
+        self._on_finished = on_finished
         self._idle_step_s = idle_step_s
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
@@ -106,7 +110,7 @@ class AsyncEngine:
         Errors from `add_request` (e.g. ValueError) propagate and leave nothing behind."""
         self._loop = asyncio.get_running_loop()
         if request_id in self._streams:
-            raise KeyError(request_id)
+            raise KeyError(request_id)  # in flight here; the engine would refuse it too
         stream = RequestStream(self, request_id)
         self._streams[request_id] = stream
         try:
@@ -131,6 +135,8 @@ class AsyncEngine:
             stream = self._streams.get(output.request_id)
             if stream is not None:
                 stream.queue.put_nowait(output)
+            if output.finished and self._on_finished is not None:
+                self._on_finished(output)
 
     def _fail_all(self, error: EngineDead) -> None:
         for stream in list(self._streams.values()):

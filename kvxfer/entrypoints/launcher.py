@@ -29,7 +29,7 @@ def free_ports(n: int) -> list[int]:
 
 
 def serve_argv(model_dir: str, role: str, tp: int, port: int, side_channel_port: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "kvxfer.entrypoints.cli", "serve", str(model_dir), "--role", role,
+    return [sys.executable, "-m", "kvxfer.entrypoints.serve", str(model_dir), "--role", role,
             "--tp", str(tp), "--host", "127.0.0.1", "--port", str(port),
             "--side-channel-port", str(side_channel_port), *extra]
 

@@ -102,7 +102,8 @@ def main(args: argparse.Namespace) -> int:
     config = engine_config(args)
     renderer = Renderer(model_dir)  # fails fast on a missing tokenizer, before workers spawn
 
-    engine = AsyncEngine(lambda: LLMEngine(config))
+    metrics = ServerMetrics()
+    engine = AsyncEngine(lambda: LLMEngine(config), on_finished=metrics.record_finished)
     logger.info("starting %s engine: %s tp=%d device=%s", args.role, model_dir, args.tp, args.device)
     try:
         engine.start(args.startup_timeout)
@@ -110,7 +111,7 @@ def main(args: argparse.Namespace) -> int:
         engine.shutdown()
         raise SystemExit(f"error: engine failed to start: {exc}") from None
     ctx = ServerContext(
-        engine=engine, renderer=renderer, metrics=ServerMetrics(),
+        engine=engine, renderer=renderer, metrics=metrics,
         model_name=args.served_model_name or Path(model_dir).name, role=args.role,
         sampling_params=SamplingParams, kv_connector=config.kv_transfer_config is not None,
         ranks_alive=ranks_alive, engine_stats=engine_stats,

@@ -1,0 +1,104 @@
+"""Helpers of the serving tests: a cluster of real server/proxy processes, metrics reading,
+polling waits, and the HF reference for greedy outputs."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from kvxfer.entrypoints.launcher import ManagedProcess, free_ports, proxy_argv, serve_argv, stop_all
+
+BLOCK_SIZE = 16
+NUM_KV_BLOCKS = 256
+STARTUP_S = 240
+
+
+class Cluster:
+    """Processes started by one fixture; `stop()` ends them all."""
+
+    def __init__(self, model_dir: str, log_dir):
+        self.model_dir = model_dir
+        self.log_dir = log_dir
+        self.processes: list[ManagedProcess] = []
+
+    def server(self, name: str, role: str, tp: int = 1, *extra: str) -> ManagedProcess:
+        port, side = free_ports(2)
+        argv = serve_argv(self.model_dir, role, tp, port, side, "--block-size", str(BLOCK_SIZE),
+                          "--num-kv-blocks", str(NUM_KV_BLOCKS), "--log-level", "warning", *extra)
+        proc = ManagedProcess(name, argv, port, self.log_dir / f"{name}.log").start()
+        self.processes.append(proc)
+        return proc
+
+    def proxy(self, prefill: list[ManagedProcess], decode: list[ManagedProcess], *extra: str) -> ManagedProcess:
+        (port,) = free_ports(1)
+        argv = proxy_argv([p.url for p in prefill], [d.url for d in decode], port, "--log-level", "warning", *extra)
+        proc = ManagedProcess("proxy", argv, port, self.log_dir / f"proxy-{port}.log").start()
+        self.processes.append(proc)
+        return proc
+
+    def wait_healthy(self) -> None:
+        for p in self.processes:
+            p.wait_healthy(STARTUP_S)
+
+    def stop(self) -> None:
+        stop_all(self.processes)
+
+
+def metrics(url: str) -> dict[str, float]:
+    """Samples of a server's /metrics page by name (labels kept in the name)."""
+    values = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def wait_all_blocks_free(url: str, timeout_s: float = 20.0) -> dict[str, float]:
+    """Poll until the server's KV pool is entirely free; fail with the last numbers otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        m = metrics(url)
+        if m["kvxfer_kv_free_blocks"] == m["kvxfer_kv_blocks"]:
+            return m
+        if time.monotonic() > deadline:
+            pytest.fail(f"{url}: {m['kvxfer_kv_free_blocks']:.0f} of {m['kvxfer_kv_blocks']:.0f} blocks free "
+                        f"after {timeout_s}s")
+        time.sleep(0.2)
+
+
+def wait_metric(url: str, name: str, at_least: float, timeout_s: float = 20.0) -> float:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = metrics(url).get(name, 0.0)
+        if value >= at_least:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"{url}: {name} = {value}, expected >= {at_least} within {timeout_s}s")
+        time.sleep(0.2)
+
+
+class HFGreedy:
+    """Greedy continuations and per-token log-probs from HF transformers on the CPU."""
+
+    def __init__(self, model_dir: str):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def generate(self, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
+        torch = self.torch
+        ids, out, logprobs = list(prompt_ids), [], []
+        with torch.no_grad():
+            for _ in range(max_tokens):
+                logits = self.model(torch.tensor([ids])).logits[0, -1].float()
+                lp = torch.log_softmax(logits, dim=-1)
+                token = int(lp.argmax())
+                out.append(token)
+                logprobs.append(float(lp[token]))
+                ids.append(token)
+        return out, logprobs
