@@ -12,6 +12,21 @@ from kvxfer.connectors.base import (
 )
 from kvxfer.connectors.config import KVTransferConfig
 
+
+def create_scheduler_connector(config: KVTransferConfig, engine_config, spec) -> KVConnectorScheduler:
+    """The scheduler side, in the engine process."""
+    from kvxfer.connectors.nixl_scheduler import NixlConnectorScheduler
+
+    return NixlConnectorScheduler(config, engine_config, spec)
+
+
+def create_worker_connector(config: KVTransferConfig, engine_config, spec, tp_rank: int, tp_size: int) -> KVConnectorWorker:
+    """The worker side, in TP rank `tp_rank`; identifies the model by its checkpoint config."""
+    from kvxfer.connectors.metadata import model_identity
+    from kvxfer.connectors.nixl_worker import NixlConnectorWorker
+
+    return NixlConnectorWorker(config, spec, tp_rank, tp_size, model_identity(engine_config.model_dir))
+
 __all__ = [
     "ConnectorMetadata",
     "KVConnectorOutput",
@@ -22,4 +37,6 @@ __all__ = [
     "RecvRequest",
     "SendRequest",
     "TransferStats",
+    "create_scheduler_connector",
+    "create_worker_connector",
 ]

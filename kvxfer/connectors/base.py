@@ -43,6 +43,9 @@ class RecvRequest(msgspec.Struct, frozen=True):
     remote_tp_size: int
     local_block_ids: list[int]
     remote_block_ids: list[int]
+    # Set when the scheduler side already knows the load cannot happen (params that do not fit
+    # the request): every rank then reports this failure at once, so all ranks agree.
+    error: str = ""
 
 
 class SendRequest(msgspec.Struct, frozen=True):

@@ -177,8 +177,8 @@ class NixlConnectorWorker(KVConnectorWorker):
             self._add_send(send, now)
 
     def _start_load(self, req: RecvRequest) -> None:
-        if req.request_id in self._loads:
-            self._failed[req.request_id] = f"request {req.request_id!r} is already loading"
+        if req.error or req.request_id in self._loads:
+            self._fail(req.request_id, req.error or f"request {req.request_id!r} is already loading")
             return
         peer = self.peers.get(req.remote_engine_id)
         if peer is not None:

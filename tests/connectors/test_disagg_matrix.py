@@ -1,0 +1,82 @@
+"""Prefill and decode `LLM`s with different TP sizes: received KV equals what the decode
+engine computes itself, and greedy continuations equal the colocated ones.
+
+Each model's six engines (prefill and decode at TP 1, 2, 4) are shared by its cases.
+"""
+
+import math
+
+import pytest
+import torch
+from disagg import (
+    BLOCK_SIZE,
+    assert_all_blocks_free,
+    decode_llm,
+    drain,
+    expected_read_bytes,
+    prefill_llm,
+    run_and_capture,
+    tokens_kv,
+)
+
+from kvxfer import SamplingParams
+
+PRESETS = ["tiny-qwen3", "tiny-llama-gqa2", "tiny-deepseek-mla"]
+PAIRS = [(1, 1), (1, 2), (2, 1), (2, 2), (2, 4), (4, 2), (1, 4), (4, 1)]
+PROMPT_LENGTHS = [29, 16, 9, 1]  # several blocks, an exact multiple, one block and a bit, one token
+
+
+class Engines:
+    def __init__(self, model: str) -> None:
+        self.prefill, self.decode = {}, {}
+        try:
+            for tp in (1, 2, 4):
+                self.prefill[tp] = prefill_llm(model, tp)
+                self.decode[tp] = decode_llm(model, tp)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for llm in [*self.prefill.values(), *self.decode.values()]:
+            llm.shutdown()
+
+
+@pytest.fixture(scope="module", params=PRESETS)
+def engines(request, checkpoint):
+    e = Engines(checkpoint(request.param))
+    yield e
+    e.close()
+
+
+@pytest.mark.parametrize("p_tp,d_tp", PAIRS, ids=[f"P{p}-D{d}" for p, d in PAIRS])
+def test_received_kv_and_greedy_tokens_equal_local(engines, p_tp, d_tp):
+    prefill, decode = engines.prefill[p_tp], engines.decode[d_tp]
+    gen = torch.Generator().manual_seed(p_tp * 10 + d_tp)
+    vocab = decode.engine.model_config.vocab_size
+    prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+    sp = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+
+    decode.engine.block_manager.reset_prefix_cache()  # compute everything here...
+    local, local_kv = run_and_capture(decode.engine, prompts, sp, [None] * len(prompts))
+    decode.engine.block_manager.reset_prefix_cache()  # ...and read everything remotely below
+    handed = prefill.generate(prompts, sp, kv_transfer_params={"do_remote_decode": True})
+    params = [o.kv_transfer_params for o in handed]
+    assert all(p and p["remote_tp_size"] == p_tp for p in params)
+    remote, remote_kv = run_and_capture(decode.engine, prompts, sp, params)
+
+    spec = decode.engine.spec
+    for prompt, lo, re, lkv, rkv in zip(prompts, local, remote, local_kv, remote_kv):
+        assert re.finish_reason == "length" and re.error is None, re.error
+        assert re.output_token_ids == lo.output_token_ids
+        received = len(prompt) - 1  # the last prompt token is computed on the decode side
+        blocks_read = math.ceil(received / BLOCK_SIZE)
+        assert re.kv_transfer_stats["bytes"] == expected_read_bytes(spec, d_tp, blocks_read)
+        for rank in range(d_tp):
+            torch.testing.assert_close(tokens_kv(rkv[rank], received), tokens_kv(lkv[rank], received),
+                                       rtol=1e-4, atol=1e-4)
+    drain(prefill)
+    assert_all_blocks_free(prefill, decode)
+    for llm in (prefill, decode):
+        stats = llm.engine.stats()["connector"]
+        assert stats["failures"] == 0 and stats["expired_leases"] == 0
