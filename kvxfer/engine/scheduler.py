@@ -129,6 +129,7 @@ class Scheduler:
 
     def _holds_whole_pool(self, request: Request) -> bool:
         others = len(self.running) + len(self.remote) + len(self.pending_free) + len(self.aborted_loads)
+        others += sum(1 for r in self.waiting if r.block_ids)
         return others == 0 and self.bm.num_free_blocks + len(request.block_ids) >= self.bm.num_blocks
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
@@ -137,7 +138,12 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        # Behind the waiting requests that already hold blocks (loaded remote KV): they need
+        # few new blocks, and letting them run is what frees the pool.
+        i = 0
+        while i < len(self.waiting) and self.waiting[i].block_ids:
+            i += 1
+        self.waiting.insert(i, request)
         out.preempted_ids.append(request.request_id)
 
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:

@@ -193,3 +193,24 @@ def test_abort_while_loading_frees_blocks_only_after_the_ranks_report():
     assert bm.num_free_blocks == 13 and not sched.has_unfinished()
     sched.update_connector_output(Out(failed={"r": "cancelled"}))
     assert bm.num_free_blocks == 16
+
+
+def test_loaded_request_runs_before_a_preempted_one_that_needs_its_blocks():
+    bm = BlockManager(6, BS)
+    sched = Scheduler(bm, 8, 64, FakeConnector())
+    local = make("local", 8, max_tokens=16)  # needs all 6 blocks at its end
+    sched.add(local)
+    run_step(sched)
+    remote = Request("remote", list(range(50, 54)), SamplingParams(max_tokens=2), {"do_remote_prefill": True})
+    sched.add(remote)
+    while local.num_computed_tokens < 5 * BS:
+        run_step(sched)
+    assert remote.status == RequestStatus.WAITING_FOR_REMOTE_KV and len(remote.block_ids) == 1
+    # The load completes in the very step where `local` runs out of blocks and is preempted.
+    sched.update_connector_output(Out(recv=["remote"]))
+    out, _ = run_step(sched)
+    assert out.preempted_ids == ["local"]
+    assert [r.request_id for r in sched.waiting] == ["remote", "local"]
+    finished = run_all(sched)
+    assert set(finished) == {"local", "remote"} and len(finished["local"].output_token_ids) == 16
+    assert bm.num_free_blocks == 6
