@@ -35,7 +35,7 @@ from kvxfer.connectors.base import (
 )
 from kvxfer.connectors.config import KVTransferConfig
 from kvxfer.connectors.descriptors import Region, read_descriptors
-from kvxfer.connectors.handshake import HandshakeServer, fetch_engine_metadata, register_rank
+from kvxfer.connectors.handshake import HandshakeError, HandshakeServer, fetch_engine_metadata, register_rank
 from kvxfer.connectors.metadata import EngineMetadata, RankMetadata, ReadDone, Register, compat_of
 
 logger = logging.getLogger(__name__)
@@ -203,7 +203,11 @@ class NixlConnectorWorker(KVConnectorWorker):
             waiting = self._waiting.pop(engine_id, [])
             try:
                 peer = self._add_peer(fut.result())
-            except Exception as e:  # timeout, dead port, unknown engine, mismatch, NIXL
+            except HandshakeError as e:  # time-out, dead port, unknown engine
+                for req in waiting:
+                    self._fail(req.request_id, str(e))
+                continue
+            except Exception as e:  # incompatible peer, NIXL refusing its metadata
                 for req in waiting:
                     self._fail(req.request_id, f"KV handshake with {req.remote_host}:{req.remote_port} failed: {e}")
                 continue

@@ -78,3 +78,50 @@ def expected_read_bytes(spec, d_tp: int, num_blocks_read: int) -> int:
     per_head = spec.num_layers * spec.kv_slots * spec.block_size * spec.head_size * spec.itemsize
     heads = sum(len(held_heads(spec.num_kv_heads, r, d_tp)) for r in range(d_tp))
     return num_blocks_read * heads * per_head
+
+
+def _child_prefill_main(conn, model: str, tp: int, port: int) -> None:
+    from kvxfer import SamplingParams
+
+    llm = prefill_llm(model, tp)
+    conn.send(llm.engine.worker_pids())
+    while True:
+        prompts = conn.recv()
+        if prompts is None:
+            break
+        outs = llm.generate(prompts, SamplingParams(max_tokens=1), kv_transfer_params={"do_remote_decode": True})
+        conn.send([o.kv_transfer_params for o in outs])
+    llm.shutdown()
+
+
+class ChildPrefill:
+    """A prefill engine in its own process tree, so that a test can kill it outright."""
+
+    def __init__(self, model: str, tp: int) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_child_prefill_main, args=(child, model, tp, free_port()), daemon=False)
+        self.proc.start()
+        if not self.conn.poll(180):
+            self.kill()
+            raise TimeoutError("the prefill engine process did not start")
+        self.worker_pids = self.conn.recv()
+
+    def generate_params(self, prompts) -> list[dict]:
+        self.conn.send(prompts)
+        if not self.conn.poll(60):
+            raise TimeoutError("the prefill engine process did not answer")
+        return self.conn.recv()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.join(10)
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            self.conn.send(None)
+            self.proc.join(30)
+        if self.proc.is_alive():
+            self.kill()

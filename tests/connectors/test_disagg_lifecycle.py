@@ -1,0 +1,213 @@
+"""Prefix caching on the decode side, leases, a dead prefill engine, and bad params, with
+real prefill and decode `LLM`s; after every case no engine holds a block."""
+
+import math
+import os
+import time
+
+import pytest
+import torch
+from disagg import (
+    BLOCK_SIZE,
+    NUM_BLOCKS,
+    ChildPrefill,
+    assert_all_blocks_free,
+    decode_llm,
+    drain,
+    expected_read_bytes,
+    prefill_llm,
+    run_and_capture,
+)
+
+from kvxfer import SamplingParams
+from connector_actors import free_port
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+HANDOFF = {"do_remote_decode": True}
+
+
+class Engines:
+    def __init__(self, checkpoint) -> None:
+        self.all = []
+        qwen = checkpoint("tiny-qwen3")
+        self.prefill = self._add(prefill_llm(qwen, 1))
+        self.prefill_short = self._add(prefill_llm(qwen, 1, lease=1.5))
+        self.prefill_llama = self._add(prefill_llm(checkpoint("tiny-llama-gqa2"), 1, lease=1.5))
+        self.decode_fail = self._add(decode_llm(qwen, 2, policy="fail"))
+        self.decode_recompute = self._add(decode_llm(qwen, 1, policy="recompute"))
+
+    def _add(self, llm):
+        self.all.append(llm)
+        return llm
+
+    def close(self) -> None:
+        for llm in self.all:
+            llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def engines(checkpoint):
+    e = Engines(checkpoint)
+    yield e
+    e.close()
+
+
+def prompts(seed: int, *lengths: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 512, (n,), generator=gen).tolist() for n in lengths]
+
+
+def local_tokens(llm, prompt_list) -> list[list[int]]:
+    llm.engine.block_manager.reset_prefix_cache()
+    return [o.output_token_ids for o in llm.generate(prompt_list, GREEDY)]
+
+
+def test_cached_prefix_is_not_read_and_shared_blocks_stay_untouched(engines):
+    decode, engine = engines.decode_fail, engines.decode_fail.engine
+    engine.block_manager.reset_prefix_cache()
+    [prefix] = prompts(1, 3 * BLOCK_SIZE)
+    a = prefix + prompts(2, 5)[0]
+    b = prefix + prompts(3, 12)[0]  # 36 tokens: 35 to load, 3 blocks of them cached locally
+    [params] = [o.kv_transfer_params for o in engines.prefill.generate([b], GREEDY, kv_transfer_params=HANDOFF)]
+
+    engine.add_request("a", a, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+    while not (engine.scheduler.requests.get("a") and engine.scheduler.requests["a"].output_token_ids):
+        engine.step()
+    shared = engine.scheduler.requests["a"].block_ids[:3]
+    before = engine.collective_rpc("read_kv_blocks", shared)
+
+    engine.add_request("b", b, GREEDY, params)
+    outputs, a_running_when_b_loaded = {}, None
+    deadline = time.monotonic() + 60
+    while len(outputs) < 2 and time.monotonic() < deadline:
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = out
+        request_b = engine.scheduler.requests.get("b")
+        if a_running_when_b_loaded is None and request_b is not None and request_b.kv_transfer_stats:
+            a_running_when_b_loaded = "a" in engine.scheduler.requests
+            for x, y in zip(before, engine.collective_rpc("read_kv_blocks", shared)):
+                assert torch.equal(x, y)
+    assert a_running_when_b_loaded, "request a was not decoding on the shared blocks during b's load"
+    for x, y in zip(before, engine.collective_rpc("read_kv_blocks", shared)):
+        assert torch.equal(x, y)
+
+    out_b = outputs["b"]
+    assert out_b.error is None and out_b.num_cached_tokens == 3 * BLOCK_SIZE
+    suffix_blocks = math.ceil((len(b) - 1) / BLOCK_SIZE) - 3
+    assert out_b.kv_transfer_stats["bytes"] == expected_read_bytes(engine.spec, 2, suffix_blocks)
+    assert out_b.output_token_ids == local_tokens(decode, [b])[0]
+    drain(engines.prefill)
+    assert_all_blocks_free(engines.prefill, decode)
+
+
+def test_full_local_hit_reads_nothing_but_frees_the_prefill_blocks(engines):
+    decode = engines.decode_fail
+    decode.engine.block_manager.reset_prefix_cache()
+    [p] = prompts(4, 2 * BLOCK_SIZE + 1)  # all but the last token in two full blocks
+    decode.generate([p], GREEDY)  # caches both blocks locally
+    [params] = [o.kv_transfer_params for o in engines.prefill.generate([p], GREEDY, kv_transfer_params=HANDOFF)]
+    [out] = decode.generate([p], GREEDY, kv_transfer_params=params)
+    assert out.error is None and out.num_cached_tokens == 2 * BLOCK_SIZE
+    assert out.output_token_ids == local_tokens(decode, [p])[0]
+    drain(engines.prefill)  # freed by the notify-only load, not by the lease
+    assert engines.prefill.engine.stats()["connector"]["expired_leases"] == 0
+    assert_all_blocks_free(engines.prefill, decode)
+
+
+def test_lease_expiry_frees_an_unclaimed_request(engines):
+    prefill = engines.prefill_short
+    before = prefill.engine.stats()["connector"]["expired_leases"]
+    prefill.generate(prompts(5, 20), GREEDY, kv_transfer_params=HANDOFF)
+    assert prefill.engine.stats()["num_pending_free"] == 1
+    start = time.monotonic()
+    drain(prefill, timeout=10)
+    assert 1.0 < time.monotonic() - start < 6
+    assert prefill.engine.stats()["connector"]["expired_leases"] == before + 1
+    assert_all_blocks_free(prefill)
+
+
+@pytest.mark.parametrize("tp", [2])
+def test_prefill_engine_killed_midway_ends_by_policy(engines, checkpoint, tp):
+    child = ChildPrefill(checkpoint("tiny-qwen3"), tp)
+    try:
+        first = prompts(6, 17, 30)
+        second = prompts(7, 21, 9)
+        params_first = child.generate_params(first)
+        params_second = child.generate_params(second)
+        for decode in (engines.decode_fail, engines.decode_recompute):  # handshake and first reads succeed
+            outs = decode.generate(first, GREEDY, kv_transfer_params=params_first)
+            assert all(o.error is None for o in outs)
+            params_first = child.generate_params(first)
+        child.kill()
+        time.sleep(1.0)  # its rank processes notice the engine is gone and exit
+        assert not any(_alive(pid) for pid in child.worker_pids if pid != child.proc.pid)
+
+        start = time.monotonic()
+        outs = engines.decode_fail.generate(second, GREEDY, kv_transfer_params=params_second)
+        assert time.monotonic() - start < 12
+        for o in outs:
+            assert o.finish_reason == "error" and "KV transfer failed" in o.error
+        start = time.monotonic()
+        outs = engines.decode_recompute.generate(second, GREEDY, kv_transfer_params=params_second)
+        assert time.monotonic() - start < 12
+        assert [o.output_token_ids for o in outs] == local_tokens(engines.decode_recompute, second)
+        assert engines.decode_recompute.engine.stats()["connector"]["failures"] >= 2
+        assert_all_blocks_free(engines.decode_fail, engines.decode_recompute)
+    finally:
+        child.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+def test_handshake_timeout_ends_by_policy(engines):
+    [p] = prompts(8, 20)
+    params = {**engines.prefill.generate([p], GREEDY, kv_transfer_params=HANDOFF)[0].kv_transfer_params}
+    genuine = dict(params)
+    params.update(remote_engine_id="vanished", remote_port=free_port())
+    start = time.monotonic()
+    [out] = engines.decode_fail.generate([p], GREEDY, kv_transfer_params=params)
+    assert "timed out after 2.0s" in out.error and time.monotonic() - start < 6
+    [out] = engines.decode_recompute.generate([p], GREEDY, kv_transfer_params=params)
+    assert out.error is None and out.output_token_ids == local_tokens(engines.decode_recompute, [p])[0]
+    engines.decode_fail.generate([p], GREEDY, kv_transfer_params=genuine)
+    drain(engines.prefill)
+    assert_all_blocks_free(engines.prefill, engines.decode_fail, engines.decode_recompute)
+
+
+def test_bad_params_are_clear_errors_and_leak_nothing(engines):
+    decode = engines.decode_fail
+    [p] = prompts(9, 26)
+    genuine = engines.prefill.generate([p], GREEDY, kv_transfer_params=HANDOFF)[0].kv_transfer_params
+
+    beyond = {**genuine, "remote_block_ids": [NUM_BLOCKS + 5 + i for i in range(len(genuine["remote_block_ids"]))]}
+    [out] = decode.generate([p], GREEDY, kv_transfer_params=beyond)
+    assert f"out of range for the peer's pool of {NUM_BLOCKS} blocks" in out.error
+
+    [out] = decode.generate([p], GREEDY, kv_transfer_params={**genuine, "remote_engine_id": "nope"})
+    assert "unknown remote engine 'nope'" in out.error
+
+    [out] = decode.generate([p[:-1]], GREEDY, kv_transfer_params=genuine)
+    assert "prompt of 26 tokens" in out.error
+
+    with pytest.raises(ValueError, match="remote_port"):
+        decode.generate([p], GREEDY, kv_transfer_params={**genuine, "remote_port": "5600"})
+
+    llama = engines.prefill_llama.generate([p], GREEDY, kv_transfer_params=HANDOFF)[0].kv_transfer_params
+    [out] = decode.generate([p], GREEDY, kv_transfer_params=llama)
+    assert "incompatible KV transfer peer" in out.error and "model_identity" in out.error
+
+    [out] = decode.generate([p], GREEDY, kv_transfer_params=genuine)  # the genuine params still work
+    assert out.error is None
+    drain(engines.prefill)
+    drain(engines.prefill_llama)  # never read: freed by its lease
+    assert engines.prefill_llama.engine.stats()["connector"]["expired_leases"] >= 1
+    assert_all_blocks_free(engines.prefill, engines.prefill_llama, decode)
+    assert decode.engine.stats()["connector"]["failures"] >= 4
