@@ -252,7 +252,7 @@ def _print(r: dict, args) -> None:
     gbps = r["bytes"] / r["transfer_s"] / 1e9 if r["transfer_s"] > 0 else 0.0
     print(f"prompts {r['prompts']} | exact {r['exact']} | near-ties {len(r['near_ties'])} | "
           f"mismatches {len(r['mismatches'])} | errors {len(r['errors'])} | without transfer {len(r['no_transfer'])}")
-    print(f"decode pulled {r['bytes']} bytes in {r['descriptors']} descriptors ({gbps:.2f} GB/s over summed transfer time) | "
+    print(f"decode pulled {r['bytes']} bytes in {r['descriptors']} descriptors ({gbps:.3f} GB/s over summed transfer time) | "
           f"colocated {r['colocated_s']}s, disaggregated {r['disaggregated_s']}s "
           f"(max_tokens {args.max_tokens}, concurrency {args.concurrency})")
     print("ACCURACY CHECK PASSED" if r["passed"] else "ACCURACY CHECK FAILED")

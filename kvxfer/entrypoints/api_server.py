@@ -45,7 +45,9 @@ class ServerContext:
     role: str  # "prefill" | "decode" | "both"
     sampling_params: Callable[..., Any]  # kvxfer's SamplingParams
     kv_connector: bool  # whether the engine has a KV connector at all
+    block_size: int
     ranks_alive: Callable[[Any], bool]  # runs on the engine thread
+    abort: Callable[[Any, str], str]  # runs on the engine thread
     engine_stats: Callable[[Any], dict]  # runs on the engine thread
     side_channel_problem: Callable[[], str | None] | None = None  # blocking; None: nothing to check
 
@@ -84,8 +86,8 @@ def build_app(ctx: ServerContext) -> FastAPI:
     async def abort(request_id: str) -> dict:
         if not REQUEST_ID_RE.match(request_id):
             raise BadRequest("request id must be 1-128 characters of [A-Za-z0-9._:-]")
-        await ctx.engine.call(lambda e: e.abort_request(request_id), timeout_s=10)
-        return {"request_id": request_id, "aborted": True}
+        outcome = await ctx.engine.call(lambda e: ctx.abort(e, request_id), timeout_s=10)
+        return {"request_id": request_id, "outcome": outcome}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -130,10 +132,16 @@ def _check_kv_params(ctx: ServerContext, kv: KVTransferParams | None, prompt_len
     if kv.do_remote_prefill:
         if ctx.role == "prefill":
             raise BadRequest("kv_transfer_params: a prefill server does not take do_remote_prefill")
-        if kv.remote_num_tokens > prompt_len:
+        if kv.remote_num_tokens != prompt_len:
             raise BadRequest(
-                f"kv_transfer_params: remote_num_tokens ({kv.remote_num_tokens}) exceeds the prompt "
+                f"kv_transfer_params: remote_num_tokens ({kv.remote_num_tokens}) differs from the prompt "
                 f"length ({prompt_len}); these params belong to another prompt"
+            )
+        needed = -(-prompt_len // ctx.block_size)  # both engines have one block size (handshake-checked)
+        if len(kv.remote_block_ids) != needed:
+            raise BadRequest(
+                f"kv_transfer_params: {len(kv.remote_block_ids)} remote_block_ids for {prompt_len} tokens "
+                f"(block size {ctx.block_size} needs {needed})"
             )
     if kv.do_remote_decode and ctx.role == "decode":
         raise BadRequest("kv_transfer_params: a decode server does not take do_remote_decode")

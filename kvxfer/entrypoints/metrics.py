@@ -12,14 +12,14 @@ ENGINE_STATS = {
     "num_free_blocks": ("kvxfer_kv_free_blocks", "Free KV cache blocks", "gauge"),
     "num_blocks": ("kvxfer_kv_blocks", "KV cache blocks in the pool", "gauge"),
     "num_running": ("kvxfer_running_requests", "Requests being computed", "gauge"),
-    "num_waiting": ("kvxfer_waiting_requests", "Requests waiting (including for remote KV)", "gauge"),
+    "num_waiting": ("kvxfer_waiting_requests", "Requests waiting to be scheduled", "gauge"),
     "num_waiting_for_remote_kv": ("kvxfer_waiting_for_remote_kv_requests", "Requests waiting for remote KV", "gauge"),
-    "num_held_requests": ("kvxfer_kv_held_requests", "Finished prefill requests whose blocks are held for a decode engine", "gauge"),
-    "kv_transfer_failures": ("kvxfer_kv_transfer_failures", "KV transfers that failed", "counter"),
-    "kv_expired_leases": ("kvxfer_kv_expired_leases", "Held prefill blocks freed by lease expiry", "counter"),
-    "kv_transfers": ("kvxfer_kv_transfers_engine", "KV transfers completed, as counted by the connector", "counter"),
+    "kv_held_requests": ("kvxfer_kv_held_requests", "Finished prefill requests whose blocks wait for a decode engine", "gauge"),
+    "kv_failures": ("kvxfer_kv_transfer_failures", "KV pulls that failed", "counter"),
+    "kv_expired_leases": ("kvxfer_kv_expired_leases", "Held prefill blocks freed by lease expiry (or release)", "counter"),
+    "kv_sends_completed": ("kvxfer_kv_sends_completed", "Held prefill blocks freed after their decode side read them", "counter"),
     "num_preemptions": ("kvxfer_preemptions", "Requests preempted for lack of blocks", "counter"),
-    "prefix_cache_hit_blocks": ("kvxfer_prefix_cache_hit_blocks", "Blocks served from the prefix cache", "counter"),
+    "prefix_hit_blocks": ("kvxfer_prefix_cache_hit_blocks", "Blocks served from the prefix cache", "counter"),
 }
 
 

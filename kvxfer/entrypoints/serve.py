@@ -38,7 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prefill: how long finished requests' blocks wait for their decode engine")
     parser.add_argument("--kv-failure-policy", choices=["fail", "recompute"], default="fail",
                         help="decode: what a failed KV pull does to the request")
-    parser.add_argument("--kv-handshake-timeout", type=float, default=10.0)
+    parser.add_argument("--kv-handshake-timeout", type=float, default=10.0,
+                        help="decode: seconds to reach a prefill engine's side channel")
+    parser.add_argument("--kv-transfer-timeout", type=float, default=30.0,
+                        help="decode: a READ still running after this long fails (keep below the prefill lease)")
     parser.add_argument("--kv-connector", choices=["nixl", "none"], default="nixl",
                         help="none: plain colocated serving, no KV transfer (role must be both)")
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for the engine")
@@ -75,7 +78,7 @@ def _kv_transfer_config(args: argparse.Namespace):
         connector="nixl", role=args.role, engine_id=args.engine_id or f"{args.role}-{uuid.uuid4().hex[:12]}",
         side_channel_host=side_host, side_channel_port=args.side_channel_port,
         lease_seconds=args.kv_lease_seconds, failure_policy=args.kv_failure_policy,
-        handshake_timeout_s=args.kv_handshake_timeout,
+        handshake_timeout_s=args.kv_handshake_timeout, transfer_timeout_s=args.kv_transfer_timeout,
     )
 
 
@@ -86,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
     from kvxfer.engine.sampling_params import SamplingParams
     from kvxfer.entrypoints.api_server import ServerContext, build_app
     from kvxfer.entrypoints.async_engine import AsyncEngine
-    from kvxfer.entrypoints.engine_probes import engine_stats, ranks_alive, side_channel_problem
+    from kvxfer.entrypoints.engine_probes import abort_or_release, engine_stats, ranks_alive, side_channel_problem
     from kvxfer.entrypoints.metrics import ServerMetrics
     from kvxfer.entrypoints.render import Renderer
 
@@ -114,7 +117,7 @@ def main(args: argparse.Namespace) -> int:
         engine=engine, renderer=renderer, metrics=metrics,
         model_name=args.served_model_name or Path(model_dir).name, role=args.role,
         sampling_params=SamplingParams, kv_connector=config.kv_transfer_config is not None,
-        ranks_alive=ranks_alive, engine_stats=engine_stats,
+        block_size=args.block_size, ranks_alive=ranks_alive, abort=abort_or_release, engine_stats=engine_stats,
     )
     kv = config.kv_transfer_config
     if kv is not None and kv.is_producer:  # only engines that lend KV listen on a side channel

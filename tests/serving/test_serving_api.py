@@ -134,7 +134,7 @@ BAD_REQUESTS = [
     ("kv params forged token count", {"prompt": [1, 2, 3], "kv_transfer_params": {
         "do_remote_prefill": True, "remote_engine_id": "e", "remote_host": "127.0.0.1", "remote_port": 5000,
         "remote_block_ids": [0, 1, 2], "remote_request_id": "r", "remote_tp_size": 1, "remote_num_tokens": 40}},
-     "exceeds the prompt length"),
+     "differs from the prompt length"),
     ("kv params remote fields without flag", {"prompt": "x", "kv_transfer_params": {"remote_port": 5000}},
      "only valid with do_remote_prefill"),
 ]
