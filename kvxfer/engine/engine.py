@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import weakref
 from typing import Any
 
 from kvxfer.engine.block_manager import BlockManager
@@ -34,6 +35,8 @@ class LLMEngine:
         self.spec = self.model_config.kv_cache_spec(config.block_size, config.torch_dtype_name)
         self.tokenizer = _load_tokenizer(config.model_dir)
         self.executor = Executor(config)
+        # Stops the ranks even when the caller forgets shutdown() (collected, or at exit).
+        self._finalizer = weakref.finalize(self, self.executor.shutdown)
         try:
             self.num_blocks = self.executor.num_blocks
             # The connectors see the pool size the ranks agreed on.
@@ -242,7 +245,7 @@ class LLMEngine:
             if self._closed:
                 return
             self._closed = True
-            self.executor.shutdown()
+            self._finalizer()
 
     def _check_open(self) -> None:
         if self._closed:
