@@ -159,7 +159,8 @@ class BlockManager:
         return block_id
 
     def reset_prefix_cache(self) -> None:
-        for block_id in list(self._cached.values()):
+        """Forget every cached prefix (blocks in use stay allocated, just unshared from now on)."""
+        for block_id in self._cached.values():
             block = self.blocks[block_id]
             block.hash, block.parent_hash, block.token_ids = None, _ROOT_HASH, ()
         self._cached.clear()

@@ -123,3 +123,14 @@ def test_prefix_caching_disabled_matches_nothing():
     bm = BlockManager(8, BS, enable_prefix_caching=False)
     run_prefill(bm, make_request(range(9), "a"))
     assert bm.match_prefix(make_request(range(9), "b")) == ([], [])
+
+
+def test_reset_prefix_cache_forgets_every_prefix():
+    bm = BlockManager(8, BS)
+    a = make_request(range(9), "a")
+    run_prefill(bm, a)
+    bm.reset_prefix_cache()
+    assert bm.num_cached_blocks == 0
+    assert bm.match_prefix(make_request(range(9), "b")) == ([], [])
+    bm.free(a)
+    assert bm.num_free_blocks == 8
