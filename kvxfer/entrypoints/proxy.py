@@ -125,6 +125,8 @@ class Router:
         if not REQUEST_ID_RE.match(request_id):
             return error_json(400, "X-Request-Id must be 1-128 characters of [A-Za-z0-9._:-]", "invalid_request_error")
         headers = {"X-Request-Id": request_id}
+        if not any(b.healthy for b in self.decode.backends):  # do not prefill for nobody
+            return error_json(503, f"no healthy decode server ({self.decode.describe()})")
 
         prefill_body = body | {"max_tokens": 1, "stream": False, "kv_transfer_params": {"do_remote_decode": True}}
         prefill_body.pop("stream_options", None)
