@@ -10,9 +10,11 @@ import textwrap
 import threading
 import time
 
+import pytest
 from engine_helpers import BLOCK_SIZE, prompts_of
 
 from kvxfer import LLM, SamplingParams
+from kvxfer.engine.executor import EngineDeadError, WorkerError
 
 PRESET = "tiny-qwen3"
 
@@ -105,6 +107,19 @@ def test_workers_of_an_engine_built_on_a_thread_survive_the_thread(model_dir):
         assert not any(pid_exited(p) for p in pids)
         (out,) = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, ignore_eos=True))
         assert len(out.output_token_ids) == 2
+        # A failing call is reported and leaves the ranks in step.
+        with pytest.raises(WorkerError, match="no_such_method"):
+            llm.engine.collective_rpc("no_such_method")
+        assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, ignore_eos=True))[0].output_token_ids == (
+            out.output_token_ids
+        )
+        # A dead rank is reported at once, not waited for.
+        os.kill(pids[0], signal.SIGKILL)
+        assert wait_exited(pids, 5.0)
+        start = time.monotonic()
+        with pytest.raises(EngineDeadError, match="rank 1"):
+            llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))
+        assert time.monotonic() - start < 10
     finally:
         llm.shutdown()
     assert wait_exited(pids, 5.0)
