@@ -34,20 +34,19 @@ class Shape:
     mla: bool = False
 
 
-# Until kvxfer.models.presets lands: the presets' KV shapes.
-SHAPES = {
-    "qwen3-0.6b-shape": Shape(num_kv_heads=8, head_size=128, num_layers=28, dtype="bfloat16"),
-    "tiny-qwen3": Shape(num_kv_heads=4, head_size=32, num_layers=2, dtype="float32"),
-    "tiny-llama-gqa2": Shape(num_kv_heads=2, head_size=32, num_layers=2, dtype="float32"),
-    "tiny-deepseek-mla": Shape(num_kv_heads=1, head_size=48, num_layers=2, dtype="float32", mla=True),
-}
-
-
 def preset_shape(name: str) -> Shape:
-    """KV shape of a `kvxfer make-model` preset."""
-    if name not in SHAPES:
-        raise SystemExit(f"unknown --shape {name!r}; known: {sorted(SHAPES)}")
-    return SHAPES[name]
+    """KV shape of a `kvxfer make-model` preset, read from its model config."""
+    from kvxfer.models.presets import PRESETS
+
+    if name not in PRESETS:
+        raise SystemExit(f"unknown --shape {name!r}; known: {sorted(PRESETS)}")
+    preset = PRESETS[name]
+    c = preset.config
+    dtype = str(preset.dtype).removeprefix("torch.")
+    if "kv_lora_rank" in c:  # MLA: one latent [kv_lora_rank | rope] per token
+        return Shape(1, c["kv_lora_rank"] + c["qk_rope_head_dim"], c["num_hidden_layers"], dtype, mla=True)
+    head_size = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    return Shape(c.get("num_key_value_heads") or c["num_attention_heads"], head_size, c["num_hidden_layers"], dtype)
 
 
 def make_spec(shape: Shape, block_size: int):
@@ -100,19 +99,17 @@ def fragmented_ids(n: int, pool: int, seed: int) -> list[int]:
 # --- rank processes -----------------------------------------------------------------------------
 
 
-def _rank_main(conn, role: str, rank: int, tp: int, shape: Shape, block_size: int, num_blocks: int, config) -> None:
+def _rank_main(conn, role: str, rank: int, tp: int, shape: Shape, block_size: int, num_blocks: int, config,
+               device: str) -> None:
     import torch
 
-    from kvxfer.connectors.base import ConnectorMetadata, RecvRequest, SendRequest
+    from kvxfer.connectors.base import ConnectorMetadata, SendRequest
     from kvxfer.connectors.nixl_worker import NixlConnectorWorker
 
     spec = make_spec(shape, block_size)
-    worker = NixlConnectorWorker(config, spec, rank, tp, model_identity=f"bench:{shape}")
-    kv = torch.zeros((num_blocks, *spec.block_shape(tp)), dtype=getattr(torch, shape.dtype))
-    worker.register_kv_cache(kv)
-    words = kv.view(torch.int64).view(num_blocks, spec.heads_per_rank(tp), -1)
     heads = global_heads(shape.num_kv_heads, rank, tp)
     head_bytes = spec.bytes_per_head_block()
+    worker = None
 
     def wait_for(pred, timeout: float, sleep: float = 0.0):
         deadline = time.monotonic() + timeout
@@ -131,6 +128,11 @@ def _rank_main(conn, role: str, rank: int, tp: int, shape: Shape, block_size: in
             raise RuntimeError("raw READ failed")
 
     try:
+        worker = NixlConnectorWorker(config, spec, rank, tp, model_identity=f"bench:{shape}")
+        dev = torch.device("cuda", rank % torch.cuda.device_count()) if device == "cuda" else torch.device("cpu")
+        kv = torch.zeros((num_blocks, *spec.block_shape(tp)), dtype=getattr(torch, shape.dtype), device=dev)
+        worker.register_kv_cache(kv)
+        words = kv.view(torch.int64).view(num_blocks, spec.heads_per_rank(tp), -1)
         conn.send(("ready", None))
         while True:
             cmd, arg = conn.recv()
@@ -139,7 +141,7 @@ def _rank_main(conn, role: str, rank: int, tp: int, shape: Shape, block_size: in
             if cmd == "fill":  # prefill: request blocks get known data, the rest garbage
                 seed, ids = arg
                 words.fill_(-1)
-                words[ids] = expected_blocks(seed, len(ids), shape.num_kv_heads, head_bytes, heads)
+                words[ids] = expected_blocks(seed, len(ids), shape.num_kv_heads, head_bytes, heads).to(dev)
                 conn.send(("ok", None))
             elif cmd == "hold":  # prefill: serve one request until its readers notify
                 req_id, lease = arg
@@ -160,8 +162,8 @@ def _rank_main(conn, role: str, rank: int, tp: int, shape: Shape, block_size: in
                 conn.send(("ok", (t0, t1, stats.bytes, stats.descriptors)))
             elif cmd == "verify":  # decode: request blocks exact, every other block untouched
                 seed, ids = arg
-                expected = expected_blocks(seed, len(ids), shape.num_kv_heads, head_bytes, heads)
-                others = torch.ones(num_blocks, dtype=torch.bool)
+                expected = expected_blocks(seed, len(ids), shape.num_kv_heads, head_bytes, heads).to(dev)
+                others = torch.ones(num_blocks, dtype=torch.bool, device=dev)
                 others[ids] = False
                 ok = torch.equal(words[ids], expected) and not words[others].any()
                 conn.send(("ok", bool(ok)))
@@ -172,10 +174,10 @@ def _rank_main(conn, role: str, rank: int, tp: int, shape: Shape, block_size: in
                 time.sleep(max(start_at - time.monotonic(), 0))
                 t0 = time.monotonic()
                 for r, nbytes in per_rank_bytes.items():
-                    local = np.array([[worker.region.base_addr + local_off, nbytes, 0]], np.int64)
-                    remote = np.array([[peer.regions[r].base_addr, nbytes, 0]], np.int64)
-                    lh = worker.agent.prep_xfer_dlist("NIXL_INIT_AGENT", local, "DRAM")
-                    rh = worker.agent.prep_xfer_dlist(peer.agents[r], remote, "DRAM")
+                    local = np.array([[worker.region.base_addr + local_off, nbytes, worker.region.device_id]], np.int64)
+                    remote = np.array([[peer.regions[r].base_addr, nbytes, peer.regions[r].device_id]], np.int64)
+                    lh = worker.agent.prep_xfer_dlist("NIXL_INIT_AGENT", local, worker.mem_type)
+                    rh = worker.agent.prep_xfer_dlist(peer.agents[r], remote, peer.meta.ranks[r].mem_type)
                     h = worker.agent.make_prepped_xfer("READ", lh, [0], rh, [0], b"")
                     worker.agent.transfer(h)
                     handles.append(h)
@@ -196,13 +198,15 @@ def _rank_main(conn, role: str, rank: int, tp: int, shape: Shape, block_size: in
     except Exception as e:  # report, then exit: the parent stops everything
         conn.send(("error", f"{role} rank {rank}: {type(e).__name__}: {e}"))
     finally:
-        worker.shutdown()
+        if worker is not None:
+            worker.shutdown()
 
 
 class Ranks:
     """The spawned prefill and decode rank processes; always stopped on exit."""
 
-    def __init__(self, shape: Shape, block_size: int, num_blocks: int, p_tp: int, d_tp: int, lease: float) -> None:
+    def __init__(self, shape: Shape, block_size: int, num_blocks: int, p_tp: int, d_tp: int, lease: float,
+                 device: str = "cpu") -> None:
         from kvxfer.connectors.config import KVTransferConfig
 
         ctx = mp.get_context("spawn")
@@ -213,7 +217,7 @@ class Ranks:
                                         ("decode", d_tp, decode_config, self.decode)):
             for rank in range(tp):
                 parent, child = ctx.Pipe()
-                proc = ctx.Process(target=_rank_main, args=(child, role, rank, tp, shape, block_size, num_blocks, config),
+                proc = ctx.Process(target=_rank_main, args=(child, role, rank, tp, shape, block_size, num_blocks, config, device),
                                    daemon=True)
                 proc.start()
                 self.procs.append(proc)
@@ -259,7 +263,7 @@ def free_port() -> int:
 
 
 def run(shape: Shape, tokens: int, p_tp: int, d_tp: int, block_size: int = 16, iterations: int = 5,
-        seed: int = 0) -> dict[str, Any]:
+        seed: int = 0, device: str = "cpu") -> dict[str, Any]:
     from kvxfer.connectors.base import RecvRequest
 
     spec = make_spec(shape, block_size)
@@ -269,7 +273,7 @@ def run(shape: Shape, tokens: int, p_tp: int, d_tp: int, block_size: int = 16, i
     pool = n + n // 4 + 1
     prefill_ids = fragmented_ids(n, pool, seed + 1)
     decode_ids = fragmented_ids(n, pool, seed + 2)
-    ranks = Ranks(shape, block_size, pool, p_tp, d_tp, lease=REPLY_TIMEOUT_S)
+    ranks = Ranks(shape, block_size, pool, p_tp, d_tp, lease=REPLY_TIMEOUT_S, device=device)
     cfg = ranks.prefill_config
     try:
         connector, raw, descriptors, nbytes, per_rank = [], [], 0, 0, None
@@ -329,6 +333,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--num-layers", type=int, default=None, help="override the preset's layer count")
     parser.add_argument("--dtype", default=None, help="override the KV dtype, e.g. float32")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the KV pools live (cuda: VRAM, rank r on GPU r mod count)")
     parser.add_argument("--iterations", type=int, default=5, help="timed iterations (median reported)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -342,7 +348,14 @@ def main(args: argparse.Namespace) -> int:
         shape = replace(shape, dtype=args.dtype)
     if args.tokens < 1 or args.iterations < 1:
         raise SystemExit("--tokens and --iterations must be positive")
-    result = run(shape, args.tokens, args.prefill_tp, args.decode_tp, args.block_size, args.iterations, args.seed)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no GPU visible (torch.cuda.is_available() is false)")
+    result = run(shape, args.tokens, args.prefill_tp, args.decode_tp, args.block_size, args.iterations, args.seed,
+                 args.device)
+    result["device"] = args.device
     result["preset"] = args.shape
     if args.json:
         print(json.dumps(result))

@@ -15,6 +15,7 @@ carry no notification: one would make their completion wait for the prefill side
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -79,6 +80,8 @@ class NixlConnectorWorker(KVConnectorWorker):
     ) -> None:
         from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
+        if "NIXL_LOG_LEVEL" not in os.environ:  # NIXL logs every agent at INFO on stdout
+            logging.getLogger("nixl").setLevel(logging.WARNING)
         spec.validate_tp(tp_size)
         self.config, self.spec, self.tp_rank, self.tp_size = config, spec, tp_rank, tp_size
         self.compat = compat_of(spec, model_identity)
