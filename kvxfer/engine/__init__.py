@@ -2,8 +2,18 @@
 
 from kvxfer.engine.config import EngineConfig
 from kvxfer.engine.engine import LLMEngine
+from kvxfer.engine.executor import EngineDeadError, WorkerError
 from kvxfer.engine.llm import LLM
 from kvxfer.engine.request import RequestOutput, RequestStatus
 from kvxfer.engine.sampling_params import SamplingParams
 
-__all__ = ["EngineConfig", "LLMEngine", "LLM", "RequestOutput", "RequestStatus", "SamplingParams"]
+__all__ = [
+    "EngineConfig",
+    "EngineDeadError",
+    "LLMEngine",
+    "LLM",
+    "RequestOutput",
+    "RequestStatus",
+    "SamplingParams",
+    "WorkerError",
+]
