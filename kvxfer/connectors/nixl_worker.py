@@ -31,7 +31,6 @@ from kvxfer.connectors.base import (
     KVConnectorOutput,
     KVConnectorWorker,
     RecvRequest,
-    SendRequest,
     TransferStats,
 )
 from kvxfer.connectors.config import KVTransferConfig
@@ -98,7 +97,7 @@ class NixlConnectorWorker(KVConnectorWorker):
         self.mem_type = "DRAM"
         self._reg_descs = None
         self._server: HandshakeServer | None = None
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"kv-handshake-r{tp_rank}")
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"kv-handshake-r{tp_rank}")
         self._register_future: Future | None = None
         self._handshakes: dict[str, Future] = {}
         self.peers: dict[str, Peer] = {}
@@ -175,13 +174,12 @@ class NixlConnectorWorker(KVConnectorWorker):
     def start_load_kv(self, meta: ConnectorMetadata) -> None:
         for req in meta.recv:
             self._start_load(req)
-        now = time.monotonic()
         for send in meta.send:
-            self._add_send(send, now)
+            self._sends.setdefault(send.request_id, _Send()).deadline = send.deadline
 
     def _start_load(self, req: RecvRequest) -> None:
-        if req.error or req.request_id in self._loads:
-            self._fail(req.request_id, req.error or f"request {req.request_id!r} is already loading")
+        if req.error:
+            self._fail(req.request_id, req.error)
             return
         peer = self.peers.get(req.remote_engine_id)
         if peer is not None:
@@ -290,7 +288,13 @@ class NixlConnectorWorker(KVConnectorWorker):
     def _poll_loads(self) -> None:
         now = time.perf_counter()
         for req_id, load in list(self._loads.items()):
-            states = [self.agent.check_xfer_state(h) for h in load.handles]
+            if req_id not in self._loads:
+                continue  # failed with its peer while this loop ran
+            try:
+                states = [self.agent.check_xfer_state(h) for h in load.handles]
+            except Exception as e:
+                states = ["ERR"]
+                logger.warning("NIXL state of request %s: %s", req_id, e)
             if "ERR" in states:
                 self._fail(req_id, "NIXL READ failed (peer gone or memory no longer registered)", drop_peer=True)
             elif now - load.started > self.config.transfer_timeout_s:
@@ -338,10 +342,6 @@ class NixlConnectorWorker(KVConnectorWorker):
         load.dlists.clear()
 
     # --- prefill side ---------------------------------------------------------------------
-
-    def _add_send(self, send: SendRequest, now: float) -> None:
-        entry = self._sends.setdefault(send.request_id, _Send())
-        entry.deadline = send.deadline
 
     def _poll_notifs(self) -> None:
         with self._inbox_lock:

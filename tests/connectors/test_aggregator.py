@@ -1,0 +1,36 @@
+"""KVOutputAggregator: the ranks' outputs become one agreed outcome (pure logic)."""
+
+from kvxfer.connectors.base import KVConnectorOutput, KVOutputAggregator, TransferStats
+
+
+def out(**kw) -> KVConnectorOutput:
+    return KVConnectorOutput(**kw)
+
+
+def test_receive_is_reported_once_every_rank_has_reported_it():
+    agg = KVOutputAggregator(2)
+    first = agg.aggregate([out(finished_recving={"a"}, recv_stats={"a": TransferStats(100, 2, 0.5)}), out()])
+    assert first.is_empty()
+    second = agg.aggregate([out(), out(finished_recving={"a"}, recv_stats={"a": TransferStats(60, 3, 0.7)})])
+    assert second.finished_recving == {"a"} and not second.failed_recving
+    assert second.recv_stats["a"] == TransferStats(160, 5, 0.7)
+    assert agg.aggregate([out(), out()]).is_empty()
+
+
+def test_a_failure_on_one_rank_fails_everywhere_but_only_when_all_ranks_are_done():
+    agg = KVOutputAggregator(3)
+    assert agg.aggregate([out(failed_recving={"b": "READ failed"}), out(finished_recving={"b"}), out()]).is_empty()
+    result = agg.aggregate([out(), out(), out(failed_recving={"b": "peer gone"})])
+    assert result.failed_recving == {"b": "READ failed; peer gone"} and not result.finished_recving
+    assert "b" not in result.recv_stats
+
+
+def test_sends_finish_on_all_ranks_and_expiry_is_kept():
+    agg = KVOutputAggregator(2)
+    result = agg.aggregate([
+        out(finished_sending={"x", "y"}, expired_sending={"y"}),
+        out(finished_sending={"x"}),
+    ])
+    assert result.finished_sending == {"x"} and not result.expired_sending
+    result = agg.aggregate([out(), out(finished_sending={"y"}, expired_sending={"y"})])
+    assert result.finished_sending == {"y"} and result.expired_sending == {"y"}
