@@ -173,8 +173,9 @@ async def _generate(
         raise BadRequest(str(exc)) from None
 
     view = _ResponseView(ctx, request_id, req, chat, top_logprobs)
+    watch = _DisconnectWatch(request)
     try:
-        first = await _next_or_disconnect(stream, request)
+        first = await _next_or_disconnect(stream, watch)
     except BaseException:
         stream.close()
         raise
@@ -190,7 +191,7 @@ async def _generate(
     output = first
     try:
         while not output.finished:
-            output = await _next_or_disconnect(stream, request)
+            output = await _next_or_disconnect(stream, watch)
             if output is None:
                 return Response(status_code=499)
     finally:
@@ -218,19 +219,30 @@ def _engine_error(message: str | None) -> JSONResponse:
     return JSONResponse(error_body(message, 502, "engine_error"), status_code=502)
 
 
-async def _next_or_disconnect(stream: RequestStream, request: Request) -> Any | None:
-    """The next output, or None once the client has disconnected (checked at least every
+class _DisconnectWatch:
+    """Asks the server whether the client left, at most every DISCONNECT_POLL_S."""
+
+    def __init__(self, request: Request):
+        self.request = request
+        self.next_check = time.monotonic() + DISCONNECT_POLL_S
+
+    async def gone(self) -> bool:
+        if time.monotonic() < self.next_check:
+            return False
+        self.next_check = time.monotonic() + DISCONNECT_POLL_S
+        return await self.request.is_disconnected()
+
+
+async def _next_or_disconnect(stream: RequestStream, watch: _DisconnectWatch) -> Any | None:
+    """The next output, or None once the client has disconnected (noticed within about
     DISCONNECT_POLL_S, also while outputs keep coming)."""
-    deadline = time.monotonic() + DISCONNECT_POLL_S
     while True:
         try:
-            output = await asyncio.wait_for(stream.next(), max(deadline - time.monotonic(), 0.01))
+            output = await asyncio.wait_for(stream.next(), DISCONNECT_POLL_S)
         except asyncio.TimeoutError:
             output = None
-        if time.monotonic() >= deadline:
-            if await request.is_disconnected():
-                return None
-            deadline = time.monotonic() + DISCONNECT_POLL_S
+        if await watch.gone():
+            return None
         if output is not None:
             return output
 
