@@ -18,7 +18,8 @@ class RankHost:
     def __init__(self) -> None:
         self.workers = {}  # key -> (worker, kv tensor)
 
-    def add_worker(self, key, config, spec, rank: int, tp: int, num_blocks: int, identity: str = "test-model"):
+    def add_worker(self, key, config, spec, rank: int, tp: int, num_blocks: int, identity: str = "test-model",
+                   device: str = "cpu"):
         import torch
 
         from kvxfer.connectors.nixl_worker import NixlConnectorWorker
@@ -26,24 +27,28 @@ class RankHost:
         if key in self.workers:
             return
         worker = NixlConnectorWorker(config, spec, rank, tp, model_identity=identity)
-        kv = torch.zeros((num_blocks, *spec.block_shape(tp)), dtype=getattr(torch, spec.dtype))
+        kv = torch.zeros((num_blocks, *spec.block_shape(tp)), dtype=getattr(torch, spec.dtype), device=device)
         worker.register_kv_cache(kv)
         self.workers[key] = (worker, kv)
 
-    def _bytes(self, key) -> np.ndarray:
-        worker, kv = self.workers[key]
-        return kv.view(-1).view(__import__("torch").uint8).numpy().reshape(kv.shape[0], kv.shape[1], -1)
+    def _bytes(self, key):
+        import torch
+
+        kv = self.workers[key][1]
+        return kv.view(-1).view(torch.uint8).view(kv.shape[0], kv.shape[1], -1)
 
     def fill(self, key, block_ids: list[int], data: np.ndarray) -> None:
+        import torch
+
         pool = self._bytes(key)
-        pool[:] = 0xAB  # blocks outside the request hold junk a wrong read would copy
-        pool[block_ids] = data
+        pool.fill_(0xAB)  # blocks outside the request hold junk a wrong read would copy
+        pool[block_ids] = torch.from_numpy(data).to(pool.device)
 
     def clear(self, key) -> None:
-        self._bytes(key)[:] = 0
+        self._bytes(key).zero_()
 
     def dump(self, key) -> np.ndarray:
-        return self._bytes(key).copy()
+        return self._bytes(key).cpu().numpy()
 
     def hold(self, key, request_id: str, lease_s: float) -> None:
         from kvxfer.connectors.base import ConnectorMetadata, SendRequest

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def bench(*args: str) -> dict:
     cmd = [sys.executable, "-m", "kvxfer.entrypoints.cli", "bench", "transfer", "--shape", "tiny-qwen3",
@@ -21,3 +23,9 @@ def test_bench_verifies_bytes_and_descriptors_do_not_depend_on_layers():
         assert {"bytes", "descriptors", "connector_gbps", "raw_gbps", "ratio"} <= result.keys()
     assert six["bytes"] == 6 * one["bytes"]
     assert six["descriptors"] == one["descriptors"] == 2 * 13  # 13 blocks, half a block from each prefill rank
+
+
+@pytest.mark.cuda
+def test_bench_on_vram():
+    result = bench("--prefill-tp", "1", "--decode-tp", "1", "--device", "cuda")
+    assert result["verified"] and result["device"] == "cuda"

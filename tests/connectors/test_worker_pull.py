@@ -213,3 +213,26 @@ def test_dead_prefill_peer_fails_the_load_promptly(cluster):
             assert not actor.call("has_pending", d_key)
     finally:
         victim.close()
+
+
+@pytest.mark.cuda
+def test_vram_pull_between_processes():
+    """KV pools in GPU memory (registered as VRAM); the same exact-bytes check."""
+    spec = SPECS["gqa4"]
+    prefill, decode = [Actor("vram-prefill-0"), Actor("vram-prefill-1")], [Actor("vram-decode-0")]
+    try:
+        p_cfg = KVTransferConfig(role="prefill", side_channel_port=free_port(), lease_seconds=TIMEOUT)
+        d_cfg = KVTransferConfig(role="decode", handshake_timeout_s=5.0)
+        for rank, actor in enumerate(prefill):
+            actor.call("add_worker", "p", p_cfg, spec, rank, 2, POOL, "test-model", "cuda")
+        decode[0].call("add_worker", "d", d_cfg, spec, 0, 1, POOL, "test-model", "cuda")
+        prefill_ids, decode_ids = [3, 4, 5, 11], [0, 1, 7, 8]
+        data = fill_prefill(prefill, "p", spec, 2, prefill_ids, seed=3)
+        [out] = pull(decode, "d", [recv_request("vram", p_cfg, 2, decode_ids, prefill_ids)])
+        assert "vram" in out["finished_recving"], out["failed_recving"]
+        expected = np.zeros((POOL, spec.num_kv_heads, spec.bytes_per_head_block()), np.uint8)
+        expected[decode_ids] = data
+        np.testing.assert_array_equal(decode[0].call("dump", "d"), expected)
+    finally:
+        for actor in prefill + decode:
+            actor.close()
