@@ -1,7 +1,7 @@
 """Asyncio front of an `LLMEngine`: the engine lives in one background thread.
 
-Every engine call (build, add, abort, step, stats, rpc, shutdown) runs on that thread, so the
-engine needs no locks. Request handlers talk to it through a command queue and read their
+Every engine call after construction (add, abort, step, stats, rpc, shutdown) runs on that
+thread, so calls never interleave with a step. Request handlers talk to it through a command queue and read their
 outputs from a per-request asyncio queue fed with `call_soon_threadsafe`.
 """
 
@@ -51,39 +51,32 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, build_engine: Callable[[], Any], on_finished: Callable[[Any], None] | None = None,
-                 idle_step_s: float = 0.05):
-        """`build_engine` runs on the engine thread. `on_finished(output)` runs on the event loop
-        for every finished request, also those nobody listens to any more (aborted ones).
-        While no request is unfinished the thread still steps every `idle_step_s` so the
-        connector can free blocks whose consumers have notified and expire leases."""
-        self._build_engine = build_engine
+    def __init__(self, engine: Any, on_finished: Callable[[Any], None] | None = None, idle_step_s: float = 0.05):
+        """`on_finished(output)` runs on the event loop for every finished request, also those
+        nobody listens to any more (aborted ones). While no request is unfinished the thread
+        still steps every `idle_step_s`, so the connector frees blocks whose readers have
+        notified and expires leases."""
+        self._engine = engine
         self._on_finished = on_finished
         self._idle_step_s = idle_step_s
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._ready = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvxfer-engine", daemon=True)
         self.error: BaseException | None = None
 
     # --- lifecycle (any thread) ---
 
-    def start(self, timeout_s: float) -> None:
-        """Build the engine on its thread; raises what the build raised, or on time-out."""
+    def start(self) -> None:
         self._thread.start()
-        if not self._ready.wait(timeout_s):
-            self._stop.set()
-            raise TimeoutError(f"engine did not start within {timeout_s:.0f}s")
-        if self.error is not None:
-            raise self.error
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None and not self._stop.is_set()
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stop the loop; the engine (and its TP workers) is shut down on its thread."""
         self._stop.set()
         self._commands.put(None)  # wake the thread if it is waiting for commands
         if self._thread.is_alive():
@@ -146,13 +139,7 @@ class AsyncEngine:
     # --- engine thread ---
 
     def _run(self) -> None:
-        try:
-            engine = self._build_engine()
-        except BaseException as exc:  # reported to start()
-            self.error = exc
-            self._ready.set()
-            return
-        self._ready.set()
+        engine = self._engine
         try:
             self._serve(engine)
         except BaseException as exc:

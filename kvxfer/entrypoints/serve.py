@@ -44,7 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode: a READ still running after this long fails (keep below the prefill lease)")
     parser.add_argument("--kv-connector", choices=["nixl", "none"], default="nixl",
                         help="none: plain colocated serving, no KV transfer (role must be both)")
-    parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for the engine")
     parser.add_argument("--log-level", default="info")
 
 
@@ -105,14 +104,15 @@ def main(args: argparse.Namespace) -> int:
     config = engine_config(args)
     renderer = Renderer(model_dir)  # fails fast on a missing tokenizer, before workers spawn
 
-    metrics = ServerMetrics()
-    engine = AsyncEngine(lambda: LLMEngine(config), on_finished=metrics.record_finished)
     logger.info("starting %s engine: %s tp=%d device=%s", args.role, model_dir, args.tp, args.device)
     try:
-        engine.start(args.startup_timeout)
+        # Built on the main thread: TP workers then die with this process even on SIGKILL.
+        llm_engine = LLMEngine(config)
     except Exception as exc:
-        engine.shutdown()
         raise SystemExit(f"error: engine failed to start: {exc}") from None
+    metrics = ServerMetrics()
+    engine = AsyncEngine(llm_engine, on_finished=metrics.record_finished)
+    engine.start()
     ctx = ServerContext(
         engine=engine, renderer=renderer, metrics=metrics,
         model_name=args.served_model_name or Path(model_dir).name, role=args.role,

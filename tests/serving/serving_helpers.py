@@ -3,6 +3,7 @@ polling waits, and the HF reference for greedy outputs."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import httpx
@@ -102,3 +103,18 @@ class HFGreedy:
                 logprobs.append(float(lp[token]))
                 ids.append(token)
         return out, logprobs
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of a process (a server's TP worker processes), from /proc."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    # The command name may hold spaces; the parent pid follows the closing paren.
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        children.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return children

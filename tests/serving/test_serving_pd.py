@@ -9,11 +9,14 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import math
+import os
 import random
+import signal
+import time
 
 import httpx
 import pytest
-from serving_helpers import BLOCK_SIZE, HFGreedy, metrics, wait_all_blocks_free
+from serving_helpers import BLOCK_SIZE, HFGreedy, child_pids, metrics, wait_all_blocks_free
 
 PREFILL_TP, DECODE_TP = 2, 1
 
@@ -226,3 +229,25 @@ def test_proxy_rejects_bad_json_and_passes_client_errors_through(pd):
     r = httpx.post(f"{proxy.url}/v1/completions", json={"prompt": "hi", "max_tokens": -3}, timeout=30)
     assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
     settle(prefill, decode)  # the prefill leg that ran for the last one was released
+
+
+def test_a_dead_tp_rank_makes_the_server_unhealthy(pd):
+    """Runs last in this module: it breaks the prefill server."""
+    prefill, decode, proxy = pd
+    workers = child_pids(prefill.proc.pid)
+    assert len(workers) == PREFILL_TP - 1  # rank 0 runs in the server process
+    os.kill(workers[0], signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while (r := httpx.get(f"{prefill.url}/health", timeout=10)).status_code != 503:
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.2)
+    problems = " ".join(r.json()["problems"])
+    assert "TP rank 1" in problems or "engine is not running" in problems, problems
+    r = httpx.post(f"{prefill.url}/v1/completions", json={"prompt": "hi"}, timeout=10)
+    assert r.status_code == 503  # an answer, not a hang
+    # The proxy stops sending there, and says why.
+    deadline = time.monotonic() + 10
+    while (r := httpx.post(f"{proxy.url}/v1/completions", json={"prompt": "hi"}, timeout=10)).status_code != 503:
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.3)
+    assert "no healthy prefill server" in r.json()["error"]["message"]
