@@ -26,6 +26,8 @@ from kvxfer.entrypoints.protocol import REQUEST_ID_RE
 
 logger = logging.getLogger("kvxfer.proxy")
 
+DISCONNECT_POLL_S = 1.0
+
 
 @dataclass
 class Backend:
@@ -52,6 +54,10 @@ class Pool:
 
     def describe(self) -> str:
         return "; ".join(f"{b.url}: {b.problem}" for b in self.backends)
+
+
+class ClientGone(Exception):
+    """The client disconnected while a leg was in progress."""
 
 
 class UpstreamError(Exception):
@@ -101,6 +107,9 @@ class Router:
             try:
                 req = self.client.build_request("POST", f"{backend.url}{path}", json=body, headers=headers)
                 return backend, await self.client.send(req, stream=stream)
+            except asyncio.CancelledError:  # the client left (see _unless_gone)
+                backend.in_flight -= 1
+                raise
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 backend.in_flight -= 1
                 backend.healthy, backend.problem = False, f"unreachable ({type(exc).__name__})"
@@ -109,6 +118,21 @@ class Router:
                 backend.in_flight -= 1
                 raise UpstreamError(502, f"{pool.role} server {backend.url} failed: {exc!r}", backend) from None
         raise UpstreamError(503, f"no healthy {pool.role} server ({pool.describe()})")
+
+    @staticmethod
+    async def _unless_gone(request: Request, leg):
+        """Await `leg`, polling the client; if it disconnects, cancel the leg (closing the
+        connection, which the server answers by aborting the request) and raise ClientGone."""
+        task = asyncio.ensure_future(leg)
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+                    await task
+                raise ClientGone
 
     async def abort(self, backend: Backend, request_id: str) -> None:
         with contextlib.suppress(httpx.HTTPError):
@@ -133,11 +157,14 @@ class Router:
         if "max_completion_tokens" in body:
             prefill_body["max_completion_tokens"] = 1
         try:
-            prefill, resp = await self._send(self.prefill, path, prefill_body, headers, stream=False)
+            prefill, resp = await self._unless_gone(
+                request, self._send(self.prefill, path, prefill_body, headers, stream=False))
         except UpstreamError as exc:
             if exc.backend is not None:  # e.g. timed out: the prefill may still hold blocks
                 await self.abort(exc.backend, request_id)
             return error_json(exc.status, exc.message)
+        except ClientGone:
+            return Response(status_code=499)
         prefill.in_flight -= 1
         if resp.status_code != 200:
             return _passthrough_error(resp, f"prefill server {prefill.url}")
@@ -148,9 +175,13 @@ class Router:
         decode_body = body | {"kv_transfer_params": params}
         stream = bool(body.get("stream"))
         try:
-            decode, resp = await self._send(self.decode, path, decode_body, headers, stream=stream)
-        except UpstreamError as exc:
+            decode, resp = await self._unless_gone(
+                request, self._send(self.decode, path, decode_body, headers, stream=stream))
+        except (UpstreamError, ClientGone) as exc:
+            # Nobody will read the prefill's blocks now (or the decode side already did).
             await self.abort(prefill, request_id)
+            if isinstance(exc, ClientGone):
+                return Response(status_code=499)
             return error_json(exc.status, exc.message)
         if resp.status_code != 200 or not stream:
             decode.in_flight -= 1

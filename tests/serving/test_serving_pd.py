@@ -16,7 +16,7 @@ import time
 
 import httpx
 import pytest
-from serving_helpers import BLOCK_SIZE, HFGreedy, child_pids, metrics, wait_all_blocks_free
+from serving_helpers import BLOCK_SIZE, HFGreedy, child_pids, metrics, wait_all_blocks_free, wait_metric
 
 PREFILL_TP, DECODE_TP = 2, 1
 
@@ -229,6 +229,33 @@ def test_proxy_rejects_bad_json_and_passes_client_errors_through(pd):
     r = httpx.post(f"{proxy.url}/v1/completions", json={"prompt": "hi", "max_tokens": -3}, timeout=30)
     assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
     settle(prefill, decode)  # the prefill leg that ran for the last one was released
+
+
+def _aborts(url: str) -> float:
+    return metrics(url).get('kvxfer_requests_total{finish_reason="abort"}', 0.0)
+
+
+def test_client_leaving_mid_stream_aborts_the_decode_request(pd):
+    prefill, decode, proxy = pd
+    before = _aborts(decode.url)
+    with httpx.stream("POST", f"{proxy.url}/v1/completions", timeout=60, json={
+            "prompt": fresh_prompt(40), "max_tokens": 3000, "ignore_eos": True, "stream": True}) as r:
+        lines = r.iter_lines()
+        for _ in range(4):
+            next(lines)
+    wait_metric(decode.url, 'kvxfer_requests_total{finish_reason="abort"}', before + 1, timeout_s=10)
+    settle(prefill, decode)
+
+
+def test_client_leaving_a_non_streamed_request_aborts_it(pd):
+    prefill, decode, proxy = pd
+    before = _aborts(decode.url)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{proxy.url}/v1/completions", timeout=httpx.Timeout(60, read=3.0),
+                   json={"prompt": fresh_prompt(40), "max_tokens": 3000, "ignore_eos": True})
+    # The proxy notices, closes its decode leg, and the decode server aborts the request.
+    wait_metric(decode.url, 'kvxfer_requests_total{finish_reason="abort"}', before + 1, timeout_s=10)
+    settle(prefill, decode)
 
 
 def test_a_dead_tp_rank_makes_the_server_unhealthy(pd):
