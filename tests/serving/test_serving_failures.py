@@ -147,3 +147,22 @@ def test_proxy_without_a_live_prefill_server_is_503(cluster, servers):
     r = httpx.post(f"{proxy.url}/v1/completions", json={"prompt": "hello"}, timeout=30)
     assert r.status_code == 503
     assert "no healthy prefill server" in r.json()["error"]["message"] and dead.url in r.json()["error"]["message"]
+
+
+def test_dead_backends_are_skipped(cluster, servers):
+    live_prefill, live_decode = servers["prefill"], servers["decode_fail"]
+    dead_prefill, dead_decode = servers["prefill_dead"], servers["decode_dead"]
+    for dead in (dead_prefill, dead_decode):
+        if dead.alive():
+            dead.kill()
+    proxy = cluster.proxy([dead_prefill, live_prefill], [dead_decode, live_decode], "--health-interval", "1")
+    proxy.wait_healthy(60)
+    for i in range(4):  # round robin would otherwise hit each dead server twice
+        r = httpx.post(f"{proxy.url}/v1/completions", json={"prompt": prompt_of(20, 10 + i), "max_tokens": 2},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["kv_transfer_stats"]["bytes"] > 0
+    status = httpx.get(f"{proxy.url}/health").json()
+    assert [b["healthy"] for b in status["prefill"]] == [False, True]
+    assert [b["healthy"] for b in status["decode"]] == [False, True]
+    wait_all_blocks_free(live_prefill.url)

@@ -1,0 +1,57 @@
+"""Pure logic of the serving layer: proxy backend choice, chat rendering without a template,
+kv_transfer_params validation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from kvxfer.entrypoints.protocol import BadRequest, ChatMessage, KVTransferParams, parse_body
+from kvxfer.entrypoints.proxy import Backend, Pool
+
+
+def pool(policy: str, loads: list[int], healthy: list[bool]) -> Pool:
+    return Pool("decode", [Backend(f"http://b{i}", h, n) for i, (n, h) in enumerate(zip(loads, healthy))], policy)
+
+
+def test_round_robin_cycles_over_healthy_backends():
+    p = pool("round_robin", [0, 0, 0], [True, False, True])
+    assert [p.pick(set()).url for _ in range(4)] == ["http://b0", "http://b2", "http://b0", "http://b2"]
+    assert p.pick({"http://b0", "http://b2"}) is None
+
+
+def test_least_loaded_takes_the_fewest_in_flight():
+    p = pool("least_loaded", [3, 1, 0], [True, True, False])
+    assert p.pick(set()).url == "http://b1"
+    assert p.pick({"http://b1"}).url == "http://b0"
+
+
+def test_default_chat_template_when_the_tokenizer_has_none(tiny_qwen3, tmp_path):
+    from kvxfer.entrypoints.render import Renderer
+
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_qwen3, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    renderer = Renderer(str(plain))
+    assert not renderer.has_chat_template
+    messages = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi")]
+    expected = renderer.tokenizer.encode("system: Be brief.\nuser: Hi\nassistant:", add_special_tokens=False)
+    assert renderer.encode_chat(messages) == expected
+    with pytest.raises(BadRequest, match="only text content parts"):
+        renderer.encode_chat([ChatMessage(role="user", content=[{"type": "image_url", "image_url": "x"}])])
+
+
+def test_kv_params_engine_form_keeps_only_what_is_set():
+    assert KVTransferParams(do_remote_decode=True).to_engine() == {"do_remote_decode": True}
+    full = dict(do_remote_prefill=True, remote_engine_id="e", remote_host="10.0.0.1", remote_port=5600,
+                remote_block_ids=[3, 4], remote_request_id="r", remote_tp_size=2, remote_num_tokens=20)
+    assert KVTransferParams(**full).to_engine() == full
+    with pytest.raises(BadRequest, match="duplicates"):
+        parse_body(KVTransferParams, json.dumps(full | {"remote_block_ids": [3, 3]}).encode())
+    with pytest.raises(BadRequest, match="remote_host"):
+        parse_body(KVTransferParams, json.dumps(full | {"remote_host": "a b"}).encode())
