@@ -30,8 +30,8 @@ from kvxfer.entrypoints.protocol import (
     parse_body,
     parse_request_id,
 )
-from kvxfer.entrypoints.render import IncrementalText, Renderer
 from kvxfer.entrypoints.outputs import as_dict, logprob_entries
+from kvxfer.entrypoints.render import IncrementalText, Renderer
 
 DISCONNECT_POLL_S = 1.0
 
@@ -46,6 +46,7 @@ class ServerContext:
     sampling_params: Callable[..., Any]  # kvxfer's SamplingParams
     kv_connector: bool  # whether the engine has a KV connector at all
     block_size: int
+    max_model_len: int  # prompt + generated tokens one sequence may reach
     ranks_alive: Callable[[Any], bool]  # runs on the engine thread
     abort: Callable[[Any, str], str]  # runs on the engine thread
     engine_stats: Callable[[Any], dict]  # runs on the engine thread
@@ -78,7 +79,7 @@ def build_app(ctx: ServerContext) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         req = parse_body(ChatCompletionRequest, await request.body())
         prompt_ids = ctx.renderer.encode_chat(req.messages)
-        max_tokens = req.token_limit(default=max(1, ctx.renderer.max_model_len - len(prompt_ids)))
+        max_tokens = req.token_limit(default=max(1, ctx.max_model_len - len(prompt_ids)))
         top = (req.top_logprobs or 0) if req.logprobs else None
         return await _generate(ctx, request, req, prompt_ids, max_tokens, top, chat=True)
 
@@ -92,7 +93,7 @@ def build_app(ctx: ServerContext) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> dict:
         card = {"id": ctx.model_name, "object": "model", "created": 0, "owned_by": "kvxfer",
-                "max_model_len": ctx.renderer.max_model_len}
+                "max_model_len": ctx.max_model_len}
         return {"object": "list", "data": [card]}
 
     @app.get("/health")
@@ -155,10 +156,10 @@ async def _generate(
     top_logprobs: int | None, chat: bool,
 ) -> Response:
     request_id = parse_request_id(request.headers.get("x-request-id")) or uuid.uuid4().hex
-    if len(prompt_ids) + max_tokens > ctx.renderer.max_model_len:
+    if len(prompt_ids) + max_tokens > ctx.max_model_len:
         raise BadRequest(
-            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
-            f"context length ({ctx.renderer.max_model_len})"
+            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds this server's "
+            f"context length ({ctx.max_model_len} tokens: the model's positions or the KV pool, the smaller)"
         )
     kv = _check_kv_params(ctx, req.kv_transfer_params, len(prompt_ids))
     params = ctx.sampling_params(

@@ -21,7 +21,6 @@ class Renderer:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         config = json.loads((Path(model_dir) / "config.json").read_text())
         self.vocab_size: int = config["vocab_size"]
-        self.max_model_len: int = config.get("max_position_embeddings", 1 << 31)
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:

@@ -117,7 +117,8 @@ def main(args: argparse.Namespace) -> int:
         engine=engine, renderer=renderer, metrics=metrics,
         model_name=args.served_model_name or Path(model_dir).name, role=args.role,
         sampling_params=SamplingParams, kv_connector=config.kv_transfer_config is not None,
-        block_size=args.block_size, ranks_alive=ranks_alive, abort=abort_or_release, engine_stats=engine_stats,
+        block_size=args.block_size, max_model_len=llm_engine.max_model_len,
+        ranks_alive=ranks_alive, abort=abort_or_release, engine_stats=engine_stats,
     )
     kv = config.kv_transfer_config
     if kv is not None and kv.is_producer:  # only engines that lend KV listen on a side channel
