@@ -156,6 +156,8 @@ async def _generate(
     top_logprobs: int | None, chat: bool,
 ) -> Response:
     request_id = parse_request_id(request.headers.get("x-request-id")) or uuid.uuid4().hex
+    if req.model is not None and req.model != ctx.model_name:
+        raise BadRequest(f"model {req.model!r} is not served here (this server serves {ctx.model_name!r})", 404)
     if len(prompt_ids) + max_tokens > ctx.max_model_len:
         raise BadRequest(
             f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds this server's "

@@ -116,6 +116,7 @@ BAD_REQUESTS = [
     ("token id beyond vocab", {"prompt": [1, 2, 100000]}, "out of range"),
     ("negative token id", {"prompt": [1, -2]}, "prompt"),
     ("too long", {"prompt": [5] * 4000, "max_tokens": 200}, "context length"),
+    ("unknown model", {"prompt": "x", "model": "gpt-9"}, "not served here"),
     ("kv params not an object", {"prompt": "x", "kv_transfer_params": [1]}, "kv_transfer_params"),
     ("kv params unknown key", {"prompt": "x", "kv_transfer_params": {"do_remote_decode": True, "evil": 1}},
      "evil"),
