@@ -118,8 +118,10 @@ async def _health_problems(ctx: ServerContext) -> list[str]:
     try:
         if not await ctx.engine.call(ctx.ranks_alive, timeout_s=5):
             problems.append("a tensor-parallel rank is down")
-    except Exception as exc:
-        problems.append(f"rank check failed: {exc!r}")
+    except EngineDead:
+        return [f"engine is not running: {ctx.engine.error!r}"]
+    except Exception as exc:  # a dead rank makes the call raise (and the engine loop stop)
+        problems.append(f"a tensor-parallel rank does not answer: {exc}")
     if ctx.side_channel_problem is not None:
         problem = await asyncio.to_thread(ctx.side_channel_problem)
         if problem:

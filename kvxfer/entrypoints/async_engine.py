@@ -1,8 +1,8 @@
 """Asyncio front of an `LLMEngine`: the engine lives in one background thread.
 
 Every engine call after construction (add, abort, step, stats, rpc, shutdown) runs on that
-thread, so calls never interleave with a step. Request handlers talk to it through a command queue and read their
-outputs from a per-request asyncio queue fed with `call_soon_threadsafe`.
+thread, so calls never interleave with a step. Request handlers talk to it through a command
+queue and read their outputs from a per-request asyncio queue fed with `call_soon_threadsafe`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import time
 from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
+
+WAITING_POLL_S = 0.002  # between steps that computed nothing while requests wait for remote KV
 
 
 class EngineDead(RuntimeError):
@@ -156,14 +158,17 @@ class AsyncEngine:
                 logger.exception("engine shutdown failed")
 
     def _serve(self, engine: Any) -> None:
-        last_step = 0.0
+        last_step, stalled = 0.0, False
         while not self._stop.is_set():
             busy = engine.has_unfinished_requests()
-            self._run_commands(engine, wait_s=0.0 if busy else self._idle_step_s)
+            # Requests that only wait (for remote KV) need polling, not a spinning core.
+            wait_s = self._idle_step_s if not busy else WAITING_POLL_S if stalled else 0.0
+            self._run_commands(engine, wait_s)
             now = time.monotonic()
             if engine.has_unfinished_requests() or now - last_step >= self._idle_step_s:
                 last_step = now
                 outputs = engine.step()
+                stalled = not outputs and engine.last_step_num_tokens == 0
                 if outputs and self._loop is not None:
                     self._loop.call_soon_threadsafe(self._dispatch, outputs)
 

@@ -4,6 +4,7 @@ polling waits, and the HF reference for greedy outputs."""
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import httpx
@@ -14,6 +15,7 @@ from kvxfer.entrypoints.launcher import ManagedProcess, free_ports, proxy_argv, 
 BLOCK_SIZE = 16
 NUM_KV_BLOCKS = 256
 STARTUP_S = 240
+BIND_FAILED = re.compile(r"address already in use|errno 98|cannot bind", re.IGNORECASE)
 
 
 class Cluster:
@@ -23,13 +25,17 @@ class Cluster:
         self.model_dir = model_dir
         self.log_dir = log_dir
         self.processes: list[ManagedProcess] = []
+        self._argv_for_ports: dict[ManagedProcess, object] = {}
 
     def server(self, name: str, role: str, tp: int = 1, *extra: str) -> ManagedProcess:
+        def argv(port: int, side: int) -> list[str]:
+            return serve_argv(self.model_dir, role, tp, port, side, "--block-size", str(BLOCK_SIZE),
+                              "--num-kv-blocks", str(NUM_KV_BLOCKS), "--log-level", "warning", *extra)
+
         port, side = free_ports(2)
-        argv = serve_argv(self.model_dir, role, tp, port, side, "--block-size", str(BLOCK_SIZE),
-                          "--num-kv-blocks", str(NUM_KV_BLOCKS), "--log-level", "warning", *extra)
-        proc = ManagedProcess(name, argv, port, self.log_dir / f"{name}.log").start()
+        proc = ManagedProcess(name, argv(port, side), port, self.log_dir / f"{name}.log").start()
         self.processes.append(proc)
+        self._argv_for_ports[proc] = argv
         return proc
 
     def proxy(self, prefill: list[ManagedProcess], decode: list[ManagedProcess], *extra: str) -> ManagedProcess:
@@ -40,8 +46,20 @@ class Cluster:
         return proc
 
     def wait_healthy(self) -> None:
+        """Wait for every server; one that lost a free port to another process between our
+        probe and its bind (other test sessions share this host) is restarted on new ports."""
         for p in self.processes:
-            p.wait_healthy(STARTUP_S)
+            for attempt in range(3):
+                try:
+                    p.wait_healthy(STARTUP_S)
+                    break
+                except RuntimeError:
+                    if attempt == 2 or p not in self._argv_for_ports or not BIND_FAILED.search(p.log_tail()):
+                        raise
+                p.stop()
+                port, side = free_ports(2)
+                p.argv, p.url = self._argv_for_ports[p](port, side), f"http://127.0.0.1:{port}"
+                p.start()
 
     def stop(self) -> None:
         stop_all(self.processes)
