@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 
@@ -55,3 +56,54 @@ def test_kv_params_engine_form_keeps_only_what_is_set():
         parse_body(KVTransferParams, json.dumps(full | {"remote_block_ids": [3, 3]}).encode())
     with pytest.raises(BadRequest, match="remote_host"):
         parse_body(KVTransferParams, json.dumps(full | {"remote_host": "a b"}).encode())
+
+
+def _accuracy_check():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "integration" / "accuracy_check.py"
+    spec = importlib.util.spec_from_file_location("accuracy_check", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["accuracy_check"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_accuracy_compare_counts_near_ties_and_rejects_real_mismatches():
+    ac = _accuracy_check()
+    stats = {"bytes": 4096, "descriptors": 2, "seconds": 0.01}
+    prompts = [[1, 2, 3]] * 5
+    ref = [
+        ac.Result([5, 6, 7], [[(5, -0.1), (9, -2.0)]] * 3),
+        ac.Result([5, 6, 7], [[(5, -0.1), (9, -2.0)], [(6, -0.5), (8, -0.5004)], [(7, -0.1), (1, -3.0)]]),
+        ac.Result([5, 6, 7], [[(5, -0.1), (9, -2.0)], [(6, -0.5), (8, -0.6)], [(7, -0.1), (1, -3.0)]]),
+        ac.Result([5, 6, 7], [[(5, -0.1), (9, -2.0)]] * 3),
+        ac.Result([5, 6, 7], [[(5, -0.1), (9, -2.0)]] * 3),
+    ]
+    pd = [
+        ac.Result([5, 6, 7], stats=stats),  # equal
+        ac.Result([5, 8, 7], stats=stats),  # differs where the gap is 4e-4: a near-tie
+        ac.Result([5, 8, 7], stats=stats),  # differs where the gap is 0.1: a real mismatch
+        ac.Result([5, 6, 7], stats={"bytes": 0}),  # equal but recomputed: no transfer
+        RuntimeError("decode server failed"),
+    ]
+    report = ac.compare(prompts, pd, ref, ac.TieReference(None), 1e-3)
+    assert report["exact"] == 2
+    assert len(report["near_ties"]) == 1 and "#1" in report["near_ties"][0]
+    assert len(report["mismatches"]) == 1 and "#2" in report["mismatches"][0]
+    assert len(report["no_transfer"]) == 1 and "#3" in report["no_transfer"][0]
+    assert len(report["errors"]) == 1 and "#4" in report["errors"][0]
+
+
+def test_accuracy_prompts_cover_the_required_shapes():
+    ac = _accuracy_check()
+    b = 16
+    prompts = ac.build_prompts(100, b, 512, {0}, seed=0)
+    lengths = [len(p) for p in prompts]
+    assert len(prompts) == 100 and len({tuple(p) for p in prompts}) == 100
+    assert min(lengths) == 2 and max(lengths) >= 8 * b
+    assert {b, 2 * b, 3 * b, 5 * b} <= set(lengths)  # exact block multiples
+    assert not any(0 in p for p in prompts)
+    shared = sum(1 for p in prompts for q in prompts if p is not q and p[:b] == q[:b])
+    assert shared >= 20  # groups sharing at least a block of prefix
