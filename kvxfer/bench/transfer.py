@@ -193,7 +193,8 @@ def _rank_main(conn, role: str, rank: int, tp: int, shape: Shape, block_size: in
                 from kvxfer.connectors.descriptors import read_descriptors
 
                 slices = spec.get_tp_transfer_slices(rank, tp, p_tp)
-                plan = read_descriptors(slices, worker.region, worker.peers[engine_id].regions, list(range(n)), list(range(n)))
+                ids = list(range(n))
+                plan = read_descriptors(slices, worker.region, worker.peers[engine_id].regions, ids, ids)
                 conn.send(("ok", {r: int(loc[:, 1].sum()) for r, (loc, _) in plan.items()}))
     except Exception as e:  # report, then exit: the parent stops everything
         conn.send(("error", f"{role} rank {rank}: {type(e).__name__}: {e}"))
@@ -217,8 +218,8 @@ class Ranks:
                                         ("decode", d_tp, decode_config, self.decode)):
             for rank in range(tp):
                 parent, child = ctx.Pipe()
-                proc = ctx.Process(target=_rank_main, args=(child, role, rank, tp, shape, block_size, num_blocks, config, device),
-                                   daemon=True)
+                args = (child, role, rank, tp, shape, block_size, num_blocks, config, device)
+                proc = ctx.Process(target=_rank_main, args=args, daemon=True)
                 proc.start()
                 self.procs.append(proc)
                 conns.append(parent)
@@ -360,7 +361,8 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{args.shape}: {shape.num_layers} layers x {shape.num_kv_heads} kv heads x {shape.head_size} ({shape.dtype}), "
+    print(f"{args.shape}: {shape.num_layers} layers x {shape.num_kv_heads} kv heads x {shape.head_size} "
+          f"({shape.dtype}), "
           f"{args.tokens} tokens, prefill TP {args.prefill_tp} -> decode TP {args.decode_tp}; bytes verified")
     print(f"{'bytes':>12} {'descriptors':>11} {'connector GB/s':>14} {'raw GB/s':>9} {'ratio':>6}")
     print(f"{result['bytes']:>12} {result['descriptors']:>11} {result['connector_gbps']:>14.2f} "

@@ -20,7 +20,9 @@ def create_scheduler_connector(config: KVTransferConfig, engine_config, spec) ->
     return NixlConnectorScheduler(config, engine_config, spec)
 
 
-def create_worker_connector(config: KVTransferConfig, engine_config, spec, tp_rank: int, tp_size: int) -> KVConnectorWorker:
+def create_worker_connector(
+    config: KVTransferConfig, engine_config, spec, tp_rank: int, tp_size: int
+) -> KVConnectorWorker:
     """The worker side, in TP rank `tp_rank`; identifies the model by its checkpoint config."""
     from kvxfer.connectors.metadata import model_identity
     from kvxfer.connectors.nixl_worker import NixlConnectorWorker

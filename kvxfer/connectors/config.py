@@ -43,7 +43,9 @@ class KVTransferConfig:
                 f"KVTransferConfig.failure_policy must be one of {FAILURE_POLICIES}, got {self.failure_policy!r}"
             )
         if not isinstance(self.engine_id, str) or not self.engine_id or any(c.isspace() for c in self.engine_id):
-            raise ValueError(f"KVTransferConfig.engine_id must be a non-empty string without spaces, got {self.engine_id!r}")
+            raise ValueError(
+                f"KVTransferConfig.engine_id must be a non-empty string without spaces, got {self.engine_id!r}"
+            )
         if not isinstance(self.side_channel_host, str) or not self.side_channel_host:
             raise ValueError(f"KVTransferConfig.side_channel_host must be a host name, got {self.side_channel_host!r}")
         if not isinstance(self.side_channel_port, int) or not 0 <= self.side_channel_port <= 65535:

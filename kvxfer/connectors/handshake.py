@@ -83,7 +83,8 @@ class HandshakeServer:
         except msgspec.DecodeError as e:
             return Reply(ok=False, error=f"malformed side-channel request: {e}")
         if msg.engine_id != self.engine_id:
-            return Reply(ok=False, error=f"unknown remote engine {msg.engine_id!r}: this side channel serves {self.engine_id!r}")
+            error = f"unknown remote engine {msg.engine_id!r}: this side channel serves {self.engine_id!r}"
+            return Reply(ok=False, error=error)
         if isinstance(msg, Register):
             if msg.compat_hash != self.compat.hash() or msg.tp_size != self.tp_size:
                 return Reply(ok=False, error=f"rank {msg.rank.tp_rank} does not match rank 0's model or TP size")
@@ -122,7 +123,8 @@ def _request(host: str, port: int, msg: Register | Query, timeout_s: float) -> R
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise HandshakeError(
-                f"KV handshake with {host}:{port} (engine {msg.engine_id!r}) timed out after {timeout_s:.1f}s: {last_error}"
+                f"KV handshake with {host}:{port} (engine {msg.engine_id!r}) timed out after {timeout_s:.1f}s: "
+                f"{last_error}"
             )
         sock = zmq.Context.instance().socket(zmq.REQ)
         sock.setsockopt(zmq.LINGER, 0)

@@ -57,7 +57,9 @@ class NixlConnectorScheduler(KVConnectorScheduler):
         if params is None:
             return
         first = num_local_computed_tokens // self.block_size
-        end = math.ceil((num_local_computed_tokens + num_external_tokens) / self.block_size) if num_external_tokens else first
+        end = first
+        if num_external_tokens:
+            end = math.ceil((num_local_computed_tokens + num_external_tokens) / self.block_size)
         self._recv.append(
             RecvRequest(
                 request_id=request.request_id,

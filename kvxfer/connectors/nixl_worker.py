@@ -134,7 +134,9 @@ class NixlConnectorWorker(KVConnectorWorker):
         """Register this rank's KV tensor once and publish it on the engine's side channel."""
         expected = self.spec.block_shape(self.tp_size)
         if tuple(kv_cache.shape[1:]) != tuple(expected) or not kv_cache.is_contiguous():
-            raise ValueError(f"KV cache must be a contiguous (num_blocks, *{expected}) tensor, got {tuple(kv_cache.shape)}")
+            raise ValueError(
+                f"KV cache must be a contiguous (num_blocks, *{expected}) tensor, got {tuple(kv_cache.shape)}"
+            )
         if str(kv_cache.dtype).removeprefix("torch.") != self.spec.dtype:
             raise ValueError(f"KV cache dtype {kv_cache.dtype} differs from the spec's {self.spec.dtype}")
         self.mem_type = "VRAM" if kv_cache.is_cuda else "DRAM"
@@ -220,7 +222,8 @@ class NixlConnectorWorker(KVConnectorWorker):
         agents, regions = {}, {}
         for rank in meta.ranks:
             block_bytes = rank.kv_heads * head_bytes
-            if rank.kv_heads != self.spec.heads_per_rank(meta.tp_size) or rank.region_bytes != rank.num_blocks * block_bytes:
+            expected_heads = self.spec.heads_per_rank(meta.tp_size)
+            if rank.kv_heads != expected_heads or rank.region_bytes != rank.num_blocks * block_bytes:
                 raise ValueError(f"remote rank {rank.tp_rank} advertises a KV region inconsistent with its spec")
             if rank.mem_type not in ("DRAM", "VRAM"):
                 raise ValueError(f"remote rank {rank.tp_rank} has unknown memory type {rank.mem_type!r}")
@@ -247,19 +250,9 @@ class NixlConnectorWorker(KVConnectorWorker):
     def _post(self, req: RecvRequest, peer: Peer) -> None:
         load = _Load(req, peer.meta.engine_id, time.perf_counter())
         meta = peer.meta
-        try:
-            if req.remote_tp_size != meta.tp_size:
-                raise ValueError(f"params say remote TP {req.remote_tp_size}, engine {meta.engine_id!r} runs TP {meta.tp_size}")
-            if len(req.local_block_ids) != len(req.remote_block_ids):
-                raise ValueError(f"{len(req.local_block_ids)} local blocks for {len(req.remote_block_ids)} remote blocks")
-            bad = [b for b in req.remote_block_ids if not 0 <= b < meta.num_blocks]
-            if bad:
-                raise ValueError(f"remote block ids {bad[:8]} out of range for the peer's pool of {meta.num_blocks} blocks")
-            bad = [b for b in req.local_block_ids if not 0 <= b < self.region.num_blocks]
-            if bad:
-                raise ValueError(f"local block ids {bad[:8]} out of range for this pool of {self.region.num_blocks} blocks")
-        except ValueError as e:
-            self._fail(req.request_id, str(e))
+        error = self._check_load(req, meta)
+        if error:
+            self._fail(req.request_id, error)
             return
         self._loads[req.request_id] = load
         load.targets = self.spec.notify_targets(self.tp_rank, self.tp_size, meta.tp_size)
@@ -271,6 +264,19 @@ class NixlConnectorWorker(KVConnectorWorker):
                     self._post_read(load, peer.agents[rank], local, remote, peer.meta.ranks[rank].mem_type)
         except Exception as e:  # NIXL refuses (e.g. the peer disconnected)
             self._fail(req.request_id, f"posting the KV read failed: {type(e).__name__}: {e}", drop_peer=True)
+
+    def _check_load(self, req: RecvRequest, meta: EngineMetadata) -> str | None:
+        if req.remote_tp_size != meta.tp_size:
+            return f"params say remote TP {req.remote_tp_size}, engine {meta.engine_id!r} runs TP {meta.tp_size}"
+        if len(req.local_block_ids) != len(req.remote_block_ids):
+            return f"{len(req.local_block_ids)} local blocks for {len(req.remote_block_ids)} remote blocks"
+        bad = [b for b in req.remote_block_ids if not 0 <= b < meta.num_blocks]
+        if bad:
+            return f"remote block ids {bad[:8]} out of range for the peer's pool of {meta.num_blocks} blocks"
+        bad = [b for b in req.local_block_ids if not 0 <= b < self.region.num_blocks]
+        if bad:
+            return f"local block ids {bad[:8]} out of range for this pool of {self.region.num_blocks} blocks"
+        return None
 
     def _post_read(self, load: _Load, agent: str, local: np.ndarray, remote: np.ndarray, remote_mem: str) -> None:
         local_h = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", local, self.mem_type)
@@ -305,7 +311,8 @@ class NixlConnectorWorker(KVConnectorWorker):
     def _complete(self, load: _Load) -> None:
         req = load.req
         peer = self.peers.get(load.peer_id)
-        msg = self._notif_encoder.encode(ReadDone(req.remote_request_id, self.config.engine_id, self.tp_rank, self.tp_size))
+        done = ReadDone(req.remote_request_id, self.config.engine_id, self.tp_rank, self.tp_size)
+        msg = self._notif_encoder.encode(done)
         try:
             for rank in load.targets:
                 self.agent.send_notif(peer.agents[rank], msg)

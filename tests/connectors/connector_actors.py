@@ -53,7 +53,8 @@ class RankHost:
     def hold(self, key, request_id: str, lease_s: float) -> None:
         from kvxfer.connectors.base import ConnectorMetadata, SendRequest
 
-        self.workers[key][0].start_load_kv(ConnectorMetadata(send=[SendRequest(request_id, time.monotonic() + lease_s)]))
+        send = SendRequest(request_id, time.monotonic() + lease_s)
+        self.workers[key][0].start_load_kv(ConnectorMetadata(send=[send]))
 
     def load(self, key, requests) -> None:
         from kvxfer.connectors.base import ConnectorMetadata

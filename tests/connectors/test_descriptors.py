@@ -60,7 +60,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("spec,p_tp,d_tp", CASES, ids=lambda c: str(c) if isinstance(c, int) else type(c).__name__[:3] + str(c.num_kv_heads))
+def case_id(value) -> str:
+    return str(value) if isinstance(value, int) else type(value).__name__[:3] + str(value.num_kv_heads)
+
+
+@pytest.mark.parametrize("spec,p_tp,d_tp", CASES, ids=case_id)
 def test_descriptors_move_exactly_the_decode_ranks_bytes(spec, p_tp, d_tp):
     rng = np.random.default_rng(p_tp * 10 + d_tp)
     pool, n = 24, 13

@@ -16,7 +16,6 @@ from disagg import (
     drain,
     expected_read_bytes,
     prefill_llm,
-    run_and_capture,
 )
 
 from kvxfer import SamplingParams

@@ -15,8 +15,8 @@ COMPAT = compat_of(SPEC, "llama:0123")
 
 def rank(r: int, num_blocks: int) -> RankMetadata:
     heads = SPEC.heads_per_rank(2)
-    return RankMetadata(r, f"agent-{r}", b"meta-%d" % r, 4096 * (r + 1), num_blocks * heads * SPEC.bytes_per_head_block(),
-                        0, "DRAM", num_blocks, heads)
+    region = num_blocks * heads * SPEC.bytes_per_head_block()
+    return RankMetadata(r, f"agent-{r}", b"meta-%d" % r, 4096 * (r + 1), region, 0, "DRAM", num_blocks, heads)
 
 
 @pytest.fixture

@@ -32,7 +32,8 @@ class Cluster:
         self.decode = [Actor(f"decode-{i}") for i in range(4)]
         self.configs = {}
 
-    def engine(self, side: str, spec: str, tp: int, identity: str = "test-model") -> tuple[list[Actor], tuple, KVTransferConfig]:
+    def engine(self, side: str, spec: str, tp: int, identity: str = "test-model"):
+        """(the engine's rank actors, its worker key, its config), created on first use."""
         key = (side, spec, tp, identity)
         if key not in self.configs:
             if side == "prefill":
@@ -187,7 +188,8 @@ def test_unknown_engine_dead_port_and_other_model_fail_by_handshake(cluster):
     [out] = pull(decode, d_key, [recv_request("ghost", p_cfg, 2, [0], [0], remote_engine_id="ghost-engine")])
     assert "unknown remote engine 'ghost-engine'" in out["failed_recving"]["ghost"]
     start = time.monotonic()
-    [out] = pull(decode, d_key, [recv_request("dead", p_cfg, 2, [0], [0], remote_engine_id="gone", remote_port=free_port())])
+    dead = recv_request("dead", p_cfg, 2, [0], [0], remote_engine_id="gone", remote_port=free_port())
+    [out] = pull(decode, d_key, [dead])
     assert "timed out after 2.0s" in out["failed_recving"]["dead"] and time.monotonic() - start < 6
     other, o_key, _ = cluster.engine("decode", "gqa4", 1, identity="another-model")
     [out] = pull(other, o_key, [recv_request("foreign", p_cfg, 2, [0], [0])])
