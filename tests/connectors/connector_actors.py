@@ -28,7 +28,11 @@ class RankHost:
             return
         worker = NixlConnectorWorker(config, spec, rank, tp, model_identity=identity)
         kv = torch.zeros((num_blocks, *spec.block_shape(tp)), dtype=getattr(torch, spec.dtype), device=device)
-        worker.register_kv_cache(kv)
+        try:
+            worker.register_kv_cache(kv)
+        except BaseException:
+            worker.shutdown()
+            raise
         self.workers[key] = (worker, kv)
 
     def _bytes(self, key):
@@ -87,8 +91,8 @@ class RankHost:
         return self.workers[key][0].has_pending()
 
     def drop(self, key) -> None:
-        worker, _ = self.workers.pop(key)
-        worker.shutdown()
+        if key in self.workers:
+            self.workers.pop(key)[0].shutdown()
 
     def shutdown(self) -> None:
         for key in list(self.workers):

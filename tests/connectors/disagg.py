@@ -16,9 +16,14 @@ NUM_BLOCKS = 64
 
 
 def prefill_llm(model: str, tp: int, lease: float = 30.0, **kw) -> LLM:
-    config = KVTransferConfig(role="prefill", side_channel_port=free_port(), lease_seconds=lease)
-    return LLM(model, tensor_parallel_size=tp, block_size=BLOCK_SIZE, num_kv_blocks=NUM_BLOCKS,
-               kv_transfer_config=config, **kw)
+    for attempt in range(3):  # a probed free port may be taken by another process before we bind it
+        config = KVTransferConfig(role="prefill", side_channel_port=free_port(), lease_seconds=lease)
+        try:
+            return LLM(model, tensor_parallel_size=tp, block_size=BLOCK_SIZE, num_kv_blocks=NUM_BLOCKS,
+                       kv_transfer_config=config, **kw)
+        except Exception as e:
+            if "cannot bind the KV side channel" not in str(e) or attempt == 2:
+                raise
 
 
 def decode_llm(model: str, tp: int, policy: str = "fail", **kw) -> LLM:

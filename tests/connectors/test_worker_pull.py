@@ -35,18 +35,30 @@ class Cluster:
     def engine(self, side: str, spec: str, tp: int, identity: str = "test-model"):
         """(the engine's rank actors, its worker key, its config), created on first use."""
         key = (side, spec, tp, identity)
-        if key not in self.configs:
+        actors = (self.prefill if side == "prefill" else self.decode)[:tp]
+        for attempt in range(3):  # a probed free port may be taken by another process before we bind it
+            if key in self.configs:
+                break
             if side == "prefill":
                 config = KVTransferConfig(role="prefill", side_channel_port=free_port(), lease_seconds=TIMEOUT)
             else:
                 config = KVTransferConfig(role="decode", handshake_timeout_s=2.0, transfer_timeout_s=10.0)
-            actors = (self.prefill if side == "prefill" else self.decode)[:tp]
             for rank, actor in enumerate(actors):
                 actor.submit("add_worker", key, config, SPECS[spec], rank, tp, POOL, identity)
+            errors = []
             for actor in actors:
-                actor.result()
-            self.configs[key] = config
-        return (self.prefill if side == "prefill" else self.decode)[:tp], key, self.configs[key]
+                try:
+                    actor.result()
+                except RuntimeError as e:
+                    errors.append(e)
+            if not errors:
+                self.configs[key] = config
+            elif "cannot bind the KV side channel" not in str(errors[0]) or attempt == 2:
+                raise errors[0]
+            else:
+                for actor in actors:
+                    actor.call("drop", key)
+        return actors, key, self.configs[key]
 
     def close(self) -> None:
         for actor in self.prefill + self.decode:
