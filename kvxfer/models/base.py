@@ -14,6 +14,23 @@ from kvxfer.models.config import ModelConfig
 from kvxfer.models.loader import Checkpoint
 
 
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block; subclasses set `input_layernorm`, `self_attn`,
+    `post_attention_layernorm` and `mlp`."""
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, kv_layer: torch.Tensor, attn: AttentionMetadata
+    ) -> torch.Tensor:
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), kv_layer, attn)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+    def load(self, ckpt: Checkpoint, prefix: str) -> None:
+        self.input_layernorm.load(ckpt, f"{prefix}.input_layernorm")
+        self.self_attn.load(ckpt, f"{prefix}.self_attn")
+        self.post_attention_layernorm.load(ckpt, f"{prefix}.post_attention_layernorm")
+        self.mlp.load(ckpt, f"{prefix}.mlp")
+
+
 class CausalLM(nn.Module):
     """Subclasses build `self.layers` (modules with `forward(positions, hidden, kv_layer, attn)`
     and `load(ckpt, prefix)`) after calling this constructor."""

@@ -20,7 +20,7 @@ from kvxfer.layers.moe import MoE
 from kvxfer.layers.norm import RMSNorm
 from kvxfer.layers.parallel import TPInfo
 from kvxfer.layers.rotary import RotaryEmbedding
-from kvxfer.models.base import CausalLM
+from kvxfer.models.base import CausalLM, DecoderLayer
 from kvxfer.models.config import ModelConfig
 
 # DeepSeek's low-rank norms use their own epsilon, not rms_norm_eps.
@@ -94,7 +94,7 @@ class MLAttention(nn.Module):
         self.o_proj.load(ckpt, f"{prefix}.o_proj")
 
 
-class DeepseekDecoderLayer(nn.Module):
+class DeepseekDecoderLayer(DecoderLayer):
     def __init__(self, config: ModelConfig, index: int, rotary: RotaryEmbedding, tp: TPInfo, dtype, device) -> None:
         super().__init__()
         c = config.hf_config
@@ -106,18 +106,6 @@ class DeepseekDecoderLayer(nn.Module):
             self.mlp = MoE(c, scoring, tp, dtype, device)
         else:
             self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, tp, dtype=dtype, device=device)
-
-    def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, kv_layer: torch.Tensor, attn: AttentionMetadata
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), kv_layer, attn)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
-
-    def load(self, ckpt, prefix: str) -> None:
-        self.input_layernorm.load(ckpt, f"{prefix}.input_layernorm")
-        self.self_attn.load(ckpt, f"{prefix}.self_attn")
-        self.post_attention_layernorm.load(ckpt, f"{prefix}.post_attention_layernorm")
-        self.mlp.load(ckpt, f"{prefix}.mlp")
 
 
 class DeepseekForCausalLM(CausalLM):

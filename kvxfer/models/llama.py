@@ -11,7 +11,7 @@ from kvxfer.layers.mlp import GatedMLP
 from kvxfer.layers.norm import RMSNorm
 from kvxfer.layers.parallel import TPInfo
 from kvxfer.layers.rotary import RotaryEmbedding
-from kvxfer.models.base import CausalLM
+from kvxfer.models.base import CausalLM, DecoderLayer
 from kvxfer.models.config import ModelConfig
 
 
@@ -57,7 +57,7 @@ class LlamaAttention(nn.Module):
             self.k_norm.load(ckpt, f"{prefix}.k_norm")
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(DecoderLayer):
     def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, tp: TPInfo, dtype, device) -> None:
         super().__init__()
         hf = config.hf_config
@@ -66,18 +66,6 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hf.hidden_size, hf.rms_norm_eps, dtype, device)
         bias = bool(getattr(hf, "mlp_bias", False))
         self.mlp = GatedMLP(hf.hidden_size, hf.intermediate_size, tp, bias, dtype=dtype, device=device)
-
-    def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, kv_layer: torch.Tensor, attn: AttentionMetadata
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), kv_layer, attn)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
-
-    def load(self, ckpt, prefix: str) -> None:
-        self.input_layernorm.load(ckpt, f"{prefix}.input_layernorm")
-        self.self_attn.load(ckpt, f"{prefix}.self_attn")
-        self.post_attention_layernorm.load(ckpt, f"{prefix}.post_attention_layernorm")
-        self.mlp.load(ckpt, f"{prefix}.mlp")
 
 
 class LlamaForCausalLM(CausalLM):
