@@ -126,12 +126,15 @@ class Executor:
         tp = config.tensor_parallel_size
         rank0_local = tp == 1 or not dist.is_initialized()
         self.ranks: list[_LocalRank | _ProcessRank] = []
+        self._caller_num_threads: int | None = None
         try:
             if rank0_local:
                 if tp > 1 and config.device == "cpu":
-                    # Rank 0 shares the cores with the other ranks, like they do (see rank_process).
+                    # Rank 0 shares the cores with the other ranks, like they do (see rank_process);
+                    # the caller's setting comes back at shutdown.
                     import torch
 
+                    self._caller_num_threads = torch.get_num_threads()
                     torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
                 self.ranks.append(_LocalRank(config, tp))
             for rank in range(len(self.ranks), tp):
@@ -168,6 +171,11 @@ class Executor:
                 rank.stop(timeout=5.0)
             except Exception:
                 pass
+        if self._caller_num_threads is not None:
+            import torch
+
+            torch.set_num_threads(self._caller_num_threads)
+            self._caller_num_threads = None
 
     def worker_pids(self) -> list[int]:
         return [r.process.pid for r in self.ranks if isinstance(r, _ProcessRank)]
