@@ -186,7 +186,7 @@ class LLMEngine:
             text=request.text,
             finished=finished,
             finish_reason=request.finish_reason if finished else None,
-            logprobs=list(request.logprobs) if request.sampling_params.logprobs else None,
+            logprobs=list(request.logprobs) if request.sampling_params.logprobs is not None else None,
             error=request.error,
             kv_transfer_params=request.output_kv_transfer_params,
             kv_transfer_stats=request.kv_transfer_stats,

@@ -58,8 +58,8 @@ class ModelRunner:
         self.sampler = sampler  # rank 0 only
 
     @torch.inference_mode()
-    def run(self, step: StepInput) -> list[tuple[int, float | None]] | None:
-        """Sampled (token, logprob) per sample row on rank 0; None on the other ranks."""
+    def run(self, step: StepInput) -> list[tuple[int, dict[int, float] | None]] | None:
+        """Sampled (token, log-probs) per sample row on rank 0; None on the other ranks."""
         if self.sampler is not None:
             self.sampler.forget(step.finished_request_ids)
         if not step.query_lens:

@@ -36,7 +36,7 @@ class Request:
         # A prefill leg of a disaggregated request stops after its first token.
         self.max_tokens = 1 if (kv_transfer_params or {}).get("do_remote_decode") else sampling_params.max_tokens
         self.output_token_ids: list[int] = []
-        self.logprobs: list[float] = []
+        self.logprobs: list[dict[int, float]] = []  # per output token, when asked
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
@@ -78,10 +78,10 @@ class Request:
     def is_finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
 
-    def append_token(self, token_id: int, logprob: float | None) -> None:
+    def append_token(self, token_id: int, logprobs: dict[int, float] | None) -> None:
         self.output_token_ids.append(token_id)
-        if logprob is not None:
-            self.logprobs.append(logprob)
+        if logprobs is not None:
+            self.logprobs.append(logprobs)
         if token_id in self.eos_token_ids:
             self.finish_reason = "stop"
         elif len(self.output_token_ids) >= self.max_tokens:
@@ -103,7 +103,8 @@ class RequestOutput:
     text: str = ""
     finished: bool = False
     finish_reason: str | None = None
-    logprobs: list[float] | None = None
+    # Per output token: {token id: log-prob} of the chosen token and the top-k alternatives.
+    logprobs: list[dict[int, float]] | None = None
     error: str | None = None
     kv_transfer_params: dict[str, Any] | None = None
     kv_transfer_stats: dict[str, Any] | None = None

@@ -3,7 +3,9 @@
 Greedy rows take the argmax; random rows draw from their own `torch.Generator` when the
 request has a seed (so a seeded request gives the same tokens whatever it is batched with)
 and from the worker's generator otherwise. Log-probs are those of the model's distribution
-(before temperature and top-p) at the chosen token.
+(before temperature and top-p): per sampled row that asks for them, a {token id: log-prob}
+map of the chosen token and the row's top-k tokens, from one log_softmax and one topk over
+the rows that ask.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ class SamplingInfo:
     temperature: float
     top_p: float
     seed: int | None
-    logprobs: bool
+    logprobs: int | None  # None: none; k: the chosen token and the top k
 
 
 class Sampler:
@@ -34,19 +36,37 @@ class Sampler:
         for request_id in request_ids:
             self._request_generators.pop(request_id, None)
 
-    def __call__(self, logits: torch.Tensor, infos: list[SamplingInfo]) -> list[tuple[int, float | None]]:
+    def __call__(self, logits: torch.Tensor, infos: list[SamplingInfo]) -> list[tuple[int, dict[int, float] | None]]:
         logits = logits.float()
         tokens = logits.argmax(dim=-1)
         for row, info in enumerate(infos):
             if info.temperature > 0.0:
                 tokens[row] = self._draw(logits[row], info)
-        want_logprobs = [row for row, info in enumerate(infos) if info.logprobs]
-        chosen_logprobs: dict[int, float] = {}
-        if want_logprobs:
-            rows = torch.tensor(want_logprobs, device=logits.device)
-            logprobs = torch.log_softmax(logits[rows], dim=-1).gather(1, tokens[rows].unsqueeze(1)).squeeze(1)
-            chosen_logprobs = dict(zip(want_logprobs, logprobs.tolist()))
-        return [(token, chosen_logprobs.get(row)) for row, token in enumerate(tokens.tolist())]
+        token_list = tokens.tolist()
+        return list(zip(token_list, self._logprobs(logits, tokens, token_list, infos)))
+
+    @staticmethod
+    def _logprobs(
+        logits: torch.Tensor, tokens: torch.Tensor, token_list: list[int], infos: list[SamplingInfo]
+    ) -> list[dict[int, float] | None]:
+        result: list[dict[int, float] | None] = [None] * len(infos)
+        rows = [row for row, info in enumerate(infos) if info.logprobs is not None]
+        if not rows:
+            return result
+        index = torch.tensor(rows, device=logits.device)
+        logprobs = torch.log_softmax(logits[index], dim=-1)
+        chosen = logprobs.gather(1, tokens[index].unsqueeze(1)).squeeze(1).tolist()
+        k = min(max(infos[row].logprobs for row in rows), logprobs.shape[-1])
+        top_values, top_ids = [[] for _ in rows], [[] for _ in rows]
+        if k:
+            values, ids = logprobs.topk(k, dim=-1)
+            top_values, top_ids = values.tolist(), ids.tolist()
+        for i, row in enumerate(rows):
+            n = infos[row].logprobs
+            entry = dict(zip(top_ids[i][:n], top_values[i][:n]))  # best first
+            entry.setdefault(token_list[row], chosen[i])
+            result[row] = entry
+        return result
 
     def _draw(self, logits: torch.Tensor, info: SamplingInfo) -> torch.Tensor:
         probs = torch.softmax(logits / info.temperature, dim=-1)

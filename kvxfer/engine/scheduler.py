@@ -210,7 +210,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ results
     def update_from_output(
-        self, out: SchedulerOutput, sampled: list[tuple[int, float | None] | None]
+        self, out: SchedulerOutput, sampled: list[tuple[int, dict[int, float] | None] | None]
     ) -> list[Request]:
         """Advance the scheduled requests by the step's results; returns the requests with
         a new token or finished in this step."""

@@ -168,7 +168,7 @@ async def _generate(
     kv = _check_kv_params(ctx, req.kv_transfer_params, len(prompt_ids))
     params = ctx.sampling_params(
         max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-        ignore_eos=req.ignore_eos, logprobs=top_logprobs is not None,
+        ignore_eos=req.ignore_eos, logprobs=top_logprobs,
     )
     try:
         stream = await ctx.engine.add_request(request_id, prompt_ids, params, kv)

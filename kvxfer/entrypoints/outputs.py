@@ -24,16 +24,11 @@ def as_dict(value: Any) -> dict | None:
 def logprob_entries(output: Any, top_k: int) -> list[tuple[int, float, list[tuple[int, float]]]]:
     """Per generated token: (token id, its log-prob, up to `top_k` alternatives best first).
 
-    The engine reports either the chosen token's log-prob (a float) or a {token id: log-prob}
-    map per position. With a float only the chosen token is known; it is the top-1 exactly
-    when sampling is greedy, which is the only case the API accepts top-k > 1 without a map.
+    The engine reports a {token id: log-prob} map per position: the chosen token and the
+    top-k tokens the request asked for (with k = 0 the chosen token alone).
     """
     entries = []
     for token_id, per_token in zip(output.output_token_ids, output.logprobs or ()):
-        if isinstance(per_token, dict):
-            ranked = sorted(((int(i), float(v)) for i, v in per_token.items()), key=lambda x: -x[1])
-            chosen = per_token.get(token_id, float("nan"))
-        else:
-            ranked, chosen = [(int(token_id), float(per_token))], float(per_token)
-        entries.append((int(token_id), float(chosen), ranked[:top_k]))
+        ranked = sorted(((int(i), float(v)) for i, v in per_token.items()), key=lambda x: -x[1])
+        entries.append((int(token_id), float(per_token[token_id]), ranked[:top_k]))
     return entries

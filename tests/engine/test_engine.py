@@ -101,6 +101,26 @@ def test_tiny_top_p_equals_greedy(llm, ref):
     assert llm.generate([prompt], params)[0].output_token_ids == ref.greedy(prompt, 6)[0]
 
 
+def test_sampled_tokens_carry_their_logprob_and_the_top_k(llm, ref):
+    """Sampled tokens need not be among the top k: the map then holds k + 1 entries."""
+    import torch
+
+    (prompt,) = prompts_of((11,), offset=21)
+    params = SamplingParams(max_tokens=6, temperature=5.0, seed=11, ignore_eos=True, logprobs=3)
+    (out,) = llm.generate([prompt], params)
+    with torch.inference_mode():
+        logits = ref.model(torch.tensor([prompt + out.output_token_ids])).logits[0, len(prompt) - 1 : -1]
+    for token, entry, lp in zip(out.output_token_ids, out.logprobs, torch.log_softmax(logits.float(), -1)):
+        values, ids = lp.topk(3)
+        assert entry[token] == pytest.approx(float(lp[token]), abs=1e-4)
+        top = sorted(entry.values(), reverse=True)[:3]
+        assert top == pytest.approx(values.tolist(), abs=1e-4)
+        assert len(entry) == (3 if token in ids.tolist() else 4)
+    assert [set(e) for e in llm.generate([prompt], SamplingParams(max_tokens=2, logprobs=True))[0].logprobs] == [
+        {t} for t in ref.greedy(prompt, 2)[0]
+    ]
+
+
 def test_abort_reports_and_frees(llm):
     engine = llm.engine
     (prompt,) = prompts_of((40,), offset=13)
@@ -145,6 +165,8 @@ def test_bad_requests_raise_and_engine_stays_usable(llm, ref):
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"seed": "x"}, "seed"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"logprobs": 1.5}, "logprobs"),
     ],
 )
 def test_sampling_params_validation(kwargs, match):

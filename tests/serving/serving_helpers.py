@@ -122,6 +122,18 @@ class HFGreedy:
                 ids.append(token)
         return out, logprobs
 
+    def top_logprobs(self, prompt_ids: list[int], max_tokens: int, k: int) -> list[list[tuple[int, float]]]:
+        """Per greedy position: the k most likely (token id, log-prob), best first."""
+        torch = self.torch
+        ids, tops = list(prompt_ids), []
+        with torch.no_grad():
+            for _ in range(max_tokens):
+                lp = torch.log_softmax(self.model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+                values, top_ids = lp.topk(k)
+                tops.append(list(zip(top_ids.tolist(), values.tolist())))
+                ids.append(int(top_ids[0]))
+        return tops
+
 
 def child_pids(pid: int) -> list[int]:
     """Direct children of a process (a server's TP worker processes), from /proc."""

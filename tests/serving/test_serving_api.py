@@ -66,6 +66,32 @@ def test_completion_matches_hf_greedy(server, hf, tokenizer):
     assert body["kv_transfer_params"] is None and body["kv_transfer_stats"] is None
 
 
+def assert_top_matches(got: list[list[tuple[int, float]]], ref: list[list[tuple[int, float]]]) -> None:
+    assert len(got) == len(ref)
+    for ours, theirs in zip(got, ref):
+        assert [v for _, v in ours] == pytest.approx([v for _, v in theirs], abs=1e-4)
+        assert ours[0][0] == theirs[0][0]  # tiny presets have clear top-1 gaps
+
+
+def test_top_logprobs_match_hf(server, hf, tokenizer):
+    prompt_ids = tokenizer.encode(PROMPT)
+    ref = hf.top_logprobs(prompt_ids, 4, 3)
+    body = post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4, "temperature": 0.0,
+                                            "ignore_eos": True, "logprobs": 3}).json()
+    logprobs = body["choices"][0]["logprobs"]
+    top = [[(e["token_id"], e["logprob"]) for e in pos] for pos in logprobs["top_token_logprobs"]]
+    assert all(len(pos) == 3 for pos in top) and all(len(pos) == 3 for pos in logprobs["top_logprobs"])
+    assert_top_matches(top, ref)
+    messages = [{"role": "user", "content": PROMPT}]
+    chat_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    chat_ids = list(chat_ids["input_ids"] if hasattr(chat_ids, "keys") else chat_ids)
+    body = post(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 3, "temperature": 0.0,
+                                                 "ignore_eos": True, "logprobs": True, "top_logprobs": 2}).json()
+    content = body["choices"][0]["logprobs"]["content"]
+    assert_top_matches([[(e["token_id"], e["logprob"]) for e in c["top_logprobs"]] for c in content],
+                       hf.top_logprobs(chat_ids, 3, 2))
+
+
 def test_streaming_equals_non_streaming(server):
     req = {"prompt": PROMPT, "max_tokens": 10, "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}
     full = post(server, "/v1/completions", req).json()

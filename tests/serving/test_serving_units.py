@@ -73,13 +73,14 @@ def _accuracy_check():
 def test_accuracy_compare_counts_near_ties_and_rejects_real_mismatches():
     ac = _accuracy_check()
     stats = {"bytes": 4096, "descriptors": 2, "seconds": 0.01}
-    prompts = [[1, 2, 3]] * 5
+    prompts = [[1, 2, 3]] * 6
     ref = [
         ac.Result([5, 6, 7], [[(5, -0.1), (9, -2.0)]] * 3),
         ac.Result([5, 6, 7], [[(5, -0.1), (9, -2.0)], [(6, -0.5), (8, -0.5004)], [(7, -0.1), (1, -3.0)]]),
         ac.Result([5, 6, 7], [[(5, -0.1), (9, -2.0)], [(6, -0.5), (8, -0.6)], [(7, -0.1), (1, -3.0)]]),
         ac.Result([5, 6, 7], [[(5, -0.1), (9, -2.0)]] * 3),
         ac.Result([5, 6, 7], [[(5, -0.1), (9, -2.0)]] * 3),
+        ac.Result([5, 6, 7], [[(5, -0.1)]] * 3),
     ]
     pd = [
         ac.Result([5, 6, 7], stats=stats),  # equal
@@ -87,11 +88,13 @@ def test_accuracy_compare_counts_near_ties_and_rejects_real_mismatches():
         ac.Result([5, 8, 7], stats=stats),  # differs where the gap is 0.1: a real mismatch
         ac.Result([5, 6, 7], stats={"bytes": 0}),  # equal but recomputed: no transfer
         RuntimeError("decode server failed"),
+        ac.Result([5, 8, 7], stats=stats),  # differs where the reference gave no top-2: cannot be a tie
     ]
-    report = ac.compare(prompts, pd, ref, ac.TieReference(None), 1e-3)
+    report = ac.compare(prompts, pd, ref, 1e-3)
     assert report["exact"] == 2
     assert len(report["near_ties"]) == 1 and "#1" in report["near_ties"][0]
-    assert len(report["mismatches"]) == 1 and "#2" in report["mismatches"][0]
+    assert len(report["mismatches"]) == 2 and "#2" in report["mismatches"][0]
+    assert "#5" in report["mismatches"][1] and "no top-2" in report["mismatches"][1]
     assert len(report["no_transfer"]) == 1 and "#3" in report["no_transfer"][0]
     assert len(report["errors"]) == 1 and "#4" in report["errors"][0]
 
