@@ -13,6 +13,25 @@ from typing import Any
 import msgspec
 
 
+class KVTransferError(RuntimeError):
+    """A KV transfer failed; `kind` says whose fault it is and travels with the failure."""
+
+    kind = "transfer"
+
+
+class KVParamsError(KVTransferError, ValueError):
+    """The request's kv_transfer_params are malformed, forged or do not fit (bad block ids,
+    wrong model, unknown engine, another prompt length): the client's fault."""
+
+    kind = "params"
+
+
+class KVPeerError(KVTransferError):
+    """The peer failed: dead or unreachable, a READ error, a time-out."""
+
+    kind = "peer"
+
+
 class TransferStats(msgspec.Struct, frozen=True):
     """One request's pull: summed over ranks, `seconds` is the slowest rank's."""
 
@@ -67,6 +86,7 @@ class KVConnectorOutput(msgspec.Struct):
     expired_sending: set[str] = set()  # subset of finished_sending: freed by lease expiry
     finished_recving: set[str] = set()
     failed_recving: dict[str, str] = {}  # request id -> reason
+    failure_kinds: dict[str, str] = {}  # request id -> the kind of its KVTransferError
     recv_stats: dict[str, TransferStats] = {}
 
     def is_empty(self) -> bool:
@@ -82,29 +102,32 @@ class KVOutputAggregator:
 
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
-        self._recv: dict[str, list] = {}  # request id -> [ranks seen, reasons, stats]
+        self._recv: dict[str, list] = {}  # request id -> [ranks seen, reasons, stats, failure kinds]
         self._send: dict[str, list] = {}  # request id -> [ranks seen, expired]
 
     def aggregate(self, outputs: list[KVConnectorOutput]) -> KVConnectorOutput:
-        result = KVConnectorOutput(set(), set(), set(), {}, {})
+        result = KVConnectorOutput(set(), set(), set(), {}, {}, {})
         for out in outputs:
             for req_id in out.finished_recving | out.failed_recving.keys():
-                entry = self._recv.setdefault(req_id, [0, [], []])
+                entry = self._recv.setdefault(req_id, [0, [], [], set()])
                 entry[0] += 1
                 if req_id in out.failed_recving:
                     entry[1].append(out.failed_recving[req_id])
+                    entry[3].add(out.failure_kinds.get(req_id, KVTransferError.kind))
                 if req_id in out.recv_stats:
                     entry[2].append(out.recv_stats[req_id])
             for req_id in out.finished_sending:
                 entry = self._send.setdefault(req_id, [0, False])
                 entry[0] += 1
                 entry[1] |= req_id in out.expired_sending
-        for req_id, (seen, reasons, stats) in list(self._recv.items()):
+        for req_id, (seen, reasons, stats, kinds) in list(self._recv.items()):
             if seen < self.world_size:
                 continue
             del self._recv[req_id]
             if reasons:
                 result.failed_recving[req_id] = "; ".join(dict.fromkeys(reasons))
+                # A params fault on any rank is the request's fault, whatever else failed.
+                result.failure_kinds[req_id] = next(k for k in ("params", "peer", "transfer") if k in kinds)
             else:
                 result.finished_recving.add(req_id)
                 if stats:

@@ -14,6 +14,7 @@ import time
 import msgspec
 import zmq
 
+from kvxfer.connectors.base import KVParamsError, KVPeerError
 from kvxfer.connectors.metadata import (
     PROTOCOL_VERSION,
     Compat,
@@ -32,8 +33,8 @@ _ATTEMPT_S = 0.5  # one REQ round trip; a busy peer answers well within this
 _NOT_READY_RETRY_S = 0.05
 
 
-class HandshakeError(RuntimeError):
-    """The peer could not be reached or refused (dead port, time-out, unknown engine)."""
+class HandshakeError(KVPeerError):
+    """The peer could not be reached or refused (dead port, time-out, bind or registration failure)."""
 
 
 class HandshakeServer:
@@ -150,13 +151,17 @@ def register_rank(host: str, port: int, msg: Register, timeout_s: float) -> None
 def fetch_engine_metadata(host: str, port: int, engine_id: str, local: Compat, timeout_s: float) -> EngineMetadata:
     """The remote engine's metadata, checked against what this engine needs.
 
-    HandshakeError when unreachable or unknown; ValueError naming the field when incompatible.
+    HandshakeError when unreachable; KVParamsError when the side channel serves another
+    engine (the params name one that is not there) or an incompatible one (naming the field).
     """
     reply = _request(host, port, Query(engine_id=engine_id), timeout_s)
     if not reply.ok or reply.metadata is None:
-        raise HandshakeError(f"KV side channel {host}:{port}: {reply.error}")
+        raise KVParamsError(f"KV side channel {host}:{port}: {reply.error}")
     meta = reply.metadata
     if meta.engine_id != engine_id:
-        raise HandshakeError(f"KV side channel {host}:{port} answered for engine {meta.engine_id!r}, not {engine_id!r}")
-    meta.check_compatible(local)
+        raise KVParamsError(f"KV side channel {host}:{port} answered for engine {meta.engine_id!r}, not {engine_id!r}")
+    try:
+        meta.check_compatible(local)
+    except ValueError as e:
+        raise KVParamsError(f"KV handshake with {host}:{port} failed: {e}") from None
     return meta

@@ -30,12 +30,15 @@ from kvxfer.connectors.base import (
     ConnectorMetadata,
     KVConnectorOutput,
     KVConnectorWorker,
+    KVParamsError,
+    KVPeerError,
+    KVTransferError,
     RecvRequest,
     TransferStats,
 )
 from kvxfer.connectors.config import KVTransferConfig
 from kvxfer.connectors.descriptors import Region, read_descriptors
-from kvxfer.connectors.handshake import HandshakeError, HandshakeServer, fetch_engine_metadata, register_rank
+from kvxfer.connectors.handshake import HandshakeServer, fetch_engine_metadata, register_rank
 from kvxfer.connectors.metadata import EngineMetadata, RankMetadata, ReadDone, Register, compat_of
 
 logger = logging.getLogger(__name__)
@@ -104,7 +107,7 @@ class NixlConnectorWorker(KVConnectorWorker):
         self._waiting: dict[str, list[RecvRequest]] = {}  # remote engine -> loads awaiting its handshake
         self._loads: dict[str, _Load] = {}
         self._sends: dict[str, _Send] = {}
-        self._failed: dict[str, str] = {}  # failures not yet reported
+        self._failed: dict[str, KVTransferError] = {}  # failures not yet reported
         self._done: set[str] = set()
         self._stats: dict[str, TransferStats] = {}
         self.counters = {"transfers": 0, "failures": 0, "expired_leases": 0, "bytes": 0, "descriptors": 0}
@@ -181,7 +184,7 @@ class NixlConnectorWorker(KVConnectorWorker):
 
     def _start_load(self, req: RecvRequest) -> None:
         if req.error:
-            self._fail(req.request_id, req.error)
+            self._fail(req.request_id, KVParamsError(req.error))
             return
         peer = self.peers.get(req.remote_engine_id)
         if peer is not None:
@@ -206,13 +209,13 @@ class NixlConnectorWorker(KVConnectorWorker):
             waiting = self._waiting.pop(engine_id, [])
             try:
                 peer = self._add_peer(fut.result())
-            except HandshakeError as e:  # time-out, dead port, unknown engine
+            except KVTransferError as e:  # time-out, dead port (peer); unknown engine, incompatible (params)
                 for req in waiting:
-                    self._fail(req.request_id, str(e))
+                    self._fail(req.request_id, e)
                 continue
-            except Exception as e:  # incompatible peer, NIXL refusing its metadata
+            except Exception as e:  # NIXL refusing its metadata, an inconsistent region
                 for req in waiting:
-                    self._fail(req.request_id, f"KV handshake with {req.remote_host}:{req.remote_port} failed: {e}")
+                    self._fail(req.request_id, KVPeerError(f"KV handshake with {req.remote_host}:{req.remote_port} failed: {e}"))
                 continue
             for req in waiting:
                 self._post(req, peer)
@@ -240,7 +243,7 @@ class NixlConnectorWorker(KVConnectorWorker):
             return
         for req_id, load in list(self._loads.items()):
             if load.peer_id == engine_id:
-                self._fail(req_id, f"remote engine {engine_id!r} failed during the transfer")
+                self._fail(req_id, KVPeerError(f"remote engine {engine_id!r} failed during the transfer"))
         for name in peer.agents.values():
             try:
                 self.agent.remove_remote_agent(name)
@@ -251,7 +254,7 @@ class NixlConnectorWorker(KVConnectorWorker):
         load = _Load(req, peer.meta.engine_id, time.perf_counter())
         meta = peer.meta
         error = self._check_load(req, meta)
-        if error:
+        if error is not None:
             self._fail(req.request_id, error)
             return
         self._loads[req.request_id] = load
@@ -263,19 +266,26 @@ class NixlConnectorWorker(KVConnectorWorker):
                 for rank, (local, remote) in plan.items():
                     self._post_read(load, peer.agents[rank], local, remote, peer.meta.ranks[rank].mem_type)
         except Exception as e:  # NIXL refuses (e.g. the peer disconnected)
-            self._fail(req.request_id, f"posting the KV read failed: {type(e).__name__}: {e}", drop_peer=True)
+            error = KVPeerError(f"posting the KV read failed: {type(e).__name__}: {e}")
+            self._fail(req.request_id, error, drop_peer=True)
 
-    def _check_load(self, req: RecvRequest, meta: EngineMetadata) -> str | None:
+    def _check_load(self, req: RecvRequest, meta: EngineMetadata) -> KVTransferError | None:
         if req.remote_tp_size != meta.tp_size:
-            return f"params say remote TP {req.remote_tp_size}, engine {meta.engine_id!r} runs TP {meta.tp_size}"
-        if len(req.local_block_ids) != len(req.remote_block_ids):
-            return f"{len(req.local_block_ids)} local blocks for {len(req.remote_block_ids)} remote blocks"
+            return KVParamsError(
+                f"params say remote TP {req.remote_tp_size}, engine {meta.engine_id!r} runs TP {meta.tp_size}"
+            )
         bad = [b for b in req.remote_block_ids if not 0 <= b < meta.num_blocks]
         if bad:
-            return f"remote block ids {bad[:8]} out of range for the peer's pool of {meta.num_blocks} blocks"
+            return KVParamsError(
+                f"remote block ids {bad[:8]} out of range for the peer's pool of {meta.num_blocks} blocks"
+            )
+        if len(req.local_block_ids) != len(req.remote_block_ids):  # the scheduler side's own slicing
+            return KVTransferError(f"{len(req.local_block_ids)} local blocks for {len(req.remote_block_ids)} remote blocks")
         bad = [b for b in req.local_block_ids if not 0 <= b < self.region.num_blocks]
         if bad:
-            return f"local block ids {bad[:8]} out of range for this pool of {self.region.num_blocks} blocks"
+            return KVTransferError(
+                f"local block ids {bad[:8]} out of range for this pool of {self.region.num_blocks} blocks"
+            )
         return None
 
     def _post_read(self, load: _Load, agent: str, local: np.ndarray, remote: np.ndarray, remote_mem: str) -> None:
@@ -302,9 +312,11 @@ class NixlConnectorWorker(KVConnectorWorker):
                 states = ["ERR"]
                 logger.warning("NIXL state of request %s: %s", req_id, e)
             if "ERR" in states:
-                self._fail(req_id, "NIXL READ failed (peer gone or memory no longer registered)", drop_peer=True)
+                error = KVPeerError("NIXL READ failed (peer gone or memory no longer registered)")
+                self._fail(req_id, error, drop_peer=True)
             elif now - load.started > self.config.transfer_timeout_s:
-                self._fail(req_id, f"KV READ not done after {self.config.transfer_timeout_s:.1f}s", drop_peer=True)
+                error = KVPeerError(f"KV READ not done after {self.config.transfer_timeout_s:.1f}s")
+                self._fail(req_id, error, drop_peer=True)
             elif all(s == "DONE" for s in states):
                 self._complete(load)
 
@@ -317,7 +329,7 @@ class NixlConnectorWorker(KVConnectorWorker):
             for rank in load.targets:
                 self.agent.send_notif(peer.agents[rank], msg)
         except Exception as e:
-            self._fail(req.request_id, f"notifying the prefill side failed: {e}", drop_peer=True)
+            self._fail(req.request_id, KVPeerError(f"notifying the prefill side failed: {e}"), drop_peer=True)
             return
         self._release(load)
         del self._loads[req.request_id]
@@ -328,14 +340,14 @@ class NixlConnectorWorker(KVConnectorWorker):
         self.counters["bytes"] += load.bytes
         self.counters["descriptors"] += load.descriptors
 
-    def _fail(self, req_id: str, reason: str, drop_peer: bool = False) -> None:
-        logger.warning("KV load of request %s failed: %s", req_id, reason)
+    def _fail(self, req_id: str, error: KVTransferError, drop_peer: bool = False) -> None:
+        logger.warning("KV load of request %s failed: %s", req_id, error)
         load = self._loads.pop(req_id, None)
         if load is not None:
             self._release(load)
             if drop_peer:
                 self._drop_peer(load.peer_id)
-        self._failed[req_id] = reason
+        self._failed[req_id] = error
         self.counters["failures"] += 1
 
     def _release(self, load: _Load) -> None:
@@ -395,12 +407,14 @@ class NixlConnectorWorker(KVConnectorWorker):
             self._register_future = None
         self._finish_handshakes()
         self._poll_loads()
-        out = KVConnectorOutput(set(), set(), set(), {}, {})
+        out = KVConnectorOutput(set(), set(), set(), {}, {}, {})
         if self.config.is_producer:
             self._poll_notifs()
             self._poll_sends(out)
         out.finished_recving, self._done = self._done, set()
-        out.failed_recving, self._failed = self._failed, {}
+        failed, self._failed = self._failed, {}
+        out.failed_recving = {req_id: str(e) for req_id, e in failed.items()}
+        out.failure_kinds = {req_id: e.kind for req_id, e in failed.items()}
         out.recv_stats, self._stats = self._stats, {}
         return out
 
@@ -409,7 +423,7 @@ class NixlConnectorWorker(KVConnectorWorker):
 
     def shutdown(self) -> None:
         for req_id in list(self._loads):
-            self._fail(req_id, "connector shut down")
+            self._fail(req_id, KVTransferError("connector shut down"))
         self._stop.set()
         self._progress.join(timeout=5)
         if self._server is not None:

@@ -188,6 +188,7 @@ class LLMEngine:
             finish_reason=request.finish_reason if finished else None,
             logprobs=list(request.logprobs) if request.sampling_params.logprobs is not None else None,
             error=request.error,
+            error_kind=request.error_kind,
             kv_transfer_params=request.output_kv_transfer_params,
             kv_transfer_stats=request.kv_transfer_stats,
             num_cached_tokens=request.num_cached_tokens,

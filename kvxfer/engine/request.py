@@ -47,6 +47,7 @@ class Request:
         self.num_preemptions = 0
         self.finish_reason: str | None = None
         self.error: str | None = None
+        self.error_kind: str | None = None  # a failed KV transfer's KVTransferError.kind
         self.output_kv_transfer_params: dict[str, Any] | None = None
         self.kv_transfer_stats: dict[str, Any] | None = None
         self.text = ""
@@ -106,6 +107,9 @@ class RequestOutput:
     # Per output token: {token id: log-prob} of the chosen token and the top-k alternatives.
     logprobs: list[dict[int, float]] | None = None
     error: str | None = None
+    # "params" | "peer" | "transfer" when a KV transfer failed (kvxfer.connectors.base
+    # KVTransferError kinds: the request's kv_transfer_params, the peer, other); else None.
+    error_kind: str | None = None
     kv_transfer_params: dict[str, Any] | None = None
     kv_transfer_stats: dict[str, Any] | None = None
     num_cached_tokens: int = 0

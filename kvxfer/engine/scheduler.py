@@ -62,7 +62,7 @@ class Scheduler:
         self.aborted_loads: dict[str, Request] = {}  # aborted while their KV was arriving
         self.requests: dict[str, Request] = {}  # unfinished, by id
         self._recv_done: set[str] = set()
-        self._recv_failed: dict[str, str] = {}
+        self._recv_failed: dict[str, tuple[str, str]] = {}  # request id -> (reason, failure kind)
         self._finished_since_step: list[str] = []
         self.finished: list[Request] = []  # finished outside a model step, to report next
         self.num_preemptions = 0
@@ -195,7 +195,7 @@ class Scheduler:
             request.status = RequestStatus.WAITING
             self.waiting.appendleft(request)
         self._recv_done.clear()
-        for request_id, reason in sorted(self._recv_failed.items()):
+        for request_id, (reason, kind) in sorted(self._recv_failed.items()):
             request = self.remote.pop(request_id, None)
             if request is None:
                 continue
@@ -205,6 +205,7 @@ class Scheduler:
                 self.waiting.appendleft(request)
             else:
                 request.error = f"KV transfer failed: {reason}"
+                request.error_kind = kind
                 self._finish(request, "error")
         self._recv_failed.clear()
 
@@ -258,7 +259,7 @@ class Scheduler:
                 self._recv_done.add(request_id)
         for request_id, reason in output.failed_recving.items():
             if request_id in self.remote:
-                self._recv_failed[request_id] = reason
+                self._recv_failed[request_id] = (reason, output.failure_kinds.get(request_id, "transfer"))
         for request_id in output.finished_sending:
             request = self.pending_free.pop(request_id, None)
             if request is not None:

@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from kvxfer.connectors.base import KVParamsError
 from kvxfer.entrypoints.async_engine import AsyncEngine, EngineDead, RequestStream
 from kvxfer.entrypoints.metrics import ServerMetrics
 from kvxfer.entrypoints.protocol import (
@@ -189,7 +190,7 @@ async def _generate(
         return Response(status_code=499)
     if first.finished and first.finish_reason == "error":
         stream.close()
-        return _engine_error(first.error)
+        return _engine_error(first)
     if req.stream:
         return StreamingResponse(_sse(view, stream, first), media_type="text/event-stream",
                                  headers={"X-Request-Id": request_id})
@@ -202,24 +203,16 @@ async def _generate(
     finally:
         stream.close()
     if output.finish_reason == "error":
-        return _engine_error(output.error)
+        return _engine_error(output)
     return JSONResponse(view.full(output), headers={"X-Request-Id": request_id})
 
 
-# KV transfer failures caused by the request's kv_transfer_params rather than by a peer:
-# found only once the decode side has the prefill engine's metadata (after the handshake).
-_PARAMS_FAULTS = (
-    "out of range for the peer's pool",  # remote_block_ids beyond the prefill pool
-    "params say remote TP",  # remote_tp_size differs from the prefill engine's
-    "unknown remote engine",  # remote_engine_id is not the engine at that side channel
-    "incompatible KV transfer peer",  # the prefill engine serves another model
-)
-
-
-def _engine_error(message: str | None) -> JSONResponse:
-    """400 when the request's kv_transfer_params were wrong, else 502 (a peer or the engine failed)."""
-    message = message or "request failed"
-    if any(fault in message for fault in _PARAMS_FAULTS):
+def _engine_error(output: Any) -> JSONResponse:
+    """400 when the request's kv_transfer_params were wrong (a `KVParamsError` in the connector,
+    found once the decode side has the prefill engine's metadata), else 502 (a peer or the
+    engine failed)."""
+    message = output.error or "request failed"
+    if output.error_kind == KVParamsError.kind:
         return JSONResponse(error_body(message, 400), status_code=400)
     return JSONResponse(error_body(message, 502, "engine_error"), status_code=502)
 

@@ -25,6 +25,16 @@ def test_a_failure_on_one_rank_fails_everywhere_but_only_when_all_ranks_are_done
     assert "b" not in result.recv_stats
 
 
+def test_failure_kind_is_agreed_and_a_params_fault_wins():
+    agg = KVOutputAggregator(2)
+    result = agg.aggregate([out(failed_recving={"c": "READ failed"}, failure_kinds={"c": "peer"}),
+                            out(failed_recving={"c": "bad ids"}, failure_kinds={"c": "params"})])
+    assert result.failure_kinds == {"c": "params"}
+    result = agg.aggregate([out(failed_recving={"d": "READ failed"}, failure_kinds={"d": "peer"}),
+                            out(finished_recving={"d"})])
+    assert result.failure_kinds == {"d": "peer"}
+
+
 def test_sends_finish_on_all_ranks_and_expiry_is_kept():
     agg = KVOutputAggregator(2)
     result = agg.aggregate([

@@ -148,7 +148,7 @@ def test_prefill_engine_killed_midway_ends_by_policy(engines, checkpoint, tp):
         outs = engines.decode_fail.generate(second, GREEDY, kv_transfer_params=params_second)
         assert time.monotonic() - start < 12
         for o in outs:
-            assert o.finish_reason == "error" and "KV transfer failed" in o.error
+            assert o.finish_reason == "error" and "KV transfer failed" in o.error and o.error_kind == "peer"
         start = time.monotonic()
         outs = engines.decode_recompute.generate(second, GREEDY, kv_transfer_params=params_second)
         assert time.monotonic() - start < 12
@@ -175,7 +175,7 @@ def test_handshake_timeout_ends_by_policy(engines):
     params.update(remote_engine_id="vanished", remote_port=free_port())
     start = time.monotonic()
     [out] = engines.decode_fail.generate([p], GREEDY, kv_transfer_params=params)
-    assert "timed out after 2.0s" in out.error and time.monotonic() - start < 6
+    assert "timed out after 2.0s" in out.error and out.error_kind == "peer" and time.monotonic() - start < 6
     [out] = engines.decode_recompute.generate([p], GREEDY, kv_transfer_params=params)
     assert out.error is None and out.output_token_ids == local_tokens(engines.decode_recompute, [p])[0]
     engines.decode_fail.generate([p], GREEDY, kv_transfer_params=genuine)
@@ -190,13 +190,13 @@ def test_bad_params_are_clear_errors_and_leak_nothing(engines):
 
     beyond = {**genuine, "remote_block_ids": [NUM_BLOCKS + 5 + i for i in range(len(genuine["remote_block_ids"]))]}
     [out] = decode.generate([p], GREEDY, kv_transfer_params=beyond)
-    assert f"out of range for the peer's pool of {NUM_BLOCKS} blocks" in out.error
+    assert f"out of range for the peer's pool of {NUM_BLOCKS} blocks" in out.error and out.error_kind == "params"
 
     [out] = decode.generate([p], GREEDY, kv_transfer_params={**genuine, "remote_engine_id": "nope"})
-    assert "unknown remote engine 'nope'" in out.error
+    assert "unknown remote engine 'nope'" in out.error and out.error_kind == "params"
 
     [out] = decode.generate([p[:-1]], GREEDY, kv_transfer_params=genuine)
-    assert "prompt of 26 tokens" in out.error
+    assert "prompt of 26 tokens" in out.error and out.error_kind == "params"
 
     with pytest.raises(ValueError, match="remote_port"):
         decode.generate([p], GREEDY, kv_transfer_params={**genuine, "remote_port": "5600"})
@@ -204,9 +204,10 @@ def test_bad_params_are_clear_errors_and_leak_nothing(engines):
     llama = engines.prefill_llama.generate([p], GREEDY, kv_transfer_params=HANDOFF)[0].kv_transfer_params
     [out] = decode.generate([p], GREEDY, kv_transfer_params=llama)
     assert "incompatible KV transfer peer" in out.error and "model_identity" in out.error
+    assert out.error_kind == "params"
 
     [out] = decode.generate([p], GREEDY, kv_transfer_params=genuine)  # the genuine params still work
-    assert out.error is None
+    assert out.error is None and out.error_kind is None
     drain(engines.prefill)
     drain(engines.prefill_llama)  # never read: freed by its lease
     assert engines.prefill_llama.engine.stats()["connector"]["expired_leases"] >= 1

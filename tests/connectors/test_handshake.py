@@ -5,6 +5,7 @@ import time
 import pytest
 import zmq
 
+from kvxfer.connectors.base import KVParamsError, KVPeerError
 from kvxfer.connectors.handshake import HandshakeError, HandshakeServer, fetch_engine_metadata, register_rank
 from kvxfer.connectors.metadata import PROTOCOL_VERSION, RankMetadata, Register, compat_of
 from kvxfer.specs import FullAttentionSpec
@@ -39,7 +40,7 @@ def test_serves_all_ranks_once_registered(server, port):
 
 def test_dead_port_times_out_promptly(port):
     start = time.monotonic()
-    with pytest.raises(HandshakeError, match="timed out after 0.8s"):
+    with pytest.raises(KVPeerError, match="timed out after 0.8s"):
         fetch_engine_metadata("127.0.0.1", port, "eng-a", COMPAT, timeout_s=0.8)
     assert time.monotonic() - start < 2.0
 
@@ -48,7 +49,7 @@ def test_mismatch_names_the_field(server, port):
     server.add_rank(rank(0, 8))
     server.add_rank(rank(1, 8))
     other = compat_of(FullAttentionSpec(4, 8, 3, 16, "float32"), "llama:0123")
-    with pytest.raises(ValueError, match="num_layers: local 3 != remote 2"):
+    with pytest.raises(KVParamsError, match="num_layers: local 3 != remote 2"):
         fetch_engine_metadata("127.0.0.1", port, "eng-a", other, timeout_s=2)
     other_model = compat_of(SPEC, "qwen3:4567")
     with pytest.raises(ValueError, match="model_identity"):
@@ -57,7 +58,7 @@ def test_mismatch_names_the_field(server, port):
 
 def test_unknown_engine_and_foreign_ranks_are_refused(server, port):
     server.add_rank(rank(0, 8))
-    with pytest.raises(HandshakeError, match="unknown remote engine 'eng-b'"):
+    with pytest.raises(KVParamsError, match="unknown remote engine 'eng-b'"):
         fetch_engine_metadata("127.0.0.1", port, "eng-b", COMPAT, timeout_s=2)
     wrong_model = Register("eng-a", compat_of(SPEC, "other").hash(), 2, rank(1, 8))
     with pytest.raises(HandshakeError, match="does not match"):

@@ -127,10 +127,11 @@ class FakeConnector:
 
 
 class Out:
-    def __init__(self, recv=(), sent=(), failed=None):
+    def __init__(self, recv=(), sent=(), failed=None, kinds=None):
         self.finished_recving = set(recv)
         self.finished_sending = set(sent)
         self.failed_recving = dict(failed or {})
+        self.failure_kinds = dict(kinds or {})
         self.recv_stats = {}
 
 
@@ -159,11 +160,11 @@ def test_remote_failure_fails_or_recomputes_by_policy():
         sched = Scheduler(bm, 8, 64, FakeConnector(), failure_policy=policy)
         sched.add(Request("r", list(range(1, 10)), SamplingParams(max_tokens=2), {"do_remote_prefill": True}))
         run_step(sched)
-        sched.update_connector_output(Out(failed={"r": "peer died"}))
+        sched.update_connector_output(Out(failed={"r": "peer died"}, kinds={"r": "peer"}))
         out, _ = run_step(sched)
         if policy == "fail":
             (err,) = sched.pop_finished()
-            assert err.finish_reason == "error" and "peer died" in err.error
+            assert err.finish_reason == "error" and "peer died" in err.error and err.error_kind == "peer"
             assert bm.num_free_blocks == 16
         else:
             assert out.scheduled[0].num_new_tokens == 9
