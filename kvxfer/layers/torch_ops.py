@@ -72,16 +72,20 @@ def paged_attention(
 def _gather_context(kv_layer: torch.Tensor, block_ids: torch.Tensor, out_dim: int):
     """K and V of `block_ids` (`[nb]` or `[B, nb]`) as `[(B,) H, nb * block_size, D]`.
 
-    Gathering from the head-major view puts each head's blocks next to each other, so the
-    token axis is a free reshape: one copy per slot (none for MLA's V, a view of K).
+    The cache is block-major then head-major, so a layer view's (block, head) axes merge into
+    one strided axis of whole `[block_size, D]` tiles (a view, no copy). One `index_select` of the
+    rows `block * H + head`, taken head-major, lands each head's tokens contiguous: one memcpy-speed
+    copy per slot (none for MLA's V, a view of K), where advanced indexing is several times slower.
     """
-    heads, block_size, head_size = kv_layer.shape[1], kv_layer.shape[3], kv_layer.shape[4]
+    num_blocks, heads, _, block_size, head_size = kv_layer.shape
     lead = block_ids.shape[:-1]
-    length = block_ids.shape[-1] * block_size
+    heads_axis = torch.arange(heads, device=block_ids.device).unsqueeze(-1)
+    rows = (block_ids.long().unsqueeze(-2) * heads + heads_axis).reshape(-1)  # [(B,) H, nb] flattened
+    shape = (*lead, heads, block_ids.shape[-1] * block_size, head_size)
 
     def flat(slot: int) -> torch.Tensor:
-        part = kv_layer[:, :, slot].transpose(0, 1)[:, block_ids.long()]  # [H, (B,) nb, bs, D]
-        return part.movedim(0, len(lead)).reshape(*lead, heads, length, head_size)
+        tiles = kv_layer[:, :, slot].reshape(num_blocks * heads, block_size * head_size)
+        return tiles.index_select(0, rows).view(shape)
 
     keys = flat(0)
     values = keys[..., :out_dim] if kv_layer.shape[2] == 1 else flat(1)
@@ -133,11 +137,11 @@ def _attend_decodes(
     chunk = max(1, _DECODE_CHUNK_ELEMENTS // max(per_seq, 1))
     for i in range(0, len(seqs), chunk):
         group = seqs[i : i + chunk]
-        lens = torch.tensor([attn.seq_lens_host[b] for b in group], device=query.device)
-        num_blocks = -(-int(lens.max()) // block_size)
+        num_blocks = -(-max(attn.seq_lens_host[b] for b in group) // block_size)  # host side: no sync
         index = torch.tensor(group, device=query.device)
+        lens = attn.seq_lens[index]
+        tokens = attn.query_start_loc[index].long()
         keys, values = _gather_context(kv_layer, attn.block_tables[index, :num_blocks], out_dim)
-        mask = torch.arange(num_blocks * block_size, device=query.device)[None, :] < lens[:, None]
-        tokens = torch.tensor([attn.query_start_loc_host[b] for b in group], device=query.device)
-        result = _attend(query[tokens].unsqueeze(2), keys, values, mask[:, None, :], scale)
-        out[tokens] = result.squeeze(2)
+        mask = torch.arange(num_blocks * block_size, device=query.device) < lens[:, None]
+        result = _attend(query.index_select(0, tokens).unsqueeze(2), keys, values, mask[:, None, :], scale)
+        out.index_copy_(0, tokens, result.squeeze(2))

@@ -95,3 +95,39 @@ def test_store_kv_rejects_missing_value_for_two_slot_cache():
     cache = torch.zeros(2, 1, 2, BLOCK, 4)
     with pytest.raises(ValueError, match="needs a value tensor"):
         torch_ops.store_kv(cache, torch.randn(1, 1, 4), None, torch.tensor([0]))
+
+
+def test_paged_attention_reads_a_strided_layer_view_of_the_whole_rank_cache():
+    # The engine's cache is [blocks, heads, layers, 2, block, D]; attention gets `cache[:, :, i]`.
+    # Other layers hold different values, so reading across a layer boundary would show up.
+    gen = torch.Generator().manual_seed(3)
+    h, hq, d, layers = 2, 4, 8, 3
+    layer_cache, tables, dense = fill_paged(MIXED, h, d, 2, 40, gen)
+    rank_cache = torch.randn(40, h, layers, 2, BLOCK, d, generator=gen)
+    rank_cache[:, :, 1] = layer_cache
+    meta = AttentionMetadata.build([q for _, q in MIXED], [s for s, _ in MIXED], tables, BLOCK)
+    query = torch.randn(meta.num_tokens, hq, d, generator=gen)
+    out = torch_ops.paged_attention(query, rank_cache[:, :, 1], meta, scale=0.5)
+    for b, (seq_len, q_len) in enumerate(MIXED):
+        start = meta.query_start_loc_host[b]
+        k, v = dense[b]
+        ref = dense_reference(query[start : start + q_len], k, v, 0.5)
+        torch.testing.assert_close(out[start : start + q_len].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_decode_in_chunks_matches_dense(monkeypatch):
+    # Many one-token sequences of different lengths, split into several gather chunks, with
+    # their decode tokens interleaved among prefills in the flattened batch.
+    monkeypatch.setattr(torch_ops, "_DECODE_CHUNK_ELEMENTS", 3 * 24 * 2 * 2 * 16)  # ~3 sequences a chunk
+    gen = torch.Generator().manual_seed(5)
+    seqs = [(int(n), 1) for n in torch.randint(1, 25, (10,), generator=gen)]
+    seqs[3], seqs[7] = (12, 6), (5, 5)
+    cache, tables, dense = fill_paged(seqs, 2, 16, 2, 96, gen)
+    meta = AttentionMetadata.build([q for _, q in seqs], [s for s, _ in seqs], tables, BLOCK)
+    query = torch.randn(meta.num_tokens, 4, 16, generator=gen)
+    out = torch_ops.paged_attention(query, cache, meta, scale=0.25)
+    for b, (seq_len, q_len) in enumerate(seqs):
+        start = meta.query_start_loc_host[b]
+        k, v = dense[b]
+        ref = dense_reference(query[start : start + q_len], k, v, 0.25)
+        torch.testing.assert_close(out[start : start + q_len].double(), ref, atol=1e-5, rtol=1e-5)
