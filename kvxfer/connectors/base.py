@@ -77,6 +77,7 @@ class SendRequest(msgspec.Struct, frozen=True):
 class ConnectorMetadata(msgspec.Struct):
     recv: list[RecvRequest] = []
     send: list[SendRequest] = []
+    release: list[str] = []  # held requests to stop holding now (nobody will read them)
 
 
 class KVConnectorOutput(msgspec.Struct):
@@ -84,6 +85,7 @@ class KVConnectorOutput(msgspec.Struct):
 
     finished_sending: set[str] = set()
     expired_sending: set[str] = set()  # subset of finished_sending: freed by lease expiry
+    released_sending: set[str] = set()  # subset of finished_sending: released early on request
     finished_recving: set[str] = set()
     failed_recving: dict[str, str] = {}  # request id -> reason
     failure_kinds: dict[str, str] = {}  # request id -> the kind of its KVTransferError
@@ -103,10 +105,10 @@ class KVOutputAggregator:
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
         self._recv: dict[str, list] = {}  # request id -> [ranks seen, reasons, stats, failure kinds]
-        self._send: dict[str, list] = {}  # request id -> [ranks seen, expired]
+        self._send: dict[str, list] = {}  # request id -> [ranks seen, expired, released]
 
     def aggregate(self, outputs: list[KVConnectorOutput]) -> KVConnectorOutput:
-        result = KVConnectorOutput(set(), set(), set(), {}, {}, {})
+        result = KVConnectorOutput()
         for out in outputs:
             for req_id in out.finished_recving | out.failed_recving.keys():
                 entry = self._recv.setdefault(req_id, [0, [], [], set()])
@@ -117,9 +119,10 @@ class KVOutputAggregator:
                 if req_id in out.recv_stats:
                     entry[2].append(out.recv_stats[req_id])
             for req_id in out.finished_sending:
-                entry = self._send.setdefault(req_id, [0, False])
+                entry = self._send.setdefault(req_id, [0, False, False])
                 entry[0] += 1
                 entry[1] |= req_id in out.expired_sending
+                entry[2] |= req_id in out.released_sending
         for req_id, (seen, reasons, stats, kinds) in list(self._recv.items()):
             if seen < self.world_size:
                 continue
@@ -136,12 +139,14 @@ class KVOutputAggregator:
                         descriptors=sum(s.descriptors for s in stats),
                         seconds=max(s.seconds for s in stats),
                     )
-        for req_id, (seen, expired) in list(self._send.items()):
+        for req_id, (seen, expired, released) in list(self._send.items()):
             if seen < self.world_size:
                 continue
             del self._send[req_id]
             result.finished_sending.add(req_id)
-            if expired:
+            if released:  # the caller gave it up, whatever else some rank saw
+                result.released_sending.add(req_id)
+            elif expired:
                 result.expired_sending.add(req_id)
         return result
 
@@ -164,6 +169,11 @@ class KVConnectorScheduler(ABC):
     @abstractmethod
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
         """(delay freeing the blocks?, kv_transfer_params for the output)."""
+
+    @abstractmethod
+    def release_request(self, request_id: str) -> bool:
+        """Stop holding a finished request's blocks for a remote reader (through the next
+        metadata); False when the connector does not hold it."""
 
     @abstractmethod
     def update_connector_output(self, output: KVConnectorOutput) -> None: ...

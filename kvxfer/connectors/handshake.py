@@ -1,7 +1,8 @@
 """Handshake side channel: one zmq ROUTER per engine serving all of its ranks' metadata.
 
 Rank 0 hosts the ROUTER at the engine's side-channel port; the other ranks register there;
-peers ask with a REQ socket. Every wait has a deadline: a client uses a fresh REQ socket per
+peers ask with a REQ socket. It also tells a decode rank whether a request's blocks were given
+up (released or lease expired) before that rank's READs were done. Every wait has a deadline: a client uses a fresh REQ socket per
 attempt (a REQ that missed its reply cannot be reused) and gives up at its timeout.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import msgspec
 import zmq
@@ -19,6 +21,7 @@ from kvxfer.connectors.metadata import (
     PROTOCOL_VERSION,
     Compat,
     EngineMetadata,
+    Held,
     Query,
     RankMetadata,
     Register,
@@ -40,8 +43,12 @@ class HandshakeError(KVPeerError):
 class HandshakeServer:
     """Serves `EngineMetadata` once all `tp_size` ranks have registered."""
 
-    def __init__(self, host: str, port: int, engine_id: str, tp_size: int, compat: Compat) -> None:
+    def __init__(
+        self, host: str, port: int, engine_id: str, tp_size: int, compat: Compat,
+        given_up: Callable[[str], bool] = lambda request_id: False,
+    ) -> None:
         self.engine_id, self.tp_size, self.compat = engine_id, tp_size, compat
+        self.given_up = given_up  # called from the server thread
         self._ranks: dict[int, RankMetadata] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -86,6 +93,11 @@ class HandshakeServer:
         if msg.engine_id != self.engine_id:
             error = f"unknown remote engine {msg.engine_id!r}: this side channel serves {self.engine_id!r}"
             return Reply(ok=False, error=error)
+        if isinstance(msg, Held):
+            if self.given_up(msg.request_id):
+                error = f"request {msg.request_id!r} is no longer held by engine {self.engine_id!r} (released or lease expired)"
+                return Reply(ok=False, error=error)
+            return Reply(ok=True)
         if isinstance(msg, Register):
             if msg.compat_hash != self.compat.hash() or msg.tp_size != self.tp_size:
                 return Reply(ok=False, error=f"rank {msg.rank.tp_rank} does not match rank 0's model or TP size")
@@ -146,6 +158,13 @@ def register_rank(host: str, port: int, msg: Register, timeout_s: float) -> None
     reply = _request(host, port, msg, timeout_s)
     if not reply.ok:
         raise HandshakeError(f"KV side channel {host}:{port} refused rank {msg.rank.tp_rank}: {reply.error}")
+
+
+def check_held(host: str, port: int, engine_id: str, request_id: str, timeout_s: float) -> None:
+    """KVPeerError unless the engine still holds `request_id`'s blocks (or has not heard of it yet)."""
+    reply = _request(host, port, Held(engine_id=engine_id, request_id=request_id), timeout_s)
+    if not reply.ok:
+        raise KVPeerError(f"KV side channel {host}:{port}: {reply.error}")
 
 
 def fetch_engine_metadata(host: str, port: int, engine_id: str, local: Compat, timeout_s: float) -> EngineMetadata:

@@ -121,13 +121,20 @@ class Query(msgspec.Struct, frozen=True, tag=True):
     engine_id: str  # the engine the caller expects to reach
 
 
+class Held(msgspec.Struct, frozen=True, tag=True):
+    """Asked by a decode rank after its READs: does the engine still hold `request_id`'s blocks?"""
+
+    engine_id: str
+    request_id: str
+
+
 class Reply(msgspec.Struct, frozen=True, tag=True):
     ok: bool
     error: str = ""
     metadata: EngineMetadata | None = None
 
 
-SideChannelRequest = Register | Query
+SideChannelRequest = Register | Query | Held
 
 
 class ReadDone(msgspec.Struct, frozen=True, array_like=True):

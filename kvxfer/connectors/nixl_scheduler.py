@@ -4,7 +4,8 @@ Decode: a request with `do_remote_prefill` loads its prompt minus the last token
 computed here, for its logits) minus what the local prefix cache already holds; only the
 uncached suffix blocks, owned by this request alone, are read. A full local hit still sends a
 notify-only load, so the prefill side frees its blocks. Prefill: a finished `do_remote_decode`
-request keeps its blocks under a lease and returns the params its decode side needs.
+request keeps its blocks under a lease and returns the params its decode side needs;
+`release_request` ends the lease early (the ranks stop holding it at the next step).
 """
 
 from __future__ import annotations
@@ -32,11 +33,14 @@ class NixlConnectorScheduler(KVConnectorScheduler):
         self._params: dict[str, RemotePrefillParams] = {}  # decode requests until their blocks exist
         self._recv: list[RecvRequest] = []
         self._send: list[SendRequest] = []
+        self._release: list[str] = []
         self._held: set[str] = set()
+        self._releasing: set[str] = set()
         self.counters = {
             "transfers": 0,
             "failures": 0,
             "expired_leases": 0,
+            "released": 0,
             "sends_completed": 0,
             "bytes": 0,
             "descriptors": 0,
@@ -89,9 +93,16 @@ class NixlConnectorScheduler(KVConnectorScheduler):
         return ""
 
     def build_connector_meta(self, scheduler_output: Any) -> ConnectorMetadata:
-        meta = ConnectorMetadata(recv=self._recv, send=self._send)
-        self._recv, self._send = [], []
+        meta = ConnectorMetadata(recv=self._recv, send=self._send, release=self._release)
+        self._recv, self._send, self._release = [], [], []
         return meta
+
+    def release_request(self, request_id: str) -> bool:
+        if request_id not in self._held or request_id in self._releasing:
+            return False
+        self._releasing.add(request_id)
+        self._release.append(request_id)
+        return True
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
         self._params.pop(request.request_id, None)
@@ -124,8 +135,10 @@ class NixlConnectorScheduler(KVConnectorScheduler):
                 c["seconds"] += stats.seconds
         c["failures"] += len(output.failed_recving)
         c["expired_leases"] += len(output.expired_sending)
-        c["sends_completed"] += len(output.finished_sending - output.expired_sending)
+        c["released"] += len(output.released_sending)
+        c["sends_completed"] += len(output.finished_sending - output.expired_sending - output.released_sending)
         self._held -= output.finished_sending
+        self._releasing -= output.finished_sending
 
     def stats(self) -> dict[str, float]:
         return {**self.counters, "held_requests": len(self._held)}

@@ -1,9 +1,11 @@
 """NIXL connector, worker side: one agent per TP rank reading into / serving its KV tensor.
 
 Decode side: lazy handshake per remote engine (background thread, time-out), slices ->
-descriptors -> one READ per remote rank, polling, then a `ReadDone` notification to every
-prefill rank in `notify_targets`. Prefill side: count `ReadDone`s per request until every
-expected decode rank is done, or the lease expires.
+descriptors -> one READ per remote rank, polling, a check on the prefill side channel that
+the request was not given up meanwhile (so blocks freed and reused under a READ are never
+reported as loaded), then a `ReadDone` notification to every prefill rank in `notify_targets`.
+Prefill side: count `ReadDone`s per request until every expected decode rank is done, the lease
+expires, or the scheduler side releases it.
 
 Progress: NIXL's own progress thread spins a core per agent, so it is off; instead a light
 thread per agent drains notifications (every millisecond while busy), which also progresses
@@ -38,7 +40,7 @@ from kvxfer.connectors.base import (
 )
 from kvxfer.connectors.config import KVTransferConfig
 from kvxfer.connectors.descriptors import Region, read_descriptors
-from kvxfer.connectors.handshake import HandshakeServer, fetch_engine_metadata, register_rank
+from kvxfer.connectors.handshake import HandshakeServer, check_held, fetch_engine_metadata, register_rank
 from kvxfer.connectors.metadata import EngineMetadata, RankMetadata, ReadDone, Register, compat_of
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class _Load:
     handles: list[Any] = field(default_factory=list)
     dlists: list[Any] = field(default_factory=list)
     targets: list[int] = field(default_factory=list)  # prefill ranks to notify when done
+    check: Future | None = None  # READs done; is the request still held on the prefill side?
     bytes: int = 0
     descriptors: int = 0
 
@@ -73,6 +76,7 @@ class _Send:
     deadline: float | None = None  # None until the scheduler's SendRequest arrives
     readers: set[tuple[str, int]] = field(default_factory=set)
     expected: int | None = None  # decode ranks that will notify, known from the first ReadDone
+    released: bool = False
     first_seen: float = field(default_factory=time.monotonic)
 
 
@@ -109,8 +113,13 @@ class NixlConnectorWorker(KVConnectorWorker):
         self._sends: dict[str, _Send] = {}
         self._failed: dict[str, KVTransferError] = {}  # failures not yet reported
         self._done: set[str] = set()
+        # Requests this (prefill) rank gave up, released or expired -> when; read by the side
+        # channel's thread, kept a lease long.
+        self._given_up: dict[str, float] = {}
         self._stats: dict[str, TransferStats] = {}
-        self.counters = {"transfers": 0, "failures": 0, "expired_leases": 0, "bytes": 0, "descriptors": 0}
+        self.counters = {
+            "transfers": 0, "failures": 0, "expired_leases": 0, "released": 0, "bytes": 0, "descriptors": 0,
+        }
         self._notif_encoder = msgspec.msgpack.Encoder()
         self._notif_decoder = msgspec.msgpack.Decoder(ReadDone)
         self._inbox: list[bytes] = []
@@ -167,7 +176,9 @@ class NixlConnectorWorker(KVConnectorWorker):
         )
         host, port = self.config.side_channel_host, self.config.side_channel_port
         if self.tp_rank == 0:
-            self._server = HandshakeServer(host, port, self.config.engine_id, self.tp_size, self.compat)
+            self._server = HandshakeServer(
+                host, port, self.config.engine_id, self.tp_size, self.compat, self._given_up.__contains__
+            )
             self._server.add_rank(rank)
         else:
             # In the background: rank 0 may bind its side channel after this rank gets here.
@@ -180,7 +191,13 @@ class NixlConnectorWorker(KVConnectorWorker):
         for req in meta.recv:
             self._start_load(req)
         for send in meta.send:
+            self._given_up.pop(send.request_id, None)  # a request id used again
             self._sends.setdefault(send.request_id, _Send()).deadline = send.deadline
+        for req_id in meta.release:
+            self._given_up[req_id] = time.monotonic()
+            entry = self._sends.get(req_id)
+            if entry is not None and entry.deadline is not None:  # else already finished here
+                entry.released = True
 
     def _start_load(self, req: RecvRequest) -> None:
         if req.error:
@@ -306,6 +323,10 @@ class NixlConnectorWorker(KVConnectorWorker):
         for req_id, load in list(self._loads.items()):
             if req_id not in self._loads:
                 continue  # failed with its peer while this loop ran
+            if load.check is not None:
+                if load.check.done():
+                    self._finish_check(load)
+                continue
             try:
                 states = [self.agent.check_xfer_state(h) for h in load.handles]
             except Exception as e:
@@ -318,7 +339,25 @@ class NixlConnectorWorker(KVConnectorWorker):
                 error = KVPeerError(f"KV READ not done after {self.config.transfer_timeout_s:.1f}s")
                 self._fail(req_id, error, drop_peer=True)
             elif all(s == "DONE" for s in states):
-                self._complete(load)
+                if load.handles:
+                    req = load.req
+                    load.check = self._pool.submit(
+                        check_held, req.remote_host, req.remote_port, req.remote_engine_id,
+                        req.remote_request_id, self.config.handshake_timeout_s,
+                    )
+                else:
+                    self._complete(load)  # nothing read: only notify
+
+    def _finish_check(self, load: _Load) -> None:
+        try:
+            load.check.result()
+        except KVTransferError as e:  # given up (released, lease expired) or no answer
+            self._fail(load.req.request_id, e)
+            return
+        except Exception as e:
+            self._fail(load.req.request_id, KVPeerError(f"checking the prefill side's hold failed: {e}"))
+            return
+        self._complete(load)
 
     def _complete(self, load: _Load) -> None:
         req = load.req
@@ -389,15 +428,23 @@ class NixlConnectorWorker(KVConnectorWorker):
                 if now - entry.first_seen > self.config.lease_seconds:
                     del self._sends[req_id]
                 continue
-            if entry.expected is not None and len(entry.readers) >= entry.expected:
+            if entry.released:
+                out.finished_sending.add(req_id)
+                out.released_sending.add(req_id)
+                self.counters["released"] += 1
+            elif entry.expected is not None and len(entry.readers) >= entry.expected:
                 out.finished_sending.add(req_id)
             elif now >= entry.deadline:
                 out.finished_sending.add(req_id)
                 out.expired_sending.add(req_id)
+                self._given_up[req_id] = now
                 self.counters["expired_leases"] += 1
             else:
                 continue
             del self._sends[req_id]
+        for req_id, when in list(self._given_up.items()):
+            if now - when > self.config.lease_seconds:
+                del self._given_up[req_id]
 
     # --- both -----------------------------------------------------------------------------
 
@@ -407,7 +454,7 @@ class NixlConnectorWorker(KVConnectorWorker):
             self._register_future = None
         self._finish_handshakes()
         self._poll_loads()
-        out = KVConnectorOutput(set(), set(), set(), {}, {}, {})
+        out = KVConnectorOutput()
         if self.config.is_producer:
             self._poll_notifs()
             self._poll_sends(out)

@@ -126,10 +126,20 @@ class LLMEngine:
                 parse_kv_transfer_params(kv_transfer_params)
         return Request(request_id, tokens, sampling_params, kv_transfer_params, self.model_config.eos_token_ids)
 
-    def abort_request(self, request_id: str) -> None:
-        """End a request; its output (finish_reason "abort") comes with the next step."""
+    def abort_request(self, request_id: str) -> str:
+        """End a request. Returns "aborted" (unfinished: its output, finish_reason "abort", comes
+        with the next step), "released" (finished, its blocks held by the connector for a remote
+        reader: the next step tells the ranks to stop holding them, and they are freed once every
+        rank has) or "unknown" (nothing to do)."""
         with self._queue_lock:
+            if request_id in self._known_ids:
+                outcome = "aborted"
+            elif request_id in self.scheduler.pending_free:
+                outcome = "released"
+            else:
+                return "unknown"
             self._aborts.append(request_id)
+        return outcome
 
     def has_unfinished_requests(self) -> bool:
         with self._queue_lock:

@@ -49,7 +49,7 @@ class ServerContext:
     block_size: int
     max_model_len: int  # prompt + generated tokens one sequence may reach
     ranks_alive: Callable[[Any], bool]  # runs on the engine thread
-    abort: Callable[[Any, str], str]  # runs on the engine thread
+    abort: Callable[[Any, str], str]  # LLMEngine.abort_request; runs on the engine thread
     engine_stats: Callable[[Any], dict]  # runs on the engine thread
     side_channel_problem: Callable[[], str | None] | None = None  # blocking; None: nothing to check
 

@@ -1,10 +1,8 @@
 """Engine-side helpers of the server: readiness (TP ranks answering, the KV side channel
-serving every rank's metadata), engine.stats() flattened for the metrics page, and aborts
-that also release a finished prefill request's held blocks."""
+serving every rank's metadata) and engine.stats() flattened for the metrics page."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import msgspec
@@ -15,26 +13,6 @@ def ranks_alive(engine: Any) -> bool:
     """Every TP rank answers a cheap call (a dead rank raises). Runs on the engine thread."""
     infos = engine.collective_rpc("kv_pool_info")
     return len(infos) == engine.config.tensor_parallel_size and all(i is not None for i in infos)
-
-
-def abort_or_release(engine: Any, request_id: str) -> str:
-    """Abort a request; if it already finished on a prefill engine and its blocks are held
-    for a decode side that will not come (the proxy's decode leg failed), free them now.
-    Returns "aborted", "released" or "unknown". Runs on the engine thread.
-
-    LLMEngine.abort_request ignores finished requests, and the connector has no call to end
-    a lease early; a lease whose deadline is now frees the blocks on the next step exactly as
-    an expired one does (and is counted with the expired ones).
-    """
-    from kvxfer.connectors.base import SendRequest
-
-    if request_id in engine.scheduler.requests:
-        engine.abort_request(request_id)
-        return "aborted"
-    if request_id in engine.scheduler.pending_free and engine.connector is not None:
-        engine.connector._send.append(SendRequest(request_id, time.monotonic()))
-        return "released"
-    return "unknown"
 
 
 def engine_stats(engine: Any) -> dict:

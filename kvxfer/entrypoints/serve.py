@@ -88,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
     from kvxfer.engine.sampling_params import SamplingParams
     from kvxfer.entrypoints.api_server import ServerContext, build_app
     from kvxfer.entrypoints.async_engine import AsyncEngine
-    from kvxfer.entrypoints.engine_probes import abort_or_release, engine_stats, ranks_alive, side_channel_problem
+    from kvxfer.entrypoints.engine_probes import engine_stats, ranks_alive, side_channel_problem
     from kvxfer.entrypoints.metrics import ServerMetrics
     from kvxfer.entrypoints.render import Renderer
 
@@ -118,7 +118,7 @@ def main(args: argparse.Namespace) -> int:
         model_name=args.served_model_name or Path(model_dir).name, role=args.role,
         sampling_params=SamplingParams, kv_connector=config.kv_transfer_config is not None,
         block_size=args.block_size, max_model_len=llm_engine.max_model_len,
-        ranks_alive=ranks_alive, abort=abort_or_release, engine_stats=engine_stats,
+        ranks_alive=ranks_alive, abort=LLMEngine.abort_request, engine_stats=engine_stats,
     )
     kv = config.kv_transfer_config
     if kv is not None and kv.is_producer:  # only engines that lend KV listen on a side channel

@@ -44,3 +44,10 @@ def test_sends_finish_on_all_ranks_and_expiry_is_kept():
     assert result.finished_sending == {"x"} and not result.expired_sending
     result = agg.aggregate([out(), out(finished_sending={"y"}, expired_sending={"y"})])
     assert result.finished_sending == {"y"} and result.expired_sending == {"y"}
+
+
+def test_a_release_on_any_rank_counts_as_released_not_expired():
+    agg = KVOutputAggregator(2)
+    result = agg.aggregate([out(finished_sending={"r"}, expired_sending={"r"}),
+                            out(finished_sending={"r"}, released_sending={"r"})])
+    assert result.finished_sending == {"r"} and result.released_sending == {"r"} and not result.expired_sending

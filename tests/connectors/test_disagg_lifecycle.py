@@ -126,6 +126,37 @@ def test_lease_expiry_frees_an_unclaimed_request(engines):
     assert_all_blocks_free(prefill)
 
 
+def test_release_frees_held_blocks_early_and_a_late_read_fails(engines):
+    prefill, decode = engines.prefill, engines.decode_fail
+    [p] = prompts(15, 3 * BLOCK_SIZE + 2)
+    engine = prefill.engine
+    before = dict(engine.stats()["connector"])
+    assert engine.abort_request("never-seen") == "unknown"
+    engine.add_request("held", p, GREEDY, HANDOFF)
+    while "held" not in engine.scheduler.pending_free:
+        engine.step()
+    params = engine.scheduler.pending_free["held"].output_kv_transfer_params
+    engine.step()  # the ranks now hold it under its lease
+    assert engine.stats()["connector"]["held_requests"] == 1
+    assert engine.abort_request("held") == "released"
+    for _ in range(3):  # the next step tells the ranks; they report it at once
+        engine.step()
+        if not engine.stats()["num_pending_free"]:
+            break
+    stats = engine.stats()
+    assert stats["num_pending_free"] == 0 and stats["connector"]["held_requests"] == 0
+    assert_all_blocks_free(prefill)
+    assert stats["connector"]["released"] == before["released"] + 1
+    assert stats["connector"]["expired_leases"] == before["expired_leases"]
+    assert stats["connector"]["sends_completed"] == before["sends_completed"]
+    assert engine.abort_request("held") == "unknown"  # nothing left to release
+
+    [out] = decode.generate([p], GREEDY, kv_transfer_params=params)  # a READ after the release
+    assert out.finish_reason == "error" and out.error_kind == "peer"
+    assert "no longer held" in out.error and "'held'" in out.error
+    assert_all_blocks_free(prefill, decode)
+
+
 @pytest.mark.parametrize("tp", [2])
 def test_prefill_engine_killed_midway_ends_by_policy(engines, checkpoint, tp):
     child = ChildPrefill(checkpoint("tiny-qwen3"), tp)

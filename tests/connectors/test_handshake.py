@@ -6,7 +6,7 @@ import pytest
 import zmq
 
 from kvxfer.connectors.base import KVParamsError, KVPeerError
-from kvxfer.connectors.handshake import HandshakeError, HandshakeServer, fetch_engine_metadata, register_rank
+from kvxfer.connectors.handshake import HandshakeError, HandshakeServer, check_held, fetch_engine_metadata, register_rank
 from kvxfer.connectors.metadata import PROTOCOL_VERSION, RankMetadata, Register, compat_of
 from kvxfer.specs import FullAttentionSpec
 
@@ -63,6 +63,19 @@ def test_unknown_engine_and_foreign_ranks_are_refused(server, port):
     wrong_model = Register("eng-a", compat_of(SPEC, "other").hash(), 2, rank(1, 8))
     with pytest.raises(HandshakeError, match="does not match"):
         register_rank("127.0.0.1", port, wrong_model, timeout_s=2)
+
+
+def test_held_check_answers_from_the_given_up_set(port):
+    given_up = {"gone-1"}
+    srv = HandshakeServer("127.0.0.1", port, "eng-a", 1, COMPAT, given_up.__contains__)
+    try:
+        check_held("127.0.0.1", port, "eng-a", "still-held", timeout_s=2)
+        with pytest.raises(KVPeerError, match="'gone-1' is no longer held by engine 'eng-a'"):
+            check_held("127.0.0.1", port, "eng-a", "gone-1", timeout_s=2)
+        with pytest.raises(KVPeerError, match="unknown remote engine"):
+            check_held("127.0.0.1", port, "eng-b", "still-held", timeout_s=2)
+    finally:
+        srv.close()
 
 
 def test_malformed_request_gets_an_error_and_the_server_keeps_serving(server, port):

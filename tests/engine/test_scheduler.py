@@ -122,6 +122,10 @@ class FakeConnector:
         self.calls.append(("finished", request.request_id))
         return self.delay_free, {"done": request.request_id}
 
+    def release_request(self, request_id):
+        self.calls.append(("release", request_id))
+        return True
+
     def update_connector_output(self, output):
         self.calls.append(("output",))
 
@@ -182,6 +186,19 @@ def test_delayed_free_until_the_connector_reports_sending_done():
     assert bm.num_free_blocks == 14 and "p" in sched.pending_free
     sched.update_connector_output(Out(sent=["p"]))
     assert bm.num_free_blocks == 16
+
+
+def test_abort_of_a_held_request_asks_the_connector_to_release_it():
+    bm = BlockManager(16, BS)
+    conn = FakeConnector(delay_free=True)
+    sched = Scheduler(bm, 8, 64, conn)
+    sched.add(make("p", 6, max_tokens=1))
+    run_step(sched)
+    assert "p" in sched.pending_free and not sched.abort("unknown-id")
+    assert sched.abort("p") and ("release", "p") in conn.calls
+    assert bm.num_free_blocks == 14 and not sched.pop_finished()  # freed when the ranks report it
+    sched.update_connector_output(Out(sent=["p"]))
+    assert bm.num_free_blocks == 16 and "p" not in sched.pending_free
 
 
 def test_abort_while_loading_frees_blocks_only_after_the_ranks_report():
