@@ -1,11 +1,11 @@
 """NIXL connector, worker side: one agent per TP rank reading into / serving its KV tensor.
 
-Decode side: lazy handshake per remote engine (background thread, time-out), slices ->
-descriptors -> one READ per remote rank, polling, a check on the prefill side channel that
-the request was not given up meanwhile (so blocks freed and reused under a READ are never
-reported as loaded), then a `ReadDone` notification to every prefill rank in `notify_targets`.
-Prefill side: count `ReadDone`s per request until every expected decode rank is done, the lease
-expires, or the scheduler side releases it.
+Owns the agent, the KV registration and side channel (rank 0 serves it, the others register),
+the progress thread, and the decode side's loads: lazy handshake per remote engine (background
+thread, time-out), slices -> descriptors -> one READ per remote rank, polling, a check on the
+prefill side channel that the request was not given up meanwhile (so blocks freed and reused
+under a READ are never reported as loaded), then a `ReadDone` notification to every prefill
+rank in `notify_targets`. The prefill side's held requests live in `nixl_sends.SendTracker`.
 
 Progress: NIXL's own progress thread spins a core per agent, so it is off; instead a light
 thread per agent drains notifications (every millisecond while busy), which also progresses
@@ -42,6 +42,7 @@ from kvxfer.connectors.config import KVTransferConfig
 from kvxfer.connectors.descriptors import Region, read_descriptors
 from kvxfer.connectors.handshake import HandshakeServer, check_held, fetch_engine_metadata, register_rank
 from kvxfer.connectors.metadata import EngineMetadata, RankMetadata, ReadDone, Register, compat_of
+from kvxfer.connectors.nixl_sends import SendTracker
 
 logger = logging.getLogger(__name__)
 
@@ -69,15 +70,6 @@ class _Load:
     check: Future | None = None  # READs done; is the request still held on the prefill side?
     bytes: int = 0
     descriptors: int = 0
-
-
-@dataclass
-class _Send:
-    deadline: float | None = None  # None until the scheduler's SendRequest arrives
-    readers: set[tuple[str, int]] = field(default_factory=set)
-    expected: int | None = None  # decode ranks that will notify, known from the first ReadDone
-    released: bool = False
-    first_seen: float = field(default_factory=time.monotonic)
 
 
 class NixlConnectorWorker(KVConnectorWorker):
@@ -110,18 +102,14 @@ class NixlConnectorWorker(KVConnectorWorker):
         self.peers: dict[str, Peer] = {}
         self._waiting: dict[str, list[RecvRequest]] = {}  # remote engine -> loads awaiting its handshake
         self._loads: dict[str, _Load] = {}
-        self._sends: dict[str, _Send] = {}
         self._failed: dict[str, KVTransferError] = {}  # failures not yet reported
         self._done: set[str] = set()
-        # Requests this (prefill) rank gave up, released or expired -> when; read by the side
-        # channel's thread, kept a lease long.
-        self._given_up: dict[str, float] = {}
         self._stats: dict[str, TransferStats] = {}
         self.counters = {
             "transfers": 0, "failures": 0, "expired_leases": 0, "released": 0, "bytes": 0, "descriptors": 0,
         }
+        self._sends = SendTracker(spec, tp_rank, tp_size, config.lease_seconds, self.counters)
         self._notif_encoder = msgspec.msgpack.Encoder()
-        self._notif_decoder = msgspec.msgpack.Decoder(ReadDone)
         self._inbox: list[bytes] = []
         self._inbox_lock = threading.Lock()
         self._stop = threading.Event()
@@ -129,7 +117,7 @@ class NixlConnectorWorker(KVConnectorWorker):
         self._progress.start()
 
     def _progress_loop(self) -> None:
-        while not self._stop.wait(_PROGRESS_BUSY_S if self._sends or self._loads else _PROGRESS_IDLE_S):
+        while not self._stop.wait(_PROGRESS_BUSY_S if self._sends.has_pending() or self._loads else _PROGRESS_IDLE_S):
             try:
                 notifs = self.agent.get_new_notifs()
             except Exception as e:  # keep progressing; a broken agent shows up in the caller's calls
@@ -177,7 +165,7 @@ class NixlConnectorWorker(KVConnectorWorker):
         host, port = self.config.side_channel_host, self.config.side_channel_port
         if self.tp_rank == 0:
             self._server = HandshakeServer(
-                host, port, self.config.engine_id, self.tp_size, self.compat, self._given_up.__contains__
+                host, port, self.config.engine_id, self.tp_size, self.compat, self._sends.is_given_up
             )
             self._server.add_rank(rank)
         else:
@@ -191,13 +179,9 @@ class NixlConnectorWorker(KVConnectorWorker):
         for req in meta.recv:
             self._start_load(req)
         for send in meta.send:
-            self._given_up.pop(send.request_id, None)  # a request id used again
-            self._sends.setdefault(send.request_id, _Send()).deadline = send.deadline
+            self._sends.hold(send.request_id, send.deadline)
         for req_id in meta.release:
-            self._given_up[req_id] = time.monotonic()
-            entry = self._sends.get(req_id)
-            if entry is not None and entry.deadline is not None:  # else already finished here
-                entry.released = True
+            self._sends.release(req_id)
 
     def _start_load(self, req: RecvRequest) -> None:
         if req.error:
@@ -399,53 +383,6 @@ class NixlConnectorWorker(KVConnectorWorker):
         load.handles.clear()
         load.dlists.clear()
 
-    # --- prefill side ---------------------------------------------------------------------
-
-    def _poll_notifs(self) -> None:
-        with self._inbox_lock:
-            inbox, self._inbox = self._inbox, []
-        for raw in inbox:
-            try:
-                done = self._notif_decoder.decode(raw)
-            except msgspec.DecodeError:
-                logger.warning("ignoring a malformed NIXL notification %r", raw[:64])
-                continue
-            entry = self._sends.setdefault(done.request_id, _Send())
-            if entry.expected is None:
-                try:
-                    entry.expected = len(self.spec.consumers(self.tp_rank, done.decode_tp_size, self.tp_size))
-                except ValueError as e:
-                    logger.warning("ignoring a notification for %s: %s", done.request_id, e)
-                    continue
-            entry.readers.add((done.decode_engine_id, done.decode_rank))
-
-    def _poll_sends(self, out: KVConnectorOutput) -> None:
-        now = time.monotonic()
-        for req_id, entry in list(self._sends.items()):
-            if entry.deadline is None:
-                # Notifications for a request this rank was not (yet) told to hold: keep them a
-                # lease long in case the SendRequest is on its way, then drop them.
-                if now - entry.first_seen > self.config.lease_seconds:
-                    del self._sends[req_id]
-                continue
-            if entry.released:
-                out.finished_sending.add(req_id)
-                out.released_sending.add(req_id)
-                self.counters["released"] += 1
-            elif entry.expected is not None and len(entry.readers) >= entry.expected:
-                out.finished_sending.add(req_id)
-            elif now >= entry.deadline:
-                out.finished_sending.add(req_id)
-                out.expired_sending.add(req_id)
-                self._given_up[req_id] = now
-                self.counters["expired_leases"] += 1
-            else:
-                continue
-            del self._sends[req_id]
-        for req_id, when in list(self._given_up.items()):
-            if now - when > self.config.lease_seconds:
-                del self._given_up[req_id]
-
     # --- both -----------------------------------------------------------------------------
 
     def get_finished(self) -> KVConnectorOutput:
@@ -456,8 +393,10 @@ class NixlConnectorWorker(KVConnectorWorker):
         self._poll_loads()
         out = KVConnectorOutput()
         if self.config.is_producer:
-            self._poll_notifs()
-            self._poll_sends(out)
+            with self._inbox_lock:
+                inbox, self._inbox = self._inbox, []
+            self._sends.add_notifications(inbox)
+            self._sends.poll(out)
         out.finished_recving, self._done = self._done, set()
         failed, self._failed = self._failed, {}
         out.failed_recving = {req_id: str(e) for req_id, e in failed.items()}
@@ -466,7 +405,7 @@ class NixlConnectorWorker(KVConnectorWorker):
         return out
 
     def has_pending(self) -> bool:
-        return bool(self._loads or self._waiting or self._sends)
+        return bool(self._loads or self._waiting or self._sends.has_pending())
 
     def shutdown(self) -> None:
         for req_id in list(self._loads):
