@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import socket
 import statistics
 import time
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+
+from kvxfer.ports import free_port
 
 REQUEST_START_DELAY_S = 0.2  # all decode ranks start their reads together after this
 REPLY_TIMEOUT_S = 300.0
@@ -255,12 +256,6 @@ class Ranks:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(shape: Shape, tokens: int, p_tp: int, d_tp: int, block_size: int = 16, iterations: int = 5,

@@ -22,6 +22,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from kvxfer.engine.config import EngineConfig
+from kvxfer.ports import free_port
 
 
 class WorkerError(RuntimeError):
@@ -142,7 +143,7 @@ class Executor:
             # Load first, then join the group: a rank failing to load is reported as such
             # instead of leaving the others waiting in a rendezvous.
             self.proposed_num_blocks = self.collective_rpc("load_model")
-            self.num_blocks = self.collective_rpc("init_kv_cache", _free_port())[0]
+            self.num_blocks = self.collective_rpc("init_kv_cache", free_port())[0]
         except BaseException:
             self.shutdown()
             raise
@@ -180,8 +181,3 @@ class Executor:
     def worker_pids(self) -> list[int]:
         return [r.process.pid for r in self.ranks if isinstance(r, _ProcessRank)]
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

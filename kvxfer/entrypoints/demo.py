@@ -16,7 +16,8 @@ from pathlib import Path
 
 import httpx
 
-from kvxfer.entrypoints.launcher import ManagedProcess, free_ports, proxy_argv, serve_argv, stop_all
+from kvxfer.entrypoints.launcher import ManagedProcess, proxy_argv, serve_argv, stop_all
+from kvxfer.ports import free_ports
 
 PROMPTS = [
     "A prefill engine reads the whole prompt at once",

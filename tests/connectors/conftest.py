@@ -1,9 +1,9 @@
 """Shared fixtures for the connector tests: free ports and tiny checkpoints built once."""
 
 import pytest
-from connector_actors import free_port
 
 from kvxfer.models.presets import make_model
+from kvxfer.ports import free_port
 
 
 @pytest.fixture

@@ -151,14 +151,6 @@ class Actor:
             self.kill()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def held_heads(num_heads: int, rank: int, tp: int) -> list[int]:
     """Global KV heads in a rank's tensor, from the design: split, or one replicated head when tp > H."""
     if tp <= num_heads:

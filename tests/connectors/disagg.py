@@ -7,9 +7,10 @@ import time
 import uuid
 
 import torch
+from connector_actors import held_heads
 
-from kvxfer import KVTransferConfig, LLM
-from connector_actors import free_port, held_heads
+from kvxfer import LLM, KVTransferConfig
+from kvxfer.ports import free_port
 
 BLOCK_SIZE = 8
 NUM_BLOCKS = 64

@@ -19,7 +19,7 @@ from disagg import (
 )
 
 from kvxfer import SamplingParams
-from connector_actors import free_port
+from kvxfer.ports import free_port
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 HANDOFF = {"do_remote_decode": True}

@@ -9,10 +9,11 @@ import time
 
 import numpy as np
 import pytest
-from connector_actors import Actor, free_port, held_heads
+from connector_actors import Actor, held_heads
 
 from kvxfer.connectors.base import RecvRequest
 from kvxfer.connectors.config import KVTransferConfig
+from kvxfer.ports import free_port
 from kvxfer.specs import FullAttentionSpec, MLAAttentionSpec
 
 SPECS = {

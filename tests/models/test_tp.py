@@ -1,11 +1,12 @@
 """TP ranks as real processes over gloo produce the same logits as one process."""
 
-import socket
 import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from kvxfer.ports import free_port
 
 from .harness import scenario_logits, tp_worker
 
@@ -15,12 +16,6 @@ JOBS = {
     # tiny-llama-gqa2 has 2 KV heads: at TP 4 each is replicated on two ranks.
     4: ["tiny-llama-gqa2", "tiny-deepseek-mla"],
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(tp_size: int, jobs: list[tuple[str, str]], out_dir: str) -> None:

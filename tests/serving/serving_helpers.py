@@ -10,7 +10,8 @@ import time
 import httpx
 import pytest
 
-from kvxfer.entrypoints.launcher import ManagedProcess, free_ports, proxy_argv, serve_argv, stop_all
+from kvxfer.entrypoints.launcher import ManagedProcess, proxy_argv, serve_argv, stop_all
+from kvxfer.ports import free_ports
 
 BLOCK_SIZE = 16
 NUM_KV_BLOCKS = 256
