@@ -15,6 +15,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("serve",): ("kvxfer.entrypoints.serve", "run an OpenAI-compatible prefill/decode/both server"),
     ("bench", "engine"): ("kvxfer.bench.engine", "engine throughput against HF generate"),
     ("bench", "transfer"): ("kvxfer.bench.transfer", "connector KV pull against a raw NIXL read"),
+    ("bench", "serve"): ("kvxfer.bench.serve", "serving load generator: TTFT/TPOT/ITL, goodput, endpoint ratios"),
 }
 
 
