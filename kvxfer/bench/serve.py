@@ -149,19 +149,20 @@ def plan(args: argparse.Namespace) -> RunPlan:
 
 
 async def send(client: httpx.AsyncClient, url: str, body: dict, req: BenchRequest, round_: int,
-               origin: float) -> RequestRecord:
-    """Stream one completion; never raises (errors become the record's kind and detail)."""
+               origin: float, timeout_s: float) -> RequestRecord:
+    """Stream one completion within `timeout_s` in all (httpx's own timeout bounds each read,
+    not the whole stream); never raises: errors become the record's kind and detail."""
     start = time.perf_counter()
     rec = RequestRecord(req.index, req.klass, round_, start - origin,
                         len(req.prompt) if isinstance(req.prompt, list) else req.prompt_len, req.max_tokens)
     payload = body | {"prompt": req.prompt, "max_tokens": req.max_tokens}
     try:
-        async with client.stream("POST", f"{url}/v1/completions", json=payload) as resp:
+        async with asyncio.timeout(timeout_s), client.stream("POST", f"{url}/v1/completions", json=payload) as resp:
             if resp.status_code != 200:
                 text = (await resp.aread()).decode(errors="replace")
                 return _fail(rec, f"http_{resp.status_code}", text[:300])
             await _read_stream(resp, rec, start)
-    except httpx.TimeoutException as exc:
+    except (httpx.TimeoutException, TimeoutError) as exc:
         return _fail(rec, "timeout", repr(exc))
     except httpx.ConnectError as exc:
         return _fail(rec, "connect", repr(exc))
@@ -222,7 +223,7 @@ def _fail(rec: RequestRecord, kind: str, detail: str) -> RequestRecord:
 
 
 async def run_round(client: httpx.AsyncClient, url: str, body: dict, requests, round_: int,
-                    concurrency: int | None, duration_s: float | None, origin: float,
+                    concurrency: int | None, duration_s: float | None, origin: float, timeout_s: float,
                     on_done) -> tuple[list[RequestRecord], float]:
     """Send `requests` at their arrival offsets (at most `concurrency` in flight); with
     `duration_s`, stop sending once that much time has passed. Returns the records and the
@@ -233,7 +234,7 @@ async def run_round(client: httpx.AsyncClient, url: str, body: dict, requests, r
 
     async def one(req: BenchRequest) -> RequestRecord:
         try:
-            rec = await send(client, url, body, req, round_, origin)
+            rec = await send(client, url, body, req, round_, origin, timeout_s)
         finally:
             if sem is not None:
                 sem.release()
@@ -265,9 +266,9 @@ def _round_requests(p: RunPlan, round_: int):
     return itertools.islice(stream, p.num_requests // p.rounds + (round_ < p.num_requests % p.rounds))
 
 
-async def _model_name(client: httpx.AsyncClient, url: str) -> str | None:
+async def _model_name(client: httpx.AsyncClient, url: str, timeout_s: float) -> str | None:
     try:
-        resp = await client.get(f"{url}/v1/models", timeout=10)
+        resp = await client.get(f"{url}/v1/models", timeout=min(10.0, timeout_s))
         return resp.json()["data"][0]["id"]
     except Exception:  # no model list: send no model name (kvxfer servers accept that)
         return None
@@ -280,12 +281,12 @@ async def run(p: RunPlan, model: str | None, progress: bool) -> tuple[dict, dict
     async with httpx.AsyncClient(timeout=httpx.Timeout(p.timeout_s), limits=limits) as client:
         bodies = {}
         for ep in p.endpoints:
-            name = model or await _model_name(client, ep.url)
+            name = model or await _model_name(client, ep.url, p.timeout_s)
             bodies[ep.name] = p.body | ({"model": name} if name else {})
         warmup_errors: dict[str, int] = {}
         for ep in p.endpoints:
             for req in itertools.islice(p.workload.requests(WARMUP_STREAM), p.warmup):
-                rec = await send(client, ep.url, bodies[ep.name], req, -1, time.perf_counter())
+                rec = await send(client, ep.url, bodies[ep.name], req, -1, time.perf_counter(), p.timeout_s)
                 warmup_errors[ep.name] = warmup_errors.get(ep.name, 0) + (not rec.ok)
         total = p.num_requests * len(p.endpoints) if p.num_requests is not None else None
         bar = tqdm(total=total, disable=not progress, unit="req", file=sys.stderr)
@@ -298,7 +299,7 @@ async def run(p: RunPlan, model: str | None, progress: bool) -> tuple[dict, dict
                 bar.set_postfix_str(f"round {r + 1}/{p.rounds} {ep.name}")
                 recs, dur = await run_round(client, ep.url, bodies[ep.name], _round_requests(p, r), r,
                                             p.concurrency, p.duration_s / p.rounds if p.duration_s else None,
-                                            origin, lambda _rec: bar.update(1))
+                                            origin, p.timeout_s, lambda _rec: bar.update(1))
                 records[ep.name] += recs
                 durations[ep.name] += dur
         bar.close()
@@ -352,7 +353,7 @@ def report(result: dict, slo: SLO) -> str:
             ("duration s", lambda s: f"{s['duration_s']:.2f}"),
             ("requests/s", lambda s: f"{s['request_throughput']:.2f}"),
             ("output tokens/s", lambda s: f"{s['output_token_throughput']:.1f}"),
-            (f"goodput req/s (TTFT<={slo.ttft_ms} TPOT<={slo.tpot_ms} ms)", lambda s: f"{s['goodput']:.2f}")]
+            (f"goodput req/s ({_slo_text(slo)})", lambda s: f"{s['goodput']:.2f}")]
     for sec in ("ttft", "tpot", "itl", "e2e"):
         for key in ("p50_ms", "p90_ms", "p99_ms"):
             rows.append((f"{sec.upper()} {key[:-3]} ms", lambda s, sec=sec, key=key: _fmt(s[sec][key])))
@@ -372,6 +373,11 @@ def report(result: dict, slo: SLO) -> str:
                          f"{_fmt(s['ttft']['p99_ms'])} ms, TPOT p50/p99 {_fmt(s['tpot']['p50_ms'])}/"
                          f"{_fmt(s['tpot']['p99_ms'])} ms, goodput {s['goodput']:.2f} req/s")
     return "\n".join(lines)
+
+
+def _slo_text(slo: SLO) -> str:
+    parts = [f"{name} <= {v:g} ms" for name, v in (("TTFT", slo.ttft_ms), ("TPOT", slo.tpot_ms)) if v is not None]
+    return ", ".join(parts) or "no SLO"
 
 
 def _fmt(v, spec: str = ".1f") -> str:

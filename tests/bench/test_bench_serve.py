@@ -5,6 +5,7 @@ summary is checked against the per-request records it also holds, recomputed her
 from __future__ import annotations
 
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -99,13 +100,20 @@ def test_sequential_comparison_proxy_vs_colocated(servers, tmp_path):
 
 def test_errors_are_counted_by_kind_and_the_run_finishes(servers, tmp_path):
     (dead_port,) = free_ports(1)  # nothing listens there
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts connections (backlog), never answers
     out = tmp_path / "err.json"
-    rc, log = bench("--endpoint", f"dead=http://127.0.0.1:{dead_port}", "--endpoint", f"colocated={servers['colocated']}",
-                    "--num-requests", "3", "--rounds", "1", "--warmup", "0", "--input-len", "8",
-                    "--output-len", "100000", "--out", str(out))
+    try:
+        rc, log = bench("--endpoint", f"dead=http://127.0.0.1:{dead_port}",
+                        "--endpoint", f"silent=http://127.0.0.1:{silent.getsockname()[1]}",
+                        "--endpoint", f"colocated={servers['colocated']}", "--request-timeout", "2",
+                        "--num-requests", "3", "--rounds", "1", "--warmup", "0", "--input-len", "8",
+                        "--output-len", "100000", "--out", str(out))
+    finally:
+        silent.close()
     assert rc == 1, log  # no endpoint completed anything
     eps = json.loads(out.read_text())["endpoints"]
     assert eps["dead"]["summary"]["errors"] == {"connect": 3}
+    assert eps["silent"]["summary"]["errors"] == {"timeout": 3}
     # Over the server's context length: a 400 whose message names max_tokens.
     assert eps["colocated"]["summary"]["errors"] == {"http_400": 3}
     assert all("max_tokens" in r["error_detail"] for r in eps["colocated"]["requests"])
