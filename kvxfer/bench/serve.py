@@ -53,11 +53,14 @@ def endpoint(text: str) -> Endpoint:
     return Endpoint(name, url.rstrip("/"))
 
 
-def _positive(kind):
+def _positive(kind, allow_zero: bool = False):
     def parse(text: str):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if not (value >= 0 if allow_zero else value > 0):
+            raise argparse.ArgumentTypeError(f"expected a number {'>=' if allow_zero else '>'} 0, got {text!r}")
         return value
     return parse
 
@@ -85,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=_positive(int), default=None, help="most requests in flight")
     parser.add_argument("--sequential", action="store_true",
                         help="one request at a time (concurrency 1, no rate): the TTFT protocol's medians")
-    parser.add_argument("--warmup", type=int, default=2, help="unmeasured requests per endpoint, one at a time")
+    parser.add_argument("--warmup", type=_positive(int, allow_zero=True), default=2, help="unmeasured requests per endpoint, one at a time")
     parser.add_argument("--rounds", type=_positive(int), default=None,
                         help="split the run into rounds, endpoints alternating within each (default 1; 3 when "
                              "comparing; with --sequential up to the request count, one request per endpoint each)")
@@ -119,10 +122,6 @@ def plan(args: argparse.Namespace) -> RunPlan:
         raise SystemExit("error: --sequential excludes --concurrency and --request-rate")
     if args.num_requests is not None and args.duration is not None:
         raise SystemExit("error: give --num-requests or --duration, not both")
-    if args.warmup < 0:
-        raise SystemExit("error: --warmup must be >= 0")
-    if not 0 <= args.token_ids.lo:
-        raise SystemExit("error: --token-ids must be >= 0")
     names = [e.name for e in args.endpoint]
     if len(set(names)) != len(names):
         raise SystemExit(f"error: --endpoint names must be distinct, got {names}")
@@ -130,8 +129,14 @@ def plan(args: argparse.Namespace) -> RunPlan:
     if len({c.name for c in classes}) != len(classes):
         raise SystemExit("error: --mix class names must be distinct")
     num = args.num_requests if args.num_requests is not None or args.duration is not None else 64
-    rounds = args.rounds or (1 if len(args.endpoint) == 1 else
-                             (num or 1) if args.sequential and num else 3)
+    if args.rounds is not None:
+        rounds = args.rounds
+    elif len(args.endpoint) == 1:
+        rounds = 1
+    elif args.sequential and num is not None:
+        rounds = num  # alternate request by request
+    else:
+        rounds = 3
     if num is not None and rounds > num:
         raise SystemExit(f"error: --rounds {rounds} exceeds --num-requests {num}")
     body = {"stream": True, "temperature": args.temperature, "ignore_eos": not args.no_ignore_eos,
