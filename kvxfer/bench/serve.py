@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -391,7 +392,10 @@ def _fmt(v, spec: str = ".1f") -> str:
 
 def main(args: argparse.Namespace) -> int:
     p = plan(args)
+    load_before = os.getloadavg()  # the host's load: figures from a busy shared machine say so
     result, records = asyncio.run(run(p, args.model, progress=not args.no_progress))
+    result["host"] = {"cpus": os.cpu_count(), "loadavg_1_5_15_before": load_before,
+                      "loadavg_1_5_15_after": os.getloadavg()}
     result["config"] = {k: v for k, v in vars(args).items() if not k.startswith("_")} | {
         "endpoint": [f"{e.name}={e.url}" for e in p.endpoints], "rounds": p.rounds,
         "num_requests": p.num_requests, "concurrency": p.concurrency,
@@ -399,6 +403,8 @@ def main(args: argparse.Namespace) -> int:
         "input_len": str(args.input_len), "output_len": str(args.output_len), "token_ids": str(args.token_ids),
     }
     print(report(result, p.slo))
+    print("host load average (1/5/15 min) before {:.2f}/{:.2f}/{:.2f}, after {:.2f}/{:.2f}/{:.2f}".format(
+        *result["host"]["loadavg_1_5_15_before"], *result["host"]["loadavg_1_5_15_after"]))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
