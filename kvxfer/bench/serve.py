@@ -123,6 +123,9 @@ def plan(args: argparse.Namespace) -> RunPlan:
         raise SystemExit("error: --sequential excludes --concurrency and --request-rate")
     if args.num_requests is not None and args.duration is not None:
         raise SystemExit("error: give --num-requests or --duration, not both")
+    if args.duration is not None and not (args.request_rate or args.concurrency or args.sequential):
+        raise SystemExit("error: --duration needs --request-rate, --concurrency or --sequential "
+                         "(else every request would be sent at once, without end)")
     names = [e.name for e in args.endpoint]
     if len(set(names)) != len(names):
         raise SystemExit(f"error: --endpoint names must be distinct, got {names}")

@@ -101,3 +101,20 @@ def test_mix_shares_lengths_and_reproducibility():
 def test_bad_arguments_name_the_field(parse, text, needle):
     with pytest.raises(argparse.ArgumentTypeError, match=needle):
         parse(text)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--duration", "5"], "--duration needs --request-rate"),
+    (["--sequential", "--concurrency", "2"], "--sequential excludes"),
+    (["--num-requests", "4", "--duration", "5", "--concurrency", "1"], "not both"),
+    (["--endpoint", "b=http://127.0.0.1:2", "--num-requests", "2", "--rounds", "3"], "--rounds 3 exceeds"),
+    (["--endpoint", "a=http://127.0.0.1:2"], "names must be distinct"),
+    (["--mix", "a:1:8:8", "--mix", "a:2:9:9"], "class names must be distinct"),
+])
+def test_inconsistent_options_are_refused_by_name(argv, needle):
+    from kvxfer.bench.serve import add_arguments, plan
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(SystemExit, match=needle):
+        plan(parser.parse_args(["--endpoint", "a=http://127.0.0.1:1", *argv]))
