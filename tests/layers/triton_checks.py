@@ -233,6 +233,11 @@ def check_model_qwen3(device, dtype):
     _model_case("tiny-qwen3", device, dtype)
 
 
+def check_model_gemma3(device, dtype):
+    # Sliding-window layers (window 6) over contexts of up to 11 tokens, and global layers.
+    _model_case("tiny-gemma3", device, dtype)
+
+
 def check_model_deepseek_mla(device, dtype):
     _model_case("tiny-deepseek-mla", device, dtype)
 
