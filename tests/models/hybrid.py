@@ -56,7 +56,15 @@ def forced_pick(vocab: int):
     return pick
 
 
-def hybrid_logits(model_dir: str, tp_rank: int = 0, tp_size: int = 1, greedy: bool = False, windows: bool = True):
+def hybrid_logits(
+    model_dir: str,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    greedy: bool = False,
+    windows: bool = True,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
     """The scenario on this rank's shard; returns (results, every sequence's tokens).
 
     `windows=False` drops every layer's window (a negative control: HF must then disagree).
@@ -64,12 +72,12 @@ def hybrid_logits(model_dir: str, tp_rank: int = 0, tp_size: int = 1, greedy: bo
     from kvxfer.models import build_model, load_model_config
 
     config = load_model_config(model_dir)
-    model = build_model(config, tp_rank, tp_size)
+    model = build_model(config, tp_rank, tp_size, device, dtype)
     model.load_weights(model_dir)
     if not windows:
         for layer in model.layers:
             layer.self_attn.sliding_window = None
-    runner = PagedRunner(model, config, tp_size)
+    runner = PagedRunner(model, config, tp_size, device=device, dtype=dtype)
     pick = (lambda seq, logits: int(logits.argmax())) if greedy else forced_pick(config.vocab_size)
     results = run_hybrid(runner, hybrid_prompts(config.vocab_size), pick)
     return results, runner.tokens

@@ -80,6 +80,27 @@ def test_without_the_window_the_logits_differ(greedy_run):
     assert worst > 1.0, f"{name}: dropping the window changed logits by only {worst}"
 
 
+def test_gemma3_bfloat16_on_cpu_tracks_float32(preset_dir):
+    """bfloat16 weights and cache (Gemma's norms and embedding scale round like HF's) stay close."""
+    path = preset_dir("tiny-gemma3")
+    expected, tokens = hybrid_logits(path)
+    got, got_tokens = hybrid_logits(path, dtype=torch.bfloat16)
+    assert got_tokens == tokens
+    worst = max((a.float() - b).abs().max().item() for (_, _, a), (_, _, b) in zip(got, expected))
+    agree = sum(int(a.argmax() == b.argmax()) for (_, _, a), (_, _, b) in zip(got, expected)) / len(got)
+    assert worst < 1.0 and agree >= 0.8, (worst, agree)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", HYBRID_PRESETS)
+def test_cuda_float32_matches_hf(preset_dir, name):
+    """The Triton kernels with windows, through whole models."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    results, tokens = hybrid_logits(preset_dir(name), greedy=True, device="cuda")
+    assert_matches_hf(f"{name} on CUDA", [(s, p, logits.cpu()) for s, p, logits in results],
+                      hf_reference(preset_dir(name), tokens), tol=1e-3)
+
+
 def run_ranks(tp_size: int, jobs: list[tuple[str, str]], out_dir: str) -> None:
     ctx = mp.start_processes(
         hybrid_tp_worker, args=(tp_size, free_port(), jobs, out_dir), nprocs=tp_size, join=False, start_method="spawn"
