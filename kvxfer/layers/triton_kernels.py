@@ -68,7 +68,9 @@ def _attend_tile(
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
-@triton.jit
+# `window` is never specialised (Triton would make a window of 1 a constant): one compiled kernel
+# serves every window, and its code is the one the sm_90 compile check sees.
+@triton.jit(do_not_specialize=["window"])
 def decode_kernel(
     q_ptr, q_st, q_sh,
     kv_ptr, c_sb, c_sh, c_ss, c_sp,
@@ -157,7 +159,7 @@ def merge_splits_kernel(
     tl.store(out_ptr + q_tok.to(tl.int64) * o_st + head * o_sh + dv, out.to(out_ptr.dtype.element_ty), mask=dv < DV)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window"])
 def prefill_kernel(
     q_ptr, q_st, q_sh,
     kv_ptr, c_sb, c_sh, c_ss, c_sp,
