@@ -263,8 +263,20 @@ LOGIT_STD = 4.0
 
 def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, config: dict, arch: str) -> torch.Tensor:
     """Scaled so each layer's output has unit-order variance and logits spread by a few units."""
-    if arch == "Gemma3ForCausalLM":
-        return _gemma_tensor(name, shape, gen, config)
+    x = _effective_tensor(name, shape, gen, config)
+    if arch != "Gemma3ForCausalLM":
+        return x
+    # Gemma multiplies norms by `1 + weight` and embeddings by sqrt(hidden): store the weights
+    # that give the same effective scales as the other families.
+    root = math.sqrt(config["hidden_size"])
+    if name == "model.embed_tokens.weight":
+        return x / root
+    if name == "model.norm.weight" and config["tie_word_embeddings"]:
+        x = x * root  # the tied LM head reads the stored (unscaled) embedding
+    return x - 1.0 if name.endswith("norm.weight") else x
+
+
+def _effective_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, config: dict) -> torch.Tensor:
     x = torch.randn(shape, generator=gen)
     if name == "model.norm.weight" and config["tie_word_embeddings"]:
         # The tied LM head has the embedding's small scale; the final norm brings logits up.
@@ -280,19 +292,6 @@ def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, confi
     if name.endswith("mlp.gate.weight"):  # router: decisive expert choice
         return x * (3.0 / math.sqrt(shape[1]))
     return x / math.sqrt(shape[1])
-
-
-def _gemma_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, config: dict) -> torch.Tensor:
-    """Gemma scales norms by `1 + weight` and embeddings by sqrt(hidden): store the weights that give
-    the same effective scales as the other families."""
-    if name.endswith("norm.weight") or name == "model.embed_tokens.weight":
-        effective = random_tensor(name, shape, gen, config, "")
-        if name == "model.embed_tokens.weight":
-            return effective / math.sqrt(config["hidden_size"])
-        if name == "model.norm.weight":  # the tied head reads the unscaled (smaller) embedding
-            effective = effective * math.sqrt(config["hidden_size"])
-        return effective - 1.0
-    return random_tensor(name, shape, gen, config, "")
 
 
 # HF model_type of each architecture a preset uses.
