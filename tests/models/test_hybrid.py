@@ -183,25 +183,38 @@ def test_unsupported_window_configs_are_named(preset_dir, tmp_path, preset, chan
         load_model_config(model_dir)
 
 
-def test_transformers_made_qwen2_checkpoint_matches_hf(tmp_path):
-    """A checkpoint written by transformers itself (Qwen2: q/k/v biases, no o bias), windows from
-    use_sliding_window + max_window_layers, weights rescaled so attention is far from uniform."""
+TRANSFORMERS_MADE = {
+    # Qwen2: q/k/v biases but no o bias; windows from use_sliding_window + max_window_layers.
+    "qwen2": (dict(architectures=["Qwen2ForCausalLM"], use_sliding_window=True, sliding_window=WINDOW,
+                   max_window_layers=1, tie_word_embeddings=False), (None, WINDOW, WINDOW)),
+    "mistral": (dict(architectures=["MistralForCausalLM"], sliding_window=WINDOW, tie_word_embeddings=False),
+                (WINDOW,) * 3),
+    # Gemma 3 in the legacy config form: rope_theta / rope_local_base_freq, sliding_window_pattern.
+    "gemma3_text": (dict(architectures=["Gemma3ForCausalLM"], sliding_window=WINDOW, sliding_window_pattern=3,
+                         rope_theta=500000.0, rope_local_base_freq=5000.0, query_pre_attn_scalar=20,
+                         head_dim=16), (WINDOW, WINDOW, None)),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(TRANSFORMERS_MADE))
+def test_transformers_made_checkpoint_matches_hf(tmp_path, model_type):
+    """A checkpoint written by transformers itself, weights rescaled so attention is far from uniform."""
+    changes, windows = TRANSFORMERS_MADE[model_type]
     config = AutoConfig.for_model(
-        "qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=256, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1, tie_word_embeddings=False,
+        model_type, vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **changes,
     )
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for name, param in hf.named_parameters():
             if name.endswith("norm.weight"):
-                param.fill_(1.0)
+                param.fill_(0.0 if model_type.startswith("gemma") else 1.0)  # Gemma scales by 1 + w
             elif param.dim() == 1:
                 param.normal_(0, 0.1)
             else:
                 param.normal_(0, 4.0 if name == "lm_head.weight" else 1.0).div_(param.shape[1] ** 0.5)
     hf.save_pretrained(tmp_path)
-    assert load_model_config(tmp_path).sliding_windows == (None, WINDOW, WINDOW)
+    assert load_model_config(tmp_path).sliding_windows == windows
     results, tokens = hybrid_logits(str(tmp_path), greedy=True)
-    assert_matches_hf("transformers-made Qwen2", results, hf_reference(tmp_path, tokens))
+    assert_matches_hf(f"transformers-made {model_type}", results, hf_reference(tmp_path, tokens))
