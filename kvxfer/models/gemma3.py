@@ -120,7 +120,8 @@ class Gemma3ForCausalLM(CausalLM):
         self.embed_scale = torch.tensor(hf.hidden_size**0.5).to(dtype).item()
         self.softcap = hf.final_logit_softcapping
         # One rotary table per layer kind: local and global layers use different RoPE bases.
-        rotaries = {kind: _rotary(hf, kind, config.head_size, device) for kind in ("full_attention", "sliding_attention")}
+        kinds = ("full_attention", "sliding_attention")
+        rotaries = {kind: _rotary(hf, kind, config.head_size, device) for kind in kinds}
         self.rotaries = nn.ModuleDict(rotaries)
         self.layers.extend(
             Gemma3DecoderLayer(

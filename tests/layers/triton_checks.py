@@ -104,7 +104,9 @@ def _attention_case(device, dtype, batch, hq, heads, dim, v_dim, block_size, see
     _close("paged_attention vs torch_ops", got, reference, dtype)
     if meta.max_query_len <= 1:
         for splits in decode_kwargs.get("splits", ()):
-            split = _ops().decode_attention(query, kv_layer, meta, scale, v_dim, num_splits=splits, sliding_window=window)
+            split = _ops().decode_attention(
+                query, kv_layer, meta, scale, v_dim, num_splits=splits, sliding_window=window
+            )
             _close(f"decode_attention with {splits} splits vs dense", split, want, dtype)
         # The prefill kernel handles decode rows too (they occur in mixed batches).
         prefill = _ops().prefill_attention(query, kv_layer, meta, scale, v_dim, window)
