@@ -11,6 +11,7 @@
 #         TTFT_REPEATS after warm-up, proxy vs colocated alternating request by request.
 # Environment: OUT [compare_serving_out] CACHE [~/.cache/kvxfer/integration] DTYPE [engine default]
 #   NUM_KV_BLOCKS [1024] PREFILL_CPUS [0] DECODE_CPUS [1] COLOCATED_CPUS [0,1] SEED [0]
+#   SERVE_ARGS (more `kvxfer serve` options for every instance, e.g. --max-num-batched-tokens 512)
 # Writes OUT/<stage>*.json, .png, .txt and the servers' logs; stops every process it started.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -29,7 +30,7 @@ trap kvx_stop_all EXIT
 
 read -r P_PORT P_SIDE D_PORT D_SIDE C_PORT C_SIDE X_PORT <<<"$(kvx_free_ports 7)"
 SERVE=("$PYTHON" -m kvxfer.entrypoints.serve "$MODEL_DIR" --host 127.0.0.1 --num-kv-blocks "${NUM_KV_BLOCKS:-1024}"
-       --log-level warning ${DTYPE:+--dtype "$DTYPE"})
+       --log-level warning ${DTYPE:+--dtype "$DTYPE"} ${SERVE_ARGS:-})
 kvx_start prefill "$OUT/prefill.log" taskset -c "${PREFILL_CPUS:-0}" "${SERVE[@]}" --role prefill \
   --port "$P_PORT" --side-channel-port "$P_SIDE"
 kvx_start decode "$OUT/decode.log" taskset -c "${DECODE_CPUS:-1}" "${SERVE[@]}" --role decode \
