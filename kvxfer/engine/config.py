@@ -1,9 +1,45 @@
-"""Engine configuration."""
+"""Engine configuration, and what dtype "auto" resolves to on this host."""
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# CPU flags (Linux /proc/cpuinfo names) that run bfloat16 matmuls natively through oneDNN.
+_NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+@functools.cache
+def cpu_bf16_features() -> tuple[str, ...]:
+    """The native bfloat16 features this host's CPU reports; empty when none (or unknown)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return ()
+    return tuple(flag for flag in _NATIVE_BF16_FLAGS if flag in flags)
+
+
+def resolve_dtype(dtype: str, device: str, checkpoint_dtype: str | None) -> str:
+    """The torch dtype name a model runs in. "auto": on CUDA bfloat16; on CPU a bfloat16 (or
+    float16) checkpoint runs in bfloat16 where the CPU has native bfloat16 (AMX or AVX512-BF16),
+    float32 elsewhere; float32 checkpoints stay float32 (bit-comparable with the HF reference)."""
+    if dtype != "auto":
+        return dtype
+    if device != "cpu":
+        return "bfloat16"
+    if checkpoint_dtype not in ("bfloat16", "float16"):
+        return "float32"
+    features = cpu_bf16_features()
+    if features:
+        logger.info("dtype auto: %s checkpoint runs in bfloat16 (CPU has %s)", checkpoint_dtype, ", ".join(features))
+        return "bfloat16"
+    logger.info("dtype auto: %s checkpoint runs in float32 (CPU lacks AMX-BF16 and AVX512-BF16)", checkpoint_dtype)
+    return "float32"
 
 
 @dataclass
@@ -11,7 +47,8 @@ class EngineConfig:
     model_dir: str
     tensor_parallel_size: int = 1
     device: str = "cpu"
-    # "auto": float32 on CPU (bit-comparable with the HF reference), bfloat16 on CUDA.
+    # "auto": see resolve_dtype (bfloat16 on CUDA; the checkpoint's half dtype on a CPU with
+    # native bfloat16, else float32).
     dtype: str = "auto"
     block_size: int = 16
     # Fixed pool size; None sizes the pool from each rank's memory (MIN over ranks).
@@ -36,6 +73,8 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {self.dtype!r}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
@@ -50,11 +89,13 @@ class EngineConfig:
         if self.kv_cache_memory_fraction is not None and not 0 < self.kv_cache_memory_fraction <= 1:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
 
-    @property
+    @functools.cached_property
     def torch_dtype_name(self) -> str:
-        if self.dtype != "auto":
-            return self.dtype
-        return "float32" if self.device == "cpu" else "bfloat16"
+        if self.dtype == "auto" and self.device == "cpu":
+            from kvxfer.models import load_model_config
+
+            return resolve_dtype(self.dtype, self.device, load_model_config(self.model_dir).checkpoint_dtype)
+        return resolve_dtype(self.dtype, self.device, None)
 
     def kv_memory_for_rank(self, rank: int) -> int | None:
         mem = self.kv_cache_memory_bytes
