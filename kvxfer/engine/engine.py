@@ -16,6 +16,7 @@ from typing import Any
 
 from kvxfer.engine.block_manager import BlockManager
 from kvxfer.engine.config import EngineConfig
+from kvxfer.engine.detokenizer import text_delta
 from kvxfer.engine.executor import Executor, WorkerError
 from kvxfer.engine.model_runner import StepInput
 from kvxfer.engine.request import Request, RequestOutput
@@ -209,14 +210,10 @@ class LLMEngine:
         if request.is_finished:
             request.text = decode(ids, skip_special_tokens=True)
             return
-        # Decode only a short window: the text of the tokens since the last emitted boundary,
-        # held back while it ends in an incomplete character.
-        start, read = request.detok_offsets
-        before = decode(ids[start:read], skip_special_tokens=True)
-        after = decode(ids[start:], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            request.text += after[len(before) :]
-            request.detok_offsets = (read, len(ids))
+        delta, request.detok_offsets = text_delta(
+            lambda window: decode(window, skip_special_tokens=True), ids, request.detok_offsets
+        )
+        request.text += delta
 
     # ---------------------------------------------------------------- utilities
     def collective_rpc(self, method: str, *args: Any) -> list:
