@@ -4,7 +4,9 @@ vLLM (`--vllm-python`, the Python of a separate vLLM environment) on the same pr
 All run greedy with EOS ignored, so every prompt yields exactly its output length; HF
 runs batched with left padding. Throughput counts generated tokens (and, separately,
 prompt + generated tokens) over the wall time of the whole batch. With `--repeat N` kvxfer
-and vLLM alternate N times (the host may be shared) and the medians are compared.
+and vLLM alternate N times (the host may be shared) and the medians are compared; the CPU
+time of each batch (its process, all threads; TP 1) is reported too, as the figure that a
+busy shared host distorts least.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def make_workload(args: argparse.Namespace, vocab: int) -> tuple[list[list[int]]
     return prompts, outputs
 
 
-def run_kvxfer(args, model_dir: str, prompts: list[list[int]], outputs: list[int]) -> tuple[float, list[list[int]]]:
+def run_kvxfer(args, model_dir: str, prompts: list[list[int]], outputs: list[int]) -> tuple[float, float, list[list[int]]]:
     from kvxfer import LLM, SamplingParams
 
     llm = LLM(model_dir, tensor_parallel_size=args.tp, device=args.device, dtype=args.dtype,
@@ -87,9 +89,9 @@ def run_kvxfer(args, model_dir: str, prompts: list[list[int]], outputs: list[int
     try:
         llm.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
         params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in outputs]
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         results = llm.generate(prompts, params, use_tqdm=True)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         stats = llm.engine.stats()
     finally:
         llm.shutdown()
@@ -97,11 +99,11 @@ def run_kvxfer(args, model_dir: str, prompts: list[list[int]], outputs: list[int
     if produced != sum(outputs):
         raise RuntimeError(f"kvxfer produced {produced} tokens, expected {sum(outputs)}")
     print(f"kvxfer: {stats['num_blocks']} KV blocks, {stats['num_preemptions']} preemptions")
-    return seconds, [r.output_token_ids for r in results]
+    return seconds, cpu_seconds, [r.output_token_ids for r in results]
 
 
-def run_vllm(args, model_dir: str, prompts: list[list[int]], outputs: list[int]) -> tuple[float, list[list[int]]]:
-    """One offline vLLM run in a child process of the vLLM environment; (seconds, output ids)."""
+def run_vllm(args, model_dir: str, prompts: list[list[int]], outputs: list[int]) -> tuple[float, float, list[list[int]]]:
+    """One offline vLLM run in a child process of the vLLM environment; (seconds, CPU seconds, output ids)."""
     from kvxfer.bench import vllm_peer
     from kvxfer.engine.config import resolve_dtype
     from kvxfer.models import load_model_config
@@ -121,7 +123,7 @@ def run_vllm(args, model_dir: str, prompts: list[list[int]], outputs: list[int])
                        timeout=3600)
         with open(result_path) as f:
             result = json.load(f)
-    return result["seconds"], result["tokens"]
+    return result["seconds"], result["cpu_seconds"], result["tokens"]
 
 
 def token_agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
@@ -181,26 +183,31 @@ def main(args: argparse.Namespace) -> int:
           f"tp={args.tp}, device={args.device}")
     result = {"preset": args.preset, "num_prompts": len(prompts), "input_tokens": n_in, "output_tokens": n_out,
               "tp": args.tp, "device": args.device}
-    kv_runs, vllm_runs = [], []
+    kv_runs, kv_cpu, vllm_runs, vllm_cpu = [], [], [], []
     for i in range(max(args.repeat, 1)):
-        kv_s, kv_tokens = run_kvxfer(args, model_dir, prompts, outputs)
+        kv_s, cpu_s, kv_tokens = run_kvxfer(args, model_dir, prompts, outputs)
         kv_runs.append(kv_s)
-        print(f"kvxfer: {kv_s:.2f} s, {n_out / kv_s:.1f} output tok/s, {(n_in + n_out) / kv_s:.1f} total tok/s")
+        kv_cpu.append(cpu_s)
+        print(f"kvxfer: {kv_s:.2f} s ({cpu_s:.2f} CPU s), {n_out / kv_s:.1f} output tok/s, "
+              f"{(n_in + n_out) / kv_s:.1f} total tok/s")
         if args.vllm_python:
-            vllm_s, vllm_tokens = run_vllm(args, model_dir, prompts, outputs)
+            vllm_s, cpu_s, vllm_tokens = run_vllm(args, model_dir, prompts, outputs)
             vllm_runs.append(vllm_s)
-            print(f"vllm: {vllm_s:.2f} s, {n_out / vllm_s:.1f} output tok/s; run {i + 1}: "
-                  f"ratio kvxfer / vllm {vllm_s / kv_s:.2f}x")
-    kv_s = statistics.median(kv_runs)
-    result.update(kvxfer_seconds=kv_s, kvxfer_runs=kv_runs, kvxfer_output_tok_s=n_out / kv_s,
-                  kvxfer_total_tok_s=(n_in + n_out) / kv_s)
+            vllm_cpu.append(cpu_s)
+            print(f"vllm: {vllm_s:.2f} s ({cpu_s:.2f} CPU s), {n_out / vllm_s:.1f} output tok/s; run {i + 1}: "
+                  f"ratio kvxfer / vllm {vllm_s / kv_s:.2f}x (CPU time {cpu_s / kv_cpu[-1]:.2f}x)")
+    kv_s, kv_c = statistics.median(kv_runs), statistics.median(kv_cpu)
+    result.update(kvxfer_seconds=kv_s, kvxfer_runs=kv_runs, kvxfer_cpu_runs=kv_cpu,
+                  kvxfer_output_tok_s=n_out / kv_s, kvxfer_total_tok_s=(n_in + n_out) / kv_s)
     if args.vllm_python:
-        vllm_s = statistics.median(vllm_runs)
+        vllm_s, vllm_c = statistics.median(vllm_runs), statistics.median(vllm_cpu)
         equal, prefix = token_agreement(kv_tokens, vllm_tokens)
-        result.update(vllm_seconds=vllm_s, vllm_runs=vllm_runs, vllm_output_tok_s=n_out / vllm_s,
-                      vllm_ratio=vllm_s / kv_s, vllm_equal_outputs=equal, vllm_equal_prefix=prefix)
-        print(f"medians over {len(kv_runs)} alternating runs: kvxfer {kv_s:.2f} s, vllm {vllm_s:.2f} s; "
-              f"ratio kvxfer / vllm (throughput): {vllm_s / kv_s:.2f}x")
+        result.update(vllm_seconds=vllm_s, vllm_runs=vllm_runs, vllm_cpu_runs=vllm_cpu,
+                      vllm_output_tok_s=n_out / vllm_s, vllm_ratio=vllm_s / kv_s, vllm_cpu_ratio=vllm_c / kv_c,
+                      vllm_equal_outputs=equal, vllm_equal_prefix=prefix)
+        print(f"medians over {len(kv_runs)} alternating runs: kvxfer {kv_s:.2f} s ({kv_c:.2f} CPU s), "
+              f"vllm {vllm_s:.2f} s ({vllm_c:.2f} CPU s); ratio kvxfer / vllm (throughput): "
+              f"{vllm_s / kv_s:.2f}x wall, {vllm_c / kv_c:.2f}x CPU time")
         print(f"greedy outputs equal to vllm's: {equal:.0%} of prompts, {prefix:.0%} of tokens before a divergence")
     if not args.skip_hf:
         hf_s = run_hf(args, model_dir, prompts, outputs)
