@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vllm-eager", action="store_true", help="vLLM with enforce_eager (default: compiled)")
     parser.add_argument("--vllm-block-size", type=int, default=128,
                         help="vLLM KV block size (its CPU attention needs a multiple of 32)")
+    parser.add_argument("--vllm-memory-fraction", type=float, default=0.3,
+                        help="share of host RAM vLLM may reserve on CPU (its gpu_memory_utilization)")
     parser.add_argument("--repeat", type=int, default=1, help="alternate kvxfer and vLLM this many times")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON object")
@@ -112,7 +114,8 @@ def run_vllm(args, model_dir: str, prompts: list[list[int]], outputs: list[int])
     dtype = resolve_dtype(args.dtype, args.device, load_model_config(model_dir).checkpoint_dtype)
     job = {"model_dir": model_dir, "dtype": dtype, "prompts": prompts, "outputs": outputs,
            "block_size": args.vllm_block_size, "max_num_seqs": args.max_num_seqs,
-           "max_num_batched_tokens": args.max_num_batched_tokens, "enforce_eager": args.vllm_eager}
+           "max_num_batched_tokens": args.max_num_batched_tokens, "enforce_eager": args.vllm_eager,
+           "memory_fraction": args.vllm_memory_fraction}
     with tempfile.TemporaryDirectory() as tmp:
         job_path, result_path = os.path.join(tmp, "job.json"), os.path.join(tmp, "result.json")
         with open(job_path, "w") as f:
