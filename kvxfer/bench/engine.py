@@ -115,7 +115,8 @@ def run_vllm(args, model_dir: str, prompts: list[list[int]], outputs: list[int])
     job = {"model_dir": model_dir, "dtype": dtype, "prompts": prompts, "outputs": outputs,
            "block_size": args.vllm_block_size, "max_num_seqs": args.max_num_seqs,
            "max_num_batched_tokens": args.max_num_batched_tokens, "enforce_eager": args.vllm_eager,
-           "memory_fraction": args.vllm_memory_fraction}
+           "memory_fraction": args.vllm_memory_fraction,
+           "max_model_len": max(len(p) + n for p, n in zip(prompts, outputs))}
     with tempfile.TemporaryDirectory() as tmp:
         job_path, result_path = os.path.join(tmp, "job.json"), os.path.join(tmp, "result.json")
         with open(job_path, "w") as f:

@@ -3,7 +3,7 @@
 Run by path with the Python of a separate vLLM environment (vLLM is a benchmark peer, never a
 kvxfer dependency), so this file imports nothing from kvxfer. It reads one JSON job
 `{model_dir, dtype, prompts, outputs, block_size, max_num_seqs, max_num_batched_tokens,
-enforce_eager, memory_fraction}` from the file named by argv[1] and writes `{seconds,
+enforce_eager, memory_fraction, max_model_len}` from the file named by argv[1] and writes `{seconds,
 cpu_seconds, tokens}` to argv[2]: the wall and CPU time of the whole batch (after a warm-up) and each prompt's greedy
 output ids. vLLM's engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0 unless
 set), so the CPU time counts all of its work, as kvxfer's does for its in-process rank 0.
@@ -34,7 +34,9 @@ def main(job_path: str, result_path: str) -> None:
         enforce_eager=job["enforce_eager"],
         # On CPU this is the share of host RAM vLLM reserves (weights + KV); its default, 0.92,
         # refuses to start on a host where anything else holds memory.
-        gpu_memory_utilization=job.get("memory_fraction", 0.3),
+        gpu_memory_utilization=job["memory_fraction"],
+        # The workload's longest sequence, not the checkpoint's 40k positions, sizes its KV check.
+        max_model_len=job["max_model_len"],
         seed=0,
     )
     prompts = [{"prompt_token_ids": p} for p in job["prompts"]]
