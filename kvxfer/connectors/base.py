@@ -48,7 +48,8 @@ class TransferStats(msgspec.Struct, frozen=True):
 
 
 class RecvRequest(msgspec.Struct, frozen=True):
-    """A decode-side load: read `remote_block_ids[i]` into `local_block_ids[i]`.
+    """A decode-side load: read `remote_block_ids[i]` into `local_block_ids[i]`, once the
+    prefill side has confirmed (and pinned) its hold of `held_block_ids` under `transfer_token`.
 
     Empty block lists mean nothing is read (full local prefix hit) but the prefill side is
     still notified so that it frees its blocks.
@@ -57,27 +58,29 @@ class RecvRequest(msgspec.Struct, frozen=True):
     request_id: str
     remote_request_id: str
     remote_engine_id: str
+    remote_instance_id: str
     remote_host: str
     remote_port: int
     remote_tp_size: int
+    transfer_token: str
+    held_block_ids: list[int]  # every block the params name (the hold check compares them exactly)
     local_block_ids: list[int]
-    remote_block_ids: list[int]
-    # Set when the scheduler side already knows the load cannot happen (params that do not fit
-    # the request): every rank then reports this failure at once, so all ranks agree.
-    error: str = ""
+    remote_block_ids: list[int]  # the sub-range of held_block_ids this engine reads
 
 
 class SendRequest(msgspec.Struct, frozen=True):
-    """A prefill-side request whose blocks are held until its readers notify or `deadline`."""
+    """A prefill-side request whose blocks every rank holds until its readers notify (with
+    `transfer_token`) or the scheduler side ends it (`ConnectorMetadata.release` / `expire`)."""
 
     request_id: str
-    deadline: float  # time.monotonic() on the engine's host (TP ranks share one host)
+    transfer_token: str
 
 
 class ConnectorMetadata(msgspec.Struct):
     recv: list[RecvRequest] = []
     send: list[SendRequest] = []
     release: list[str] = []  # held requests to stop holding now (nobody will read them)
+    expire: list[str] = []  # held requests whose lease ran out (decided once, by the scheduler side)
 
 
 class KVConnectorOutput(msgspec.Struct):
@@ -155,6 +158,11 @@ class KVConnectorScheduler(ABC):
     """Scheduler side, in the engine process."""
 
     @abstractmethod
+    def check_new_request(self, request: Any) -> None:
+        """Raise KVParamsError when this engine cannot take the request's parsed
+        `kv_transfer_params` (called by `add_request`, before anything is queued)."""
+
+    @abstractmethod
     def get_num_new_matched_tokens(self, request: Any, num_local_computed_tokens: int) -> int:
         """Prompt tokens that will arrive remotely (the request then waits holding its blocks)."""
 
@@ -171,15 +179,18 @@ class KVConnectorScheduler(ABC):
         """(delay freeing the blocks?, kv_transfer_params for the output)."""
 
     @abstractmethod
-    def release_request(self, request_id: str) -> bool:
+    def release_request(self, request_id: str, transfer_token: str | None) -> bool:
         """Stop holding a finished request's blocks for a remote reader (through the next
-        metadata); False when the connector does not hold it."""
+        metadata); False (and counted as refused) unless it holds it under `transfer_token`."""
 
     @abstractmethod
     def update_connector_output(self, output: KVConnectorOutput) -> None: ...
 
     @abstractmethod
     def stats(self) -> dict[str, float]: ...
+
+    def shutdown(self) -> None:
+        """Stop what the scheduler side serves (e.g. a side channel)."""
 
 
 class KVConnectorWorker(ABC):

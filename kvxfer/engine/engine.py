@@ -115,31 +115,30 @@ class LLMEngine:
                 f"{getattr(self.model_config.hf_config, 'max_position_embeddings', None)})"
             )
         if kv_transfer_params is not None:
-            if self.connector is None:
-                if any(kv_transfer_params.get(k) for k in ("do_remote_prefill", "do_remote_decode")):
-                    raise ValueError(
-                        f"request {request_id!r}: kv_transfer_params given, but the engine has no kv_transfer_config"
-                    )
-            else:
-                from kvxfer.connectors.metadata import parse_kv_transfer_params
+            from kvxfer.connectors.metadata import parse_kv_transfer_params
 
-                parse_kv_transfer_params(kv_transfer_params)
-        return Request(request_id, tokens, sampling_params, kv_transfer_params, self.model_config.eos_token_ids)
+            kv_transfer_params = parse_kv_transfer_params(kv_transfer_params)
+            if kv_transfer_params is not None and self.connector is None:
+                raise ValueError(
+                    f"request {request_id!r}: kv_transfer_params given, but the engine has no kv_transfer_config"
+                )
+        request = Request(request_id, tokens, sampling_params, kv_transfer_params, self.model_config.eos_token_ids)
+        if self.connector is not None:
+            self.connector.check_new_request(request)
+        return request
 
-    def abort_request(self, request_id: str) -> str:
+    def abort_request(self, request_id: str, transfer_token: str | None = None) -> str:
         """End a request. Returns "aborted" (unfinished: its output, finish_reason "abort", comes
         with the next step), "released" (finished, its blocks held by the connector for a remote
-        reader: the next step tells the ranks to stop holding them, and they are freed once every
-        rank has) or "unknown" (nothing to do)."""
+        reader under `transfer_token`: the next step tells the ranks to stop holding them, and they
+        are freed once every rank has) or "unknown" (nothing to do; a wrong token is refused)."""
         with self._queue_lock:
             if request_id in self._known_ids:
-                outcome = "aborted"
-            elif request_id in self.scheduler.pending_free:
-                outcome = "released"
-            else:
-                return "unknown"
-            self._aborts.append(request_id)
-        return outcome
+                self._aborts.append(request_id)
+                return "aborted"
+        if request_id in self.scheduler.pending_free and self.connector.release_request(request_id, transfer_token):
+            return "released"
+        return "unknown"
 
     def has_unfinished_requests(self) -> bool:
         with self._queue_lock:
@@ -256,6 +255,8 @@ class LLMEngine:
             if self._closed:
                 return
             self._closed = True
+            if self.connector is not None:
+                self.connector.shutdown()
             self._finalizer()
 
     def _check_open(self) -> None:

@@ -34,7 +34,7 @@ class Request:
         self.kv_transfer_params = kv_transfer_params
         self.eos_token_ids = () if sampling_params.ignore_eos else tuple(eos_token_ids)
         # A prefill leg of a disaggregated request stops after its first token.
-        self.max_tokens = 1 if (kv_transfer_params or {}).get("do_remote_decode") else sampling_params.max_tokens
+        self.max_tokens = 1 if getattr(kv_transfer_params, "do_remote_decode", False) else sampling_params.max_tokens
         self.output_token_ids: list[int] = []
         self.logprobs: list[dict[int, float]] = []  # per output token, when asked
         self.status = RequestStatus.WAITING

@@ -77,9 +77,7 @@ class Scheduler:
     def abort(self, request_id: str) -> bool:
         request = self.requests.get(request_id)
         if request is None:
-            # Finished, its blocks held for a remote reader that will not come: release them.
-            held = request_id in self.pending_free and self.connector is not None
-            return held and self.connector.release_request(request_id)
+            return False  # finished meanwhile
         if request.status == RequestStatus.WAITING_FOR_REMOTE_KV:
             # READs may still be writing into its blocks: they are freed once every rank has
             # reported the receive finished or failed.

@@ -34,10 +34,12 @@ class KVTransferParams(BaseModel):
     remote_request_id: Name | None = None
     remote_tp_size: Annotated[int, Field(ge=1, le=1024)] | None = None
     remote_num_tokens: Annotated[int, Field(ge=1)] | None = None
+    remote_instance_id: Name | None = None
+    transfer_token: Annotated[str, Field(min_length=32, max_length=128)] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> KVTransferParams:
-        remote = {k: v for k, v in self.model_dump().items() if k.startswith("remote_")}
+        remote = {k: v for k, v in self.model_dump().items() if k.startswith("remote_") or k == "transfer_token"}
         if self.do_remote_decode and self.do_remote_prefill:
             raise ValueError("do_remote_decode and do_remote_prefill are mutually exclusive")
         if self.do_remote_prefill:
