@@ -23,19 +23,26 @@ def engine_stats(engine: Any) -> dict:
     return stats
 
 
-def side_channel_problem(host: str, port: int, engine_id: str, tp_size: int, timeout_s: float) -> str | None:
+def side_channel_problem(
+    host: str, port: int, engine_id: str, tp_size: int, timeout_s: float, auth_key: bytes | None = None
+) -> str | None:
     """None when the side channel answers a metadata query the way a decode engine would ask
-    it, with all `tp_size` ranks registered; else what is wrong. Blocking."""
+    it (signed with `auth_key` when set), with all `tp_size` ranks registered; else what is wrong. Blocking."""
+    from kvxfer.connectors.auth import FrameAuth
     from kvxfer.connectors.metadata import Query, decode_reply
 
+    auth = FrameAuth(auth_key)
     sock = zmq.Context.instance().socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(f"tcp://{host}:{port}")
-        sock.send(msgspec.msgpack.encode(Query(engine_id=engine_id)))
+        frame, nonce = auth.seal_request(msgspec.msgpack.encode(Query(engine_id=engine_id)))
+        sock.send(frame)
         if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
             return f"KV side channel {host}:{port} did not answer within {timeout_s:.0f}s"
-        reply = decode_reply(sock.recv())
+        raw = sock.recv()
+        opened = auth.open_reply(raw, nonce)
+        reply = decode_reply(raw if opened is None else opened)
     except (zmq.ZMQError, ValueError) as exc:
         return f"KV side channel {host}:{port}: {exc}"
     finally:

@@ -34,14 +34,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--no-prefix-caching", action="store_true")
-    parser.add_argument("--kv-lease-seconds", type=float, default=120.0,
-                        help="prefill: how long finished requests' blocks wait for their decode engine")
+    parser.add_argument("--kv-lease-seconds", type=float, default=None,
+                        help="prefill: how long finished requests' blocks wait for their decode engine "
+                             "(default: KVTransferConfig's)")
     parser.add_argument("--kv-failure-policy", choices=["fail", "recompute"], default="fail",
                         help="decode: what a failed KV pull does to the request")
     parser.add_argument("--kv-handshake-timeout", type=float, default=10.0,
                         help="decode: seconds to reach a prefill engine's side channel")
     parser.add_argument("--kv-transfer-timeout", type=float, default=30.0,
                         help="decode: a READ still running after this long fails (keep below the prefill lease)")
+    parser.add_argument("--kv-auth-key-file", default=os.environ.get("KVXFER_KV_AUTH_KEY_FILE"),
+                        help="file with a shared secret (>= 16 bytes; the same on every prefill and decode "
+                             "instance) authenticating every side-channel message; env KVXFER_KV_AUTH_KEY_FILE. "
+                             "Without it, keep the side channel on a private network")
     parser.add_argument("--kv-connector", choices=["nixl", "none"], default="nixl",
                         help="none: plain colocated serving, no KV transfer (role must be both)")
     parser.add_argument("--log-level", default="info")
@@ -73,12 +78,22 @@ def _kv_transfer_config(args: argparse.Namespace):
     from kvxfer.connectors.config import KVTransferConfig
 
     side_host = args.side_channel_host or ("127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host)
-    return KVTransferConfig(
-        connector="nixl", role=args.role, engine_id=args.engine_id or f"{args.role}-{uuid.uuid4().hex[:12]}",
-        side_channel_host=side_host, side_channel_port=args.side_channel_port,
-        lease_seconds=args.kv_lease_seconds, failure_policy=args.kv_failure_policy,
-        handshake_timeout_s=args.kv_handshake_timeout, transfer_timeout_s=args.kv_transfer_timeout,
-    )
+    auth_key = None
+    if args.kv_auth_key_file:
+        try:
+            auth_key = Path(args.kv_auth_key_file).read_bytes().strip()
+        except OSError as exc:
+            raise SystemExit(f"error: --kv-auth-key-file: {exc}") from None
+    optional = {"lease_seconds": args.kv_lease_seconds} if args.kv_lease_seconds is not None else {}
+    try:
+        return KVTransferConfig(
+            connector="nixl", role=args.role, engine_id=args.engine_id or f"{args.role}-{uuid.uuid4().hex[:12]}",
+            side_channel_host=side_host, side_channel_port=args.side_channel_port,
+            failure_policy=args.kv_failure_policy, handshake_timeout_s=args.kv_handshake_timeout,
+            transfer_timeout_s=args.kv_transfer_timeout, auth_key=auth_key, **optional,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -123,7 +138,7 @@ def main(args: argparse.Namespace) -> int:
     kv = config.kv_transfer_config
     if kv is not None and kv.is_producer:  # only engines that lend KV listen on a side channel
         ctx.side_channel_problem = functools.partial(
-            side_channel_problem, kv.side_channel_host, kv.side_channel_port, kv.engine_id, args.tp, 2.0)
+            side_channel_problem, kv.side_channel_host, kv.side_channel_port, kv.engine_id, args.tp, 2.0, kv.auth_key)
     try:
         uvicorn.run(build_app(ctx), host=args.host, port=args.port, log_level=args.log_level.lower(),
                     timeout_graceful_shutdown=5)

@@ -40,9 +40,9 @@ class Cluster:
         self.actors: dict = {}  # worker key -> its rank actors
 
     def engine(self, side: str, spec: str, tp: int, identity: str = "test-model", lease: float = TIMEOUT,
-               actors=None, config=None):
+               actors=None, config=None, tag: str = ""):
         """(the engine's rank actors, its worker key, its config), created on first use."""
-        key = (side, spec, tp, identity, lease)
+        key = (side, spec, tp, identity, lease, tag)
         actors = actors or (self.prefill if side == "prefill" else self.decode)[:tp]
         for attempt in range(3):  # a probed free port may be taken by another process before we bind it
             if key in self.configs:
@@ -57,7 +57,7 @@ class Cluster:
                     config = None
                     continue
             else:
-                config = KVTransferConfig(role="decode", handshake_timeout_s=2.0, transfer_timeout_s=10.0)
+                config = config or KVTransferConfig(role="decode", handshake_timeout_s=2.0, transfer_timeout_s=10.0)
             for rank, actor in enumerate(actors):
                 actor.call("add_worker", key, config, SPECS[spec], rank, tp, POOL, identity)
             if side == "prefill":
@@ -317,8 +317,7 @@ def test_peers_are_known_by_engine_id_address_and_instance(cluster):
     # A second engine started with the same --engine-id elsewhere: its params never read the first one.
     twin_cfg = KVTransferConfig(role="prefill", engine_id=p_cfg.engine_id, side_channel_port=free_port(),
                                 lease_seconds=TIMEOUT)
-    _, t_key, _ = cluster.engine("prefill", "gqa4", 1, identity="test-model", lease=TIMEOUT - 1,
-                                 actors=[cluster.prefill[3]], config=twin_cfg)
+    _, t_key, _ = cluster.engine("prefill", "gqa4", 1, actors=[cluster.prefill[3]], config=twin_cfg, tag="twin")
     twin = cluster.hold(t_key, "twin", [1])
     [out] = pull(decode, d_key, [recv_request("twin", twin, [0])])
     assert "(two engines with one id?)" in out["failed_recving"]["twin"]
@@ -327,6 +326,39 @@ def test_peers_are_known_by_engine_id_address_and_instance(cluster):
     [out] = pull(decode, d_key, [recv_request("stale", cluster.hold(p_key, "stale", [2]), [0],
                                               remote_instance_id=twin.remote_instance_id)])
     assert "instance" in out["failed_recving"]["stale"] and out["failure_kinds"]["stale"] == "params"
+
+
+def test_a_transfer_timeout_that_does_not_fit_the_lease_fails_clearly(cluster):
+    """Finding 9: the lease travels in the handshake; the decode's time-out must fit inside it."""
+    prefill, p_key, _ = cluster.engine("prefill", "gqa2", 1, lease=5.0)
+    decode, d_key, _ = cluster.engine("decode", "gqa2", 1)  # transfer_timeout_s 10
+    params = cluster.hold(p_key, "tight", [1])
+    [out] = pull(decode, d_key, [recv_request("tight", params, [0])])
+    assert "transfer_timeout_s (10s) + 2s margin does not fit inside the prefill's lease_seconds (5s)" \
+        in out["failed_recving"]["tight"]
+    assert out["failure_kinds"]["tight"] == "params"
+
+
+def test_with_an_auth_key_only_keyed_instances_pull(cluster):
+    spec, key = SPECS["gqa2"], b"0123456789abcdef0123456789abcdef"
+    p_cfg = KVTransferConfig(role="prefill", side_channel_port=free_port(), lease_seconds=TIMEOUT, auth_key=key)
+    prefill, p_key, _ = cluster.engine("prefill", "gqa2", 2, config=p_cfg, tag="auth")
+    d_cfg = KVTransferConfig(role="decode", handshake_timeout_s=2.0, transfer_timeout_s=10.0, auth_key=key)
+    keyed, k_key, _ = cluster.engine("decode", "gqa2", 1, config=d_cfg, tag="auth")
+    plain, n_key, _ = cluster.engine("decode", "gqa2", 1)
+    data = fill_prefill(prefill, p_key, spec, 2, [4, 5], seed=11)
+    params = cluster.hold(p_key, "keyed", [4, 5])
+    for actor in plain + keyed:
+        actor.call("clear", n_key if actor in plain else k_key)
+    [out] = pull(plain, n_key, [recv_request("keyless", params, [0, 1])])
+    assert "unauthenticated" in out["failed_recving"]["keyless"] and out["failure_kinds"]["keyless"] == "params"
+    assert not plain[0].call("dump", n_key).any()
+    [out] = pull(keyed, k_key, [recv_request("keyed", params, [0, 1])])
+    assert "keyed" in out["finished_recving"], out["failed_recving"]
+    expected = np.zeros((POOL, spec.num_kv_heads, spec.bytes_per_head_block()), np.uint8)
+    expected[[0, 1]] = data
+    np.testing.assert_array_equal(keyed[0].call("dump", k_key), expected)
+    cluster.finished(p_key, poll_sends(prefill, p_key, ["keyed"], 10))
 
 
 def test_dead_prefill_peer_fails_the_load_promptly(cluster):
