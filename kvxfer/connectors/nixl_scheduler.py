@@ -17,6 +17,7 @@ reports it finished, so "held" is answered only for what is held now.
 from __future__ import annotations
 
 import hmac
+import logging
 import math
 import secrets
 import threading
@@ -38,6 +39,8 @@ from kvxfer.connectors.base import (
 from kvxfer.connectors.config import PIN_MARGIN_S, KVTransferConfig, lease_fit_error
 from kvxfer.connectors.handshake import HandshakeServer
 from kvxfer.connectors.metadata import Held, RemoteDecodeParams, RemotePrefillParams, Reply, compat_of
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -145,7 +148,11 @@ class NixlConnectorScheduler(KVConnectorScheduler):
         held = list(block_ids[: math.ceil(request.num_prompt_tokens / self.block_size)])
         if not held:
             return False, None
-        params = self.hold(request.request_id, held, request.num_prompt_tokens)
+        try:
+            params = self.hold(request.request_id, held, request.num_prompt_tokens)
+        except ValueError as e:  # the engine let an id still held run again: never merge two holds
+            logger.error("%s; its blocks are freed without a hold", e)
+            return False, None
         return True, msgspec.to_builtins(params)
 
     def hold(self, request_id: str, block_ids: list[int], num_tokens: int) -> RemotePrefillParams:

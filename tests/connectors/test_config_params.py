@@ -95,3 +95,30 @@ def test_compat_mismatch_names_every_differing_field():
     assert a.hash() != b.hash() and a.mismatch(a) is None
     message = a.mismatch(b)
     assert "num_layers: local 2 != remote 3" in message and "dtype" in message and "head_size" not in message
+
+
+def serve_args(*argv: str):
+    import argparse
+
+    from kvxfer.entrypoints.serve import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(["model-dir", *argv])
+
+
+def test_serve_reads_the_auth_key_file_and_takes_the_lease_default_from_the_config(tmp_path, monkeypatch):
+    from kvxfer.entrypoints.serve import _kv_transfer_config
+
+    key = tmp_path / "kv.key"
+    key.write_text("ab" * 16 + "\n")  # e.g. `openssl rand -hex 16 > kv.key`
+    config = _kv_transfer_config(serve_args("--role", "decode", "--kv-auth-key-file", str(key)))
+    assert config.auth_key == b"ab" * 16
+    assert config.lease_seconds == KVTransferConfig(role="decode").lease_seconds
+    monkeypatch.setenv("KVXFER_KV_AUTH_KEY_FILE", str(key))
+    assert _kv_transfer_config(serve_args("--role", "decode")).auth_key == b"ab" * 16
+    key.write_text("short")
+    with pytest.raises(SystemExit, match="auth_key must be at least 16 bytes"):
+        _kv_transfer_config(serve_args("--role", "decode"))
+    with pytest.raises(SystemExit, match="--kv-auth-key-file"):
+        _kv_transfer_config(serve_args("--role", "decode", "--kv-auth-key-file", str(tmp_path / "missing")))
