@@ -255,3 +255,22 @@ def test_bad_params_are_clear_errors_and_leak_nothing(engines):
     assert engines.prefill_llama.engine.stats()["connector"]["expired_leases"] >= 1
     assert_all_blocks_free(engines.prefill, engines.prefill_llama, decode)
     assert decode.engine.stats()["connector"]["failures"] >= 3  # beyond the pool, unknown engine, other model
+
+
+def test_params_are_bound_to_their_blocks_and_never_read_a_victims_kv(engines):
+    """The issue's attack: valid params of one's own with the victim's block ids (or request id)."""
+    prefill, decode = engines.prefill, engines.decode_fail
+    v, a = prompts(21, 20, 20)
+    victim, attacker = [o.kv_transfer_params for o in prefill.generate([v, a], GREEDY, kv_transfer_params=HANDOFF)]
+    before = prefill.engine.stats()["connector"]["refused"]
+    [out] = decode.generate([a], GREEDY, kv_transfer_params={**attacker, "remote_block_ids": victim["remote_block_ids"]})
+    assert out.error_kind == "params" and "held with other blocks" in out.error and not out.output_token_ids
+    stolen = {**attacker, "remote_request_id": victim["remote_request_id"], "remote_block_ids": victim["remote_block_ids"]}
+    [out] = decode.generate([a], GREEDY, kv_transfer_params=stolen)
+    assert out.error_kind == "params" and "not held" in out.error and not out.output_token_ids
+    assert prefill.engine.stats()["connector"]["refused"] >= before + 2  # every decode rank asked
+    # Nothing changed for the real holders: both genuine pulls still work.
+    outs = decode.generate([v, a], GREEDY, kv_transfer_params=[victim, attacker])
+    assert [o.output_token_ids for o in outs] == local_tokens(decode, [v, a])
+    drain(prefill)
+    assert_all_blocks_free(prefill, decode)
