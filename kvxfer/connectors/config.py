@@ -54,6 +54,9 @@ class KVTransferConfig:
     # Drawn once per instance (the config is pickled to its ranks): a rank must present it to
     # register its KV region, and its hash is the instance id bound into kv_transfer_params.
     instance_secret: bytes = field(default_factory=lambda: secrets.token_bytes(16), repr=False)
+    # Decode: prefill side channels ("host:port") to handshake with at start, so an incompatible
+    # peer or a lease that the transfer time-out does not fit fails the start, not a request.
+    peers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.connector not in CONNECTORS:
@@ -85,6 +88,13 @@ class KVTransferConfig:
             raise ValueError(f"KVTransferConfig.backends must name at least one NIXL backend, got {self.backends!r}")
         if self.auth_key is not None and (not isinstance(self.auth_key, bytes) or len(self.auth_key) < MIN_AUTH_KEY_BYTES):
             raise ValueError(f"KVTransferConfig.auth_key must be at least {MIN_AUTH_KEY_BYTES} bytes (or None)")
+        object.__setattr__(self, "peers", tuple(self.peers))
+        for peer in self.peers:
+            host, _, port = peer.rpartition(":") if isinstance(peer, str) else ("", "", "")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"KVTransferConfig.peers must be HOST:PORT side-channel addresses, got {peer!r}")
+        if self.peers and not self.is_consumer:
+            raise ValueError(f"KVTransferConfig.peers is for engines that load KV; role is {self.role!r}")
         if not isinstance(self.instance_secret, bytes) or len(self.instance_secret) < 16:
             raise ValueError("KVTransferConfig.instance_secret must be at least 16 random bytes")
 
@@ -92,6 +102,10 @@ class KVTransferConfig:
     def instance_id(self) -> str:
         """Public id of this instance (a hash of its secret): peers tell two starts apart by it."""
         return hashlib.sha256(b"kvxfer-instance:" + self.instance_secret).hexdigest()[:16]
+
+    @property
+    def peer_addresses(self) -> list[tuple[str, int]]:
+        return [(host, int(port)) for host, _, port in (p.rpartition(":") for p in self.peers)]
 
     @property
     def is_producer(self) -> bool:

@@ -97,7 +97,7 @@ class HandshakeServer:
             msg = self._decoder.decode(payload)
         except msgspec.DecodeError as e:
             return Reply(ok=False, error=f"malformed side-channel request: {e}")
-        if msg.engine_id != self.engine_id:
+        if msg.engine_id != self.engine_id and not (isinstance(msg, Query) and msg.engine_id == ""):
             error = f"unknown remote engine {msg.engine_id!r}: this side channel serves {self.engine_id!r}"
             return Reply(ok=False, error=error)
         if isinstance(msg, Held):
@@ -214,12 +214,13 @@ def fetch_engine_metadata(
 
     HandshakeError when unreachable; KVParamsError when the side channel serves another
     engine (the params name one that is not there) or an incompatible one (naming the field).
+    An empty `engine_id` takes whichever engine serves there (a configured peer).
     """
     reply = _request(host, port, Query(engine_id=engine_id), timeout_s, auth)
     if not reply.ok or reply.metadata is None:
         raise KVParamsError(f"KV side channel {host}:{port}: {reply.error}")
     meta = reply.metadata
-    if meta.engine_id != engine_id:
+    if engine_id and meta.engine_id != engine_id:
         raise KVParamsError(f"KV side channel {host}:{port} answered for engine {meta.engine_id!r}, not {engine_id!r}")
     try:
         meta.check_compatible(local)

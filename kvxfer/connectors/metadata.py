@@ -125,7 +125,7 @@ class Register(msgspec.Struct, frozen=True, tag=True):
 
 
 class Query(msgspec.Struct, frozen=True, tag=True):
-    engine_id: str  # the engine the caller expects to reach
+    engine_id: str  # the engine the caller expects to reach; "" (a configured peer): whichever serves
 
 
 class Held(msgspec.Struct, frozen=True, tag=True):

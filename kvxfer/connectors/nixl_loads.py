@@ -37,7 +37,7 @@ from kvxfer.connectors.base import (
 )
 from kvxfer.connectors.config import PIN_MARGIN_S, KVTransferConfig, lease_fit_error
 from kvxfer.connectors.descriptors import Region, read_descriptors
-from kvxfer.connectors.handshake import check_held, fetch_engine_metadata
+from kvxfer.connectors.handshake import HandshakeError, check_held, fetch_engine_metadata
 from kvxfer.connectors.metadata import Compat, EngineMetadata, Held, ReadDone
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,23 @@ class LoadTracker:
                 fetch_engine_metadata, req.remote_host, req.remote_port, req.remote_engine_id, self.compat,
                 self.config.handshake_timeout_s, self._auth,
             )
+
+    def connect(self, host: str, port: int) -> None:
+        """Handshake with a configured peer now (at start). An incompatible peer, a lease the
+        transfer time-out does not fit, or an engine id already known elsewhere raise
+        KVParamsError; an unreachable one is left to the first request's lazy handshake."""
+        try:
+            meta = fetch_engine_metadata(host, port, "", self.compat, self.config.handshake_timeout_s, self._auth)
+        except HandshakeError as e:
+            logger.warning("KV peer %s:%d not reachable at start (handshake on first use): %s", host, port, e)
+            return
+        known = self.peers.get(meta.engine_id)
+        if known is not None and known.address != (host, port):
+            raise KVParamsError(
+                f"KV peers {known.address[0]}:{known.address[1]} and {host}:{port} both run engine {meta.engine_id!r}"
+            )
+        if known is None:
+            self._add_peer(meta, (host, port))
 
     def _finish_handshakes(self) -> None:
         for engine_id, fut in list(self._handshakes.items()):

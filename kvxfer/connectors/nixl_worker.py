@@ -120,6 +120,8 @@ class NixlConnectorWorker(KVConnectorWorker):
             device_id=device_id,
         )
         self._loads.mem_type = self.mem_type
+        for host, port in self.config.peer_addresses:
+            self._loads.connect(host, port)
         if not self.config.is_producer:
             return
         rank = RankMetadata(

@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="file with a shared secret (>= 16 bytes; the same on every prefill and decode "
                              "instance) authenticating every side-channel message; env KVXFER_KV_AUTH_KEY_FILE. "
                              "Without it, keep the side channel on a private network")
+    parser.add_argument("--kv-peers", default="",
+                        help="decode: prefill side channels HOST:PORT,... to handshake with at start (an "
+                             "incompatible peer, or a lease the transfer time-out does not fit, fails the start)")
     parser.add_argument("--kv-connector", choices=["nixl", "none"], default="nixl",
                         help="none: plain colocated serving, no KV transfer (role must be both)")
     parser.add_argument("--log-level", default="info")
@@ -90,7 +93,8 @@ def _kv_transfer_config(args: argparse.Namespace):
             connector="nixl", role=args.role, engine_id=args.engine_id or f"{args.role}-{uuid.uuid4().hex[:12]}",
             side_channel_host=side_host, side_channel_port=args.side_channel_port,
             failure_policy=args.kv_failure_policy, handshake_timeout_s=args.kv_handshake_timeout,
-            transfer_timeout_s=args.kv_transfer_timeout, auth_key=auth_key, **optional,
+            transfer_timeout_s=args.kv_transfer_timeout, auth_key=auth_key,
+            peers=tuple(p for p in args.kv_peers.split(",") if p), **optional,
         )
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None

@@ -95,6 +95,10 @@ class RankHost:
     def counters(self, key) -> dict:
         return dict(self.workers[key][0].counters)
 
+    def peers(self, key) -> dict:
+        """engine id -> (host, port) of the peers this rank knows."""
+        return {engine_id: peer.address for engine_id, peer in self.workers[key][0].peers.items()}
+
     def has_pending(self, key) -> bool:
         return self.workers[key][0].has_pending()
 

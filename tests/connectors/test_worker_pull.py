@@ -339,6 +339,30 @@ def test_a_transfer_timeout_that_does_not_fit_the_lease_fails_clearly(cluster):
     assert out["failure_kinds"]["tight"] == "params"
 
 
+def test_configured_peers_handshake_at_start_and_a_lease_misfit_fails_the_start(cluster):
+    prefill, p_key, p_cfg = cluster.engine("prefill", "gqa2", 1, lease=5.0)
+    address = f"127.0.0.1:{p_cfg.side_channel_port}"
+    decode = cluster.decode[3]
+    tight = KVTransferConfig(role="decode", transfer_timeout_s=10.0, handshake_timeout_s=2.0, peers=(address,))
+    with pytest.raises(RuntimeError, match=r"transfer_timeout_s \(10s\) \+ 2s margin does not fit inside the "
+                                           r"prefill's lease_seconds \(5s\)"):
+        decode.call("add_worker", "peers-tight", tight, SPECS["gqa2"], 0, 1, POOL)
+    fits = KVTransferConfig(role="decode", transfer_timeout_s=2.0, handshake_timeout_s=2.0,
+                            peers=(address, f"127.0.0.1:{free_port()}"))  # the second is not up: left for later
+    decode.call("add_worker", "peers-ok", fits, SPECS["gqa2"], 0, 1, POOL)
+    try:
+        assert decode.call("peers", "peers-ok") == {p_cfg.engine_id: ("127.0.0.1", p_cfg.side_channel_port)}
+        params = cluster.hold(p_key, "configured", [2])
+        [out] = pull([decode], "peers-ok", [recv_request("configured", params, [0])])
+        assert "configured" in out["finished_recving"], out["failed_recving"]
+    finally:
+        decode.call("drop", "peers-ok")
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        KVTransferConfig(role="decode", peers=("no-port",))
+    with pytest.raises(ValueError, match="for engines that load KV"):
+        KVTransferConfig(role="prefill", side_channel_port=5600, peers=(address,))
+
+
 def test_with_an_auth_key_only_keyed_instances_pull(cluster):
     spec, key = SPECS["gqa2"], b"0123456789abcdef0123456789abcdef"
     p_cfg = KVTransferConfig(role="prefill", side_channel_port=free_port(), lease_seconds=TIMEOUT, auth_key=key)
