@@ -136,9 +136,8 @@ class LLMEngine:
             if request_id in self._known_ids:
                 self._aborts.append(request_id)
                 return "aborted"
-        if request_id in self.scheduler.pending_free and self.connector.release_request(request_id, transfer_token):
-            return "released"
-        return "unknown"
+        # Finished: the connector (thread-safe) releases a hold only for its token.
+        return "released" if self.scheduler.abort(request_id, transfer_token) else "unknown"
 
     def has_unfinished_requests(self) -> bool:
         with self._queue_lock:

@@ -74,10 +74,13 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
-    def abort(self, request_id: str) -> bool:
+    def abort(self, request_id: str, transfer_token: str | None = None) -> bool:
         request = self.requests.get(request_id)
         if request is None:
-            return False  # finished meanwhile
+            # Finished, its blocks held for a remote reader that will not come: release them,
+            # if the caller names the hold's token.
+            held = request_id in self.pending_free and self.connector is not None
+            return held and self.connector.release_request(request_id, transfer_token)
         if request.status == RequestStatus.WAITING_FOR_REMOTE_KV:
             # READs may still be writing into its blocks: they are freed once every rank has
             # reported the receive finished or failed.

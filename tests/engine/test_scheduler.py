@@ -122,7 +122,7 @@ class FakeConnector:
         self.calls.append(("finished", request.request_id))
         return self.delay_free, {"done": request.request_id}
 
-    def release_request(self, request_id):
+    def release_request(self, request_id, transfer_token=None):
         self.calls.append(("release", request_id))
         return True
 
