@@ -86,7 +86,8 @@ class KVTransferConfig:
         object.__setattr__(self, "backends", tuple(self.backends))
         if not self.backends or not all(isinstance(b, str) and b for b in self.backends):
             raise ValueError(f"KVTransferConfig.backends must name at least one NIXL backend, got {self.backends!r}")
-        if self.auth_key is not None and (not isinstance(self.auth_key, bytes) or len(self.auth_key) < MIN_AUTH_KEY_BYTES):
+        key = self.auth_key
+        if key is not None and (not isinstance(key, bytes) or len(key) < MIN_AUTH_KEY_BYTES):
             raise ValueError(f"KVTransferConfig.auth_key must be at least {MIN_AUTH_KEY_BYTES} bytes (or None)")
         object.__setattr__(self, "peers", tuple(self.peers))
         for peer in self.peers:

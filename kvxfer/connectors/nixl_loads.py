@@ -221,10 +221,14 @@ class LoadTracker:
                 f"remote block ids {bad[:8]} out of range for the peer's pool of {meta.num_blocks} blocks"
             )
         if len(req.local_block_ids) != len(req.remote_block_ids):  # the scheduler side's own slicing
-            return KVTransferError(f"{len(req.local_block_ids)} local blocks for {len(req.remote_block_ids)} remote blocks")
+            return KVTransferError(
+                f"{len(req.local_block_ids)} local blocks for {len(req.remote_block_ids)} remote blocks"
+            )
         bad = [b for b in req.local_block_ids if not 0 <= b < self.region.num_blocks]
         if bad:
-            return KVTransferError(f"local block ids {bad[:8]} out of range for this pool of {self.region.num_blocks} blocks")
+            return KVTransferError(
+                f"local block ids {bad[:8]} out of range for this pool of {self.region.num_blocks} blocks"
+            )
         return None
 
     def _post(self, load: _Load, pin_seconds: float) -> None:

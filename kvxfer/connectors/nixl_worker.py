@@ -80,7 +80,9 @@ class NixlConnectorWorker(KVConnectorWorker):
         return self._loads.peers
 
     def _progress_loop(self) -> None:
-        while not self._stop.wait(_PROGRESS_BUSY_S if self._sends.has_pending() or self._loads.busy() else _PROGRESS_IDLE_S):
+        while not self._stop.wait(
+            _PROGRESS_BUSY_S if self._sends.has_pending() or self._loads.busy() else _PROGRESS_IDLE_S
+        ):
             if self._cuda_device is not None:  # UCX progress on VRAM needs this thread's device set
                 import torch
 

@@ -263,9 +263,10 @@ def test_params_are_bound_to_their_blocks_and_never_read_a_victims_kv(engines):
     v, a = prompts(21, 20, 20)
     victim, attacker = [o.kv_transfer_params for o in prefill.generate([v, a], GREEDY, kv_transfer_params=HANDOFF)]
     before = prefill.engine.stats()["connector"]["refused"]
-    [out] = decode.generate([a], GREEDY, kv_transfer_params={**attacker, "remote_block_ids": victim["remote_block_ids"]})
+    theirs = {"remote_block_ids": victim["remote_block_ids"]}
+    [out] = decode.generate([a], GREEDY, kv_transfer_params={**attacker, **theirs})
     assert out.error_kind == "params" and "held with other blocks" in out.error and not out.output_token_ids
-    stolen = {**attacker, "remote_request_id": victim["remote_request_id"], "remote_block_ids": victim["remote_block_ids"]}
+    stolen = {**attacker, **theirs, "remote_request_id": victim["remote_request_id"]}
     [out] = decode.generate([a], GREEDY, kv_transfer_params=stolen)
     assert out.error_kind == "params" and "not held" in out.error and not out.output_token_ids
     assert prefill.engine.stats()["connector"]["refused"] >= before + 2  # every decode rank asked
