@@ -1,5 +1,10 @@
 """Scheduler: pure logic with a stand-in for the model step (sampled tokens are made up)."""
 
+import itertools
+
+import pytest
+
+from kvxfer.connectors.base import KVConnectorOutput, KVOutputAggregator
 from kvxfer.engine.block_manager import BlockManager
 from kvxfer.engine.request import Request, RequestStatus
 from kvxfer.engine.sampling_params import SamplingParams
@@ -232,3 +237,45 @@ def test_loaded_request_runs_before_a_preempted_one_that_needs_its_blocks():
     finished = run_all(sched)
     assert set(finished) == {"local", "remote"} and len(finished["local"].output_token_ids) == 16
     assert bm.num_free_blocks == 6
+
+
+def _load_events_cases():
+    for order in itertools.permutations(("abort", 0, 1)):
+        for outcome in ("finished", "failed"):
+            for policy in ("fail", "recompute"):
+                yield pytest.param(order, outcome, policy, id="-".join(map(str, order)) + f"-{outcome}-{policy}")
+
+
+@pytest.mark.parametrize("order,outcome,policy", _load_events_cases())
+def test_blocks_of_a_load_are_freed_exactly_once_whatever_order_abort_and_reports_come_in(order, outcome, policy):
+    """Two ranks report a load through the real aggregator; the abort lands before, between
+    or after their reports (also after the scheduler got the agreed report but before the
+    request ran). The blocks stay put while a READ may still land, and end up all free."""
+    bm = BlockManager(16, BS)
+    sched = Scheduler(bm, 8, 64, FakeConnector(), failure_policy=policy)
+    agg = KVOutputAggregator(2)
+    r = Request("r", list(range(1, 10)), SamplingParams(max_tokens=2), {"do_remote_prefill": True})
+    sched.add(r)
+    run_step(sched)
+    assert r.status == RequestStatus.WAITING_FOR_REMOTE_KV and bm.num_free_blocks == 13
+    reported = set()
+    for event in order:
+        if event == "abort":
+            ended_already = r.is_finished  # failed by policy "fail" once both ranks reported
+            assert sched.abort("r") != ended_already
+        else:
+            rank_out = KVConnectorOutput(
+                finished_recving={"r"} if outcome == "finished" else set(),
+                failed_recving={"r": "READ failed"} if outcome == "failed" else {},
+            )
+            outputs = [KVConnectorOutput(), KVConnectorOutput()]
+            outputs[event] = rank_out
+            sched.update_connector_output(agg.aggregate(outputs))
+            reported.add(event)
+        if reported != {0, 1}:  # a READ may still land: the blocks must not be reused yet
+            assert bm.num_free_blocks == 13
+    run_all(sched)
+    failed_first = (outcome, policy) == ("failed", "fail") and order[-1] == "abort"
+    assert [x.finish_reason for x in sched.pop_finished()] == ["error" if failed_first else "abort"]
+    assert bm.num_free_blocks == 16
+    assert not sched.has_unfinished() and not sched.remote and not sched.aborted_loads and not sched.waiting
