@@ -8,6 +8,7 @@ worker side (every TP rank) through `ConnectorMetadata` each step; the workers a
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -95,58 +96,78 @@ class KVConnectorOutput(msgspec.Struct):
         return not (self.finished_sending or self.finished_recving or self.failed_recving)
 
 
+@dataclass
+class _RecvReports:
+    ranks: set[int] = field(default_factory=set)
+    reasons: list[str] = field(default_factory=list)
+    kinds: set[str] = field(default_factory=set)
+    stats: list[TransferStats] = field(default_factory=list)
+
+
+@dataclass
+class _SendReports:
+    ranks: set[int] = field(default_factory=set)
+    expired: bool = False
+    released: bool = False
+
+
 class KVOutputAggregator:
     """Combines the ranks' outputs: a request is reported once every rank has reported it.
 
     Waiting for every rank also on failure matters: a rank whose READ is still in flight may
-    not see its destination blocks reused by a recompute or by another request.
+    not see its destination blocks reused by a recompute or by another request. Ranks are
+    counted as a set (`outputs[i]` is rank i's), so a rank reporting twice cannot stand in
+    for a rank that has not reported.
     """
 
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
-        self._recv: dict[str, list] = {}  # request id -> [ranks seen, reasons, stats, failure kinds]
-        self._send: dict[str, list] = {}  # request id -> [ranks seen, expired, released]
+        self._recv: dict[str, _RecvReports] = {}
+        self._send: dict[str, _SendReports] = {}
 
-    def aggregate(self, outputs: list[KVConnectorOutput]) -> KVConnectorOutput:
+    def aggregate(self, outputs: list[KVConnectorOutput | None]) -> KVConnectorOutput:
+        """`outputs[rank]` is that rank's output, None for a rank that reported nothing this step."""
         result = KVConnectorOutput()
-        for out in outputs:
+        for rank, out in enumerate(outputs):
+            if out is None:
+                continue
             for req_id in out.finished_recving | out.failed_recving.keys():
-                entry = self._recv.setdefault(req_id, [0, [], [], set()])
-                entry[0] += 1
+                recv = self._recv.setdefault(req_id, _RecvReports())
+                recv.ranks.add(rank)
                 if req_id in out.failed_recving:
-                    entry[1].append(out.failed_recving[req_id])
-                    entry[3].add(out.failure_kinds.get(req_id, KVTransferError.kind))
+                    recv.reasons.append(out.failed_recving[req_id])
+                    recv.kinds.add(out.failure_kinds.get(req_id, KVTransferError.kind))
                 if req_id in out.recv_stats:
-                    entry[2].append(out.recv_stats[req_id])
+                    recv.stats.append(out.recv_stats[req_id])
             for req_id in out.finished_sending:
-                entry = self._send.setdefault(req_id, [0, False, False])
-                entry[0] += 1
-                entry[1] |= req_id in out.expired_sending
-                entry[2] |= req_id in out.released_sending
-        for req_id, (seen, reasons, stats, kinds) in list(self._recv.items()):
-            if seen < self.world_size:
+                send = self._send.setdefault(req_id, _SendReports())
+                send.ranks.add(rank)
+                send.expired |= req_id in out.expired_sending
+                send.released |= req_id in out.released_sending
+        for req_id, recv in list(self._recv.items()):
+            if len(recv.ranks) < self.world_size:
                 continue
             del self._recv[req_id]
-            if reasons:
-                result.failed_recving[req_id] = "; ".join(dict.fromkeys(reasons))
+            if recv.reasons:
+                result.failed_recving[req_id] = "; ".join(dict.fromkeys(recv.reasons))
                 # A params fault on any rank is the request's fault, whatever else failed.
-                result.failure_kinds[req_id] = next(k for k in ("params", "peer", "transfer") if k in kinds)
+                result.failure_kinds[req_id] = next(k for k in ("params", "peer", "transfer") if k in recv.kinds)
             else:
                 result.finished_recving.add(req_id)
-                if stats:
+                if recv.stats:
                     result.recv_stats[req_id] = TransferStats(
-                        bytes=sum(s.bytes for s in stats),
-                        descriptors=sum(s.descriptors for s in stats),
-                        seconds=max(s.seconds for s in stats),
+                        bytes=sum(s.bytes for s in recv.stats),
+                        descriptors=sum(s.descriptors for s in recv.stats),
+                        seconds=max(s.seconds for s in recv.stats),
                     )
-        for req_id, (seen, expired, released) in list(self._send.items()):
-            if seen < self.world_size:
+        for req_id, send in list(self._send.items()):
+            if len(send.ranks) < self.world_size:
                 continue
             del self._send[req_id]
             result.finished_sending.add(req_id)
-            if released:  # the caller gave it up, whatever else some rank saw
+            if send.released:  # the caller gave it up, whatever else some rank saw
                 result.released_sending.add(req_id)
-            elif expired:
+            elif send.expired:
                 result.expired_sending.add(req_id)
         return result
 

@@ -51,3 +51,17 @@ def test_a_release_on_any_rank_counts_as_released_not_expired():
     result = agg.aggregate([out(finished_sending={"r"}, expired_sending={"r"}),
                             out(finished_sending={"r"}, released_sending={"r"})])
     assert result.finished_sending == {"r"} and result.released_sending == {"r"} and not result.expired_sending
+
+
+def test_a_rank_reporting_twice_does_not_stand_in_for_a_rank_that_has_not_reported():
+    agg = KVOutputAggregator(2)
+    assert agg.aggregate([out(finished_recving={"a"}, finished_sending={"s"}), out()]).is_empty()
+    assert agg.aggregate([out(finished_recving={"a"}, finished_sending={"s"}), out()]).is_empty()
+    result = agg.aggregate([out(), out(finished_recving={"a"}, finished_sending={"s"})])
+    assert result.finished_recving == {"a"} and result.finished_sending == {"s"}
+
+
+def test_a_rank_without_output_counts_as_not_reported():
+    agg = KVOutputAggregator(2)
+    assert agg.aggregate([out(failed_recving={"b": "READ failed"}), None]).is_empty()
+    assert agg.aggregate([None, out(finished_recving={"b"})]).failed_recving == {"b": "READ failed"}

@@ -246,7 +246,7 @@ def _load_events_cases():
                 yield pytest.param(order, outcome, policy, id="-".join(map(str, order)) + f"-{outcome}-{policy}")
 
 
-@pytest.mark.parametrize("order,outcome,policy", _load_events_cases())
+@pytest.mark.parametrize("order,outcome,policy", list(_load_events_cases()))
 def test_blocks_of_a_load_are_freed_exactly_once_whatever_order_abort_and_reports_come_in(order, outcome, policy):
     """Two ranks report a load through the real aggregator; the abort lands before, between
     or after their reports (also after the scheduler got the agreed report but before the
