@@ -176,6 +176,12 @@ class KVConnectorScheduler(ABC):
     """Scheduler side, in the engine process."""
 
     @abstractmethod
+    def check_new_request(self, request: Any) -> None:
+        """Raise KVParamsError (naming the field) unless this engine can serve the request's
+        parsed `kv_transfer_params` (its role, the prompt length, the block count). Called
+        synchronously when the engine accepts the request, so nothing is queued on error."""
+
+    @abstractmethod
     def get_num_new_matched_tokens(self, request: Any, num_local_computed_tokens: int) -> int:
         """Prompt tokens that will arrive remotely (the request then waits holding its blocks)."""
 
@@ -192,9 +198,10 @@ class KVConnectorScheduler(ABC):
         """(delay freeing the blocks?, kv_transfer_params for the output)."""
 
     @abstractmethod
-    def release_request(self, request_id: str) -> bool:
+    def release_request(self, request_id: str, transfer_token: str | None) -> bool:
         """Stop holding a finished request's blocks for a remote reader (through the next
-        metadata); False when the connector does not hold it."""
+        metadata); False (counted as a refused release, nothing changes) unless the
+        connector holds it and `transfer_token` is the token issued for it."""
 
     @abstractmethod
     def update_connector_output(self, output: KVConnectorOutput) -> None: ...

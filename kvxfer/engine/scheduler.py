@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
+from kvxfer.connectors.base import KVConnectorOutput, KVConnectorScheduler
 from kvxfer.engine.block_manager import BlockManager
 from kvxfer.engine.request import Request, RequestStatus
 
@@ -47,7 +47,7 @@ class Scheduler:
         block_manager: BlockManager,
         max_num_seqs: int,
         max_num_batched_tokens: int,
-        connector: Any = None,
+        connector: KVConnectorScheduler | None = None,
         failure_policy: str = "fail",
     ) -> None:
         self.bm = block_manager
@@ -73,12 +73,23 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
+    def holds(self, request_id: str) -> bool:
+        """Whether a finished request of this id still holds blocks (for a remote reader, or
+        while its own READs may land): the id may not be reused yet. Safe from any thread."""
+        return request_id in self.pending_free or request_id in self.aborted_loads
+
+    def release(self, request_id: str, transfer_token: str | None) -> bool:
+        """Ask the connector to stop holding a finished request's blocks for its remote reader;
+        they are freed once every rank has. False (nothing changes) unless the connector holds
+        the request under that token."""
+        held = request_id in self.pending_free and self.connector is not None
+        return held and self.connector.release_request(request_id, transfer_token)
+
     def abort(self, request_id: str) -> bool:
+        """End an unfinished request; False when there is none of this id."""
         request = self.requests.get(request_id)
         if request is None:
-            # Finished, its blocks held for a remote reader that will not come: release them.
-            held = request_id in self.pending_free and self.connector is not None
-            return held and self.connector.release_request(request_id)
+            return False
         if request.status == RequestStatus.WAITING_FOR_REMOTE_KV:
             # READs may still be writing into its blocks: they are freed once every rank has
             # reported the receive finished or failed.
@@ -224,7 +235,7 @@ class Scheduler:
         finished, self.finished = self.finished, []
         return finished
 
-    def update_connector_output(self, output: Any) -> None:
+    def update_connector_output(self, output: KVConnectorOutput) -> None:
         # A load's report (every rank finished or failed it) is applied at once: a request is
         # in `remote` exactly while its READs may still land, so an abort that comes later
         # finds it already loaded (freed by the normal path) and never waits for a report

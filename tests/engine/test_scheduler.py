@@ -127,9 +127,9 @@ class FakeConnector:
         self.calls.append(("finished", request.request_id))
         return self.delay_free, {"done": request.request_id}
 
-    def release_request(self, request_id):
-        self.calls.append(("release", request_id))
-        return True
+    def release_request(self, request_id, transfer_token):
+        self.calls.append(("release", request_id, transfer_token))
+        return transfer_token == "token"
 
     def update_connector_output(self, output):
         self.calls.append(("output",))
@@ -199,8 +199,10 @@ def test_abort_of_a_held_request_asks_the_connector_to_release_it():
     sched = Scheduler(bm, 8, 64, conn)
     sched.add(make("p", 6, max_tokens=1))
     run_step(sched)
-    assert "p" in sched.pending_free and not sched.abort("unknown-id")
-    assert sched.abort("p") and ("release", "p") in conn.calls
+    assert "p" in sched.pending_free and not sched.release("unknown-id", "token")
+    assert not sched.abort("p")  # finished: nothing to abort, the hold is released by its token
+    assert not sched.release("p", "not-the-token") and "p" in sched.pending_free
+    assert sched.release("p", "token") and ("release", "p", "token") in conn.calls
     assert bm.num_free_blocks == 14 and not sched.pop_finished()  # freed when the ranks report it
     sched.update_connector_output(Out(sent=["p"]))
     assert bm.num_free_blocks == 16 and "p" not in sched.pending_free
