@@ -33,6 +33,11 @@ class KVPeerError(KVTransferError):
     kind = "peer"
 
 
+class KVConnectorBroken(RuntimeError):
+    """A rank's worker-side connector raised (e.g. its registration with the side channel
+    failed): its transfers can no longer be reported, so the engine stops (EngineDeadError)."""
+
+
 class TransferStats(msgspec.Struct, frozen=True):
     """One request's pull: summed over ranks, `seconds` is the slowest rank's."""
 
@@ -220,7 +225,9 @@ class KVConnectorWorker(ABC):
     def start_load_kv(self, meta: ConnectorMetadata) -> None: ...
 
     @abstractmethod
-    def get_finished(self) -> KVConnectorOutput: ...
+    def get_finished(self) -> KVConnectorOutput:
+        """What finished since the last call. A request's failure is reported in the output;
+        raising (here or in `start_load_kv`) means this rank's connector cannot go on."""
 
     @abstractmethod
     def shutdown(self) -> None: ...

@@ -17,7 +17,7 @@ from typing import Any
 from kvxfer.connectors.metadata import RemoteDecodeParams, RemotePrefillParams, parse_kv_transfer_params
 from kvxfer.engine.block_manager import BlockManager
 from kvxfer.engine.config import EngineConfig
-from kvxfer.engine.executor import Executor, WorkerError
+from kvxfer.engine.executor import EngineDeadError, Executor, RankBrokenError
 from kvxfer.engine.model_runner import StepInput
 from kvxfer.engine.request import KVTransferParams, Request, RequestIdInUse, RequestOutput
 from kvxfer.engine.sampling_params import SamplingParams
@@ -71,6 +71,7 @@ class LLMEngine:
         self._known_ids: set[str] = set()
         self.last_step_num_tokens = 0
         self._closed = False
+        self._dead: str | None = None
 
     # -------------------------------------------------------------------- input
     def add_request(
@@ -152,6 +153,8 @@ class LLMEngine:
 
     # --------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
+        """Run one step; EngineDeadError (also on every later call) once a rank died or its
+        KV connector broke."""
         with self._step_lock:
             self._check_open()
             self._apply_queue()
@@ -162,13 +165,21 @@ class LLMEngine:
                 meta = self.connector.build_connector_meta(out) if self.connector is not None else None
                 step = StepInput.from_scheduler_output(out, self.config.block_size, meta)
                 try:
-                    results = self.executor.collective_rpc("execute_step", step)
-                except WorkerError as e:
-                    advanced = self.scheduler.fail_scheduled(out, f"model step failed: {e}")
+                    results, error = self.executor.collective_rpc_each("execute_step", step)
+                except EngineDeadError as e:
+                    self._dead = str(e)
+                    raise
+                if self.connector is not None:
+                    # The ranks that finished the step report their transfers even when another
+                    # rank failed: their connectors have handed these over and will not again.
+                    kv_outs = [r[1] if r is not None else None for r in results]
+                    self.scheduler.update_connector_output(self.aggregator.aggregate(kv_outs))
+                if isinstance(error, RankBrokenError):
+                    self._dead = f"{error} (the engine stopped: restart it)"
+                    raise EngineDeadError(self._dead) from error
+                if error is not None:
+                    self.scheduler.fail_scheduled(out, f"model step failed: {error}")
                 else:
-                    if self.connector is not None:
-                        combined = self.aggregator.aggregate([kv_out for _, kv_out in results])
-                        self.scheduler.update_connector_output(combined)
                     sampled_iter = iter(results[0][0])
                     sampled = [next(sampled_iter) if s.samples else None for s in out.scheduled]
                     advanced = self.scheduler.update_from_output(out, sampled)
@@ -263,9 +274,16 @@ class LLMEngine:
             self._closed = True
             self._finalizer()
 
+    @property
+    def dead(self) -> str | None:
+        """Why the engine cannot go on (a rank died or its KV connector broke), else None."""
+        return self._dead
+
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the engine is shut down")
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
 
     def __enter__(self) -> LLMEngine:
         return self

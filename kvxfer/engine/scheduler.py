@@ -218,9 +218,9 @@ class Scheduler:
                 self._finish(request, request.finish_reason)
         return touched
 
-    def fail_scheduled(self, out: SchedulerOutput, message: str) -> list[Request]:
-        """The step failed: its requests end with an error, the engine goes on."""
-        failed = []
+    def fail_scheduled(self, out: SchedulerOutput, message: str) -> None:
+        """The step failed: its requests end with an error (reported by `pop_finished`), the
+        engine goes on."""
         for sched in out.scheduled:
             request = sched.request
             if request.is_finished or request not in self.running:
@@ -228,7 +228,6 @@ class Scheduler:
             self.running.remove(request)
             request.error = message
             self._finish(request, "error")
-        return failed
 
     def pop_finished(self) -> list[Request]:
         """Requests ended outside the model step (abort, error) since the last call."""
