@@ -5,6 +5,7 @@ import itertools
 import pytest
 
 from kvxfer.connectors.base import KVConnectorOutput, KVOutputAggregator
+from kvxfer.connectors.metadata import RemotePrefillParams
 from kvxfer.engine.block_manager import BlockManager
 from kvxfer.engine.request import Request, RequestStatus
 from kvxfer.engine.sampling_params import SamplingParams
@@ -15,6 +16,13 @@ BS = 4
 
 def make(rid, n_prompt, max_tokens=3):
     return Request(rid, list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens))
+
+
+def remote_request(rid, prompt, max_tokens=2):
+    """A decode-side request whose prompt KV comes from a (made-up) prefill engine."""
+    params = RemotePrefillParams(True, "prefill", "127.0.0.1", 5600, list(range(len(prompt) // BS + 1)), rid, 1,
+                                 len(prompt), "0" * 32)
+    return Request(rid, list(prompt), SamplingParams(max_tokens=max_tokens), params)
 
 
 def run_step(sched, token=7):
@@ -148,7 +156,7 @@ def test_remote_kv_wait_does_not_block_others_and_resumes():
     bm = BlockManager(16, BS)
     conn = FakeConnector()
     sched = Scheduler(bm, 8, 64, conn)
-    remote = Request("remote", list(range(1, 10)), SamplingParams(max_tokens=2), {"do_remote_prefill": True})
+    remote = remote_request("remote", list(range(1, 10)))
     sched.add(remote)
     sched.add(make("local", 3))
     out, _ = run_step(sched)
@@ -167,7 +175,7 @@ def test_remote_failure_fails_or_recomputes_by_policy():
     for policy in ("fail", "recompute"):
         bm = BlockManager(16, BS)
         sched = Scheduler(bm, 8, 64, FakeConnector(), failure_policy=policy)
-        sched.add(Request("r", list(range(1, 10)), SamplingParams(max_tokens=2), {"do_remote_prefill": True}))
+        sched.add(remote_request("r", list(range(1, 10))))
         run_step(sched)
         sched.update_connector_output(Out(failed={"r": "peer died"}, kinds={"r": "peer"}))
         out, _ = run_step(sched)
@@ -176,7 +184,11 @@ def test_remote_failure_fails_or_recomputes_by_policy():
             assert err.finish_reason == "error" and "peer died" in err.error and err.error_kind == "peer"
             assert bm.num_free_blocks == 16
         else:
-            assert out.scheduled[0].num_new_tokens == 9
+            assert out.scheduled[0].num_new_tokens == 9 and sched.num_recomputed == 1
+            assert sched.requests["r"].kv_transfer_stats == {
+                "recomputed": True, "error_kind": "peer", "reason": "peer died",
+                "bytes": 0, "descriptors": 0, "seconds": 0.0, "gbps": 0.0,
+            }
             run_all(sched)
             assert bm.num_free_blocks == 16
 
@@ -211,7 +223,7 @@ def test_abort_of_a_held_request_asks_the_connector_to_release_it():
 def test_abort_while_loading_frees_blocks_only_after_the_ranks_report():
     bm = BlockManager(16, BS)
     sched = Scheduler(bm, 8, 64, FakeConnector())
-    sched.add(Request("r", list(range(1, 10)), SamplingParams(max_tokens=2), {"do_remote_prefill": True}))
+    sched.add(remote_request("r", list(range(1, 10))))
     run_step(sched)
     assert sched.abort("r")
     assert [r.finish_reason for r in sched.pop_finished()] == ["abort"]
@@ -226,7 +238,7 @@ def test_loaded_request_runs_before_a_preempted_one_that_needs_its_blocks():
     local = make("local", 8, max_tokens=16)  # needs all 6 blocks at its end
     sched.add(local)
     run_step(sched)
-    remote = Request("remote", list(range(50, 54)), SamplingParams(max_tokens=2), {"do_remote_prefill": True})
+    remote = remote_request("remote", list(range(50, 54)))
     sched.add(remote)
     while local.num_computed_tokens < 5 * BS:
         run_step(sched)
@@ -256,7 +268,7 @@ def test_blocks_of_a_load_are_freed_exactly_once_whatever_order_abort_and_report
     bm = BlockManager(16, BS)
     sched = Scheduler(bm, 8, 64, FakeConnector(), failure_policy=policy)
     agg = KVOutputAggregator(2)
-    r = Request("r", list(range(1, 10)), SamplingParams(max_tokens=2), {"do_remote_prefill": True})
+    r = remote_request("r", list(range(1, 10)))
     sched.add(r)
     run_step(sched)
     assert r.status == RequestStatus.WAITING_FOR_REMOTE_KV and bm.num_free_blocks == 13
