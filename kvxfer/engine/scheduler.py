@@ -240,7 +240,7 @@ class Scheduler:
         # finds it already loaded (freed by the normal path) and never waits for a report
         # that already came.
         for request_id, stats in output.recv_stats.items():
-            request = self.remote.get(request_id)
+            request = self.requests.get(request_id)  # also a running one's notify-only load
             if request is not None:
                 request.kv_transfer_stats = stats.as_dict()
         for request_id in sorted(output.finished_recving | output.failed_recving.keys()):
