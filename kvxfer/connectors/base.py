@@ -122,13 +122,22 @@ class KVOutputAggregator:
     Waiting for every rank also on failure matters: a rank whose READ is still in flight may
     not see its destination blocks reused by a recompute or by another request. Ranks are
     counted as a set (`outputs[i]` is rank i's), so a rank reporting twice cannot stand in
-    for a rank that has not reported.
+    for a rank that has not reported; and only the loads and holds announced by `expect` are
+    counted, so a report repeated after its request completed cannot count towards a later
+    request of the same id.
     """
 
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
         self._recv: dict[str, _RecvReports] = {}
         self._send: dict[str, _SendReports] = {}
+
+    def expect(self, meta: ConnectorMetadata) -> None:
+        """Count reports for the loads and holds this metadata starts on the ranks."""
+        for recv in meta.recv:
+            self._recv[recv.request_id] = _RecvReports()
+        for send in meta.send:
+            self._send[send.request_id] = _SendReports()
 
     def aggregate(self, outputs: list[KVConnectorOutput | None]) -> KVConnectorOutput:
         """`outputs[rank]` is that rank's output, None for a rank that reported nothing this step."""
@@ -137,7 +146,9 @@ class KVOutputAggregator:
             if out is None:
                 continue
             for req_id in out.finished_recving | out.failed_recving.keys():
-                recv = self._recv.setdefault(req_id, _RecvReports())
+                recv = self._recv.get(req_id)
+                if recv is None:  # not a load in flight: a repeated report
+                    continue
                 recv.ranks.add(rank)
                 if req_id in out.failed_recving:
                     recv.reasons.append(out.failed_recving[req_id])
@@ -145,7 +156,9 @@ class KVOutputAggregator:
                 if req_id in out.recv_stats:
                     recv.stats.append(out.recv_stats[req_id])
             for req_id in out.finished_sending:
-                send = self._send.setdefault(req_id, _SendReports())
+                send = self._send.get(req_id)
+                if send is None:  # not a hold in force: a repeated report
+                    continue
                 send.ranks.add(rank)
                 send.expired |= req_id in out.expired_sending
                 send.released |= req_id in out.released_sending

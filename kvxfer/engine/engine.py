@@ -162,7 +162,10 @@ class LLMEngine:
             self.last_step_num_tokens = out.num_scheduled_tokens
             advanced: list[Request] = []
             if out.scheduled or self.connector is not None:
-                meta = self.connector.build_connector_meta(out) if self.connector is not None else None
+                meta = None
+                if self.connector is not None:
+                    meta = self.connector.build_connector_meta(out)
+                    self.aggregator.expect(meta)
                 step = StepInput.from_scheduler_output(out, self.config.block_size, meta)
                 try:
                     results, error = self.executor.collective_rpc_each("execute_step", step)

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from kvxfer.connectors.base import KVConnectorOutput, KVOutputAggregator
+from kvxfer.connectors.base import ConnectorMetadata, KVConnectorOutput, KVOutputAggregator, RecvRequest
 from kvxfer.connectors.metadata import RemotePrefillParams
 from kvxfer.engine.block_manager import BlockManager
 from kvxfer.engine.request import Request, RequestStatus
@@ -268,6 +268,7 @@ def test_blocks_of_a_load_are_freed_exactly_once_whatever_order_abort_and_report
     bm = BlockManager(16, BS)
     sched = Scheduler(bm, 8, 64, FakeConnector(), failure_policy=policy)
     agg = KVOutputAggregator(2)
+    agg.expect(ConnectorMetadata(recv=[RecvRequest("r", "r", "prefill", "127.0.0.1", 5600, 1, [], [])]))
     r = remote_request("r", list(range(1, 10)))
     sched.add(r)
     run_step(sched)
