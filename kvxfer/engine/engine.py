@@ -1,10 +1,12 @@
 """`LLMEngine`: requests in, one scheduled model step per `step()`, outputs out.
 
 `add_request` and `abort_request` may be called from any thread: they validate at once
-and queue; `step()` applies the queue, schedules, runs every rank, and returns the
-outputs of the requests that advanced. With a connector, every step also carries the
-connector metadata to the ranks and collects their finished transfers, even when no
-model work is scheduled, so requests waiting for remote KV never stall the loop.
+and queue (releasing a held request waits for a running step to end); `step()` applies
+the queue, schedules, runs every rank, and returns the outputs of the requests that
+advanced. With a connector, every step also carries the connector metadata to the ranks
+and collects their finished transfers, even when no model work is scheduled, so requests
+waiting for remote KV never stall the loop. A dead rank or a broken KV connector ends the
+engine: EngineDeadError from then on.
 """
 
 from __future__ import annotations
@@ -138,13 +140,13 @@ class LLMEngine:
         reader under `transfer_token`: the next step tells the ranks to stop holding them, and
         they are freed once every rank has) or "unknown" (nothing done: no such request, or a
         held one whose token was not given)."""
+        self._check_open()
         with self._queue_lock:
             if request_id in self._known_ids:
                 self._aborts.append(request_id)
                 return "aborted"
         # The token check and the release change the connector's state: not during a step.
         with self._step_lock:
-            self._check_open()
             return "released" if self.scheduler.release(request_id, transfer_token) else "unknown"
 
     def has_unfinished_requests(self) -> bool:
