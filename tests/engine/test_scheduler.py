@@ -289,8 +289,10 @@ def test_blocks_of_a_load_are_freed_exactly_once_whatever_order_abort_and_report
             reported.add(event)
         if reported != {0, 1}:  # a READ may still land: the blocks must not be reused yet
             assert bm.num_free_blocks == 13
+            assert sched.holds("r") == r.is_finished  # aborted: its id may not be reused yet
     run_all(sched)
     failed_first = (outcome, policy) == ("failed", "fail") and order[-1] == "abort"
     assert [x.finish_reason for x in sched.pop_finished()] == ["error" if failed_first else "abort"]
     assert bm.num_free_blocks == 16
     assert not sched.has_unfinished() and not sched.remote and not sched.aborted_loads and not sched.waiting
+    assert not sched.holds("r")
