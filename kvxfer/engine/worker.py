@@ -97,11 +97,28 @@ class Worker:
         return num_blocks
 
     def execute_step(self, step: StepInput):
-        """(sampled tokens on rank 0 else None, this rank's connector output or None)."""
+        """(sampled tokens on rank 0 else None, this rank's connector output or None).
+
+        A connector error raises KVConnectorBroken, after the model step: the other ranks'
+        collectives still meet this rank's. A model error raises before `get_finished`, so
+        this rank's finished transfers are reported with its next step."""
+        from kvxfer.connectors.base import KVConnectorBroken
+
+        broken: Exception | None = None
         if self.connector is not None and step.connector_meta is not None:
-            self.connector.start_load_kv(step.connector_meta)
+            try:
+                self.connector.start_load_kv(step.connector_meta)
+            except Exception as e:
+                broken = e
         sampled = self.runner.run(step)
-        finished = self.connector.get_finished() if self.connector is not None else None
+        finished = None
+        if self.connector is not None and broken is None:
+            try:
+                finished = self.connector.get_finished()
+            except Exception as e:
+                broken = e
+        if broken is not None:
+            raise KVConnectorBroken(f"KV connector failed: {type(broken).__name__}: {broken}") from broken
         return sampled, finished
 
     def kv_pool_info(self) -> dict[str, int]:
