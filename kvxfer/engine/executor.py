@@ -142,7 +142,7 @@ class Executor:
                 self.ranks.append(_ProcessRank(config, rank, tp))
             # Load first, then join the group: a rank failing to load is reported as such
             # instead of leaving the others waiting in a rendezvous.
-            self.proposed_num_blocks = self.collective_rpc("load_model")
+            self.collective_rpc("load_model")
             self.num_blocks = self.collective_rpc("init_kv_cache", free_port())[0]
         except BaseException:
             self.shutdown()
