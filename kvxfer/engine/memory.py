@@ -20,18 +20,21 @@ class CudaMemoryPlan:
     fraction: float  # share of it this engine may use
     weights_bytes: int  # allocated after the weights load
     activation_bytes: int  # peak allocated during the profiling forward, above the weights
+    graph_bytes: int = 0  # the decode CUDA graphs' memory pool and static buffers (kept for good)
 
     @property
     def kv_bytes(self) -> int:
         """Bytes left for the KV pool; zero or negative when nothing is left."""
-        return int(self.total_bytes * self.fraction) - self.weights_bytes - self.activation_bytes
+        used = self.weights_bytes + self.activation_bytes + self.graph_bytes
+        return int(self.total_bytes * self.fraction) - used
 
     def describe(self) -> str:
         gib = 1 << 30
         return (
             f"gpu_memory_utilization {self.fraction} of {self.total_bytes / gib:.2f} GiB = "
             f"{self.total_bytes * self.fraction / gib:.2f} GiB; weights {self.weights_bytes / gib:.2f} GiB, "
-            f"peak activations {self.activation_bytes / gib:.2f} GiB; KV pool {self.kv_bytes / gib:.2f} GiB"
+            f"peak activations {self.activation_bytes / gib:.2f} GiB, CUDA graphs {self.graph_bytes / gib:.2f} GiB; "
+            f"KV pool {self.kv_bytes / gib:.2f} GiB"
         )
 
 

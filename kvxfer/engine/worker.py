@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from kvxfer.engine.config import EngineConfig
+from kvxfer.engine.cuda_graphs import DecodeGraphs
 from kvxfer.engine.memory import CudaMemoryPlan, available_ram_bytes, cpu_kv_budget_bytes
 from kvxfer.engine.model_runner import ModelRunner, StepInput
 from kvxfer.engine.sampler import Sampler, SamplingInfo
@@ -70,16 +71,17 @@ class Worker:
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         weights = torch.cuda.memory_allocated(self.device)
-        activations = self._profile_activation_bytes()
+        activations, graphs = self._profile_activation_bytes()
         torch.cuda.empty_cache()
         _, total = torch.cuda.mem_get_info(self.device)
         fraction = self.config.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
-        return CudaMemoryPlan(total, fraction, weights, activations)
+        return CudaMemoryPlan(total, fraction, weights, activations, graphs)
 
-    def _profile_activation_bytes(self) -> int:
+    def _profile_activation_bytes(self) -> tuple[int, int]:
         """Peak bytes a step of max_num_batched_tokens tokens (in as many sequences as the
         scheduler allows, every one sampled with top-p and log-probs) allocates beyond what is
-        allocated before it, not counting the scratch KV cache it writes."""
+        allocated before it, not counting the scratch KV cache it writes; and, with CUDA
+        graphs, what the largest decode graph's pool and the static buffers will keep."""
         step, blocks = profile_step(self.config.max_num_batched_tokens, self.config.max_num_seqs, self.config.block_size)
         cache = torch.zeros((blocks, *self.spec.block_shape(self.tp_size)), dtype=self.dtype, device=self.device)
         sampler = Sampler(self.device, 0) if self.rank == 0 else None
@@ -89,8 +91,24 @@ class Worker:
         ModelRunner(self.model, cache, self.config.block_size, sampler).run(step)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - before
+        graphs = 0
+        if not self.config.enforce_eager:
+            # The largest bucket's eager forward over the static buffers: what its graph holds.
+            torch.cuda.reset_peak_memory_stats(self.device)
+            decode = self._decode_graphs(cache, capture=False)
+            decode.run(decode_step(decode.buckets[-1]))
+            torch.cuda.synchronize(self.device)
+            graphs = torch.cuda.max_memory_allocated(self.device) - before
+            del decode
         del cache
-        return peak
+        return peak, graphs
+
+    def _decode_graphs(self, cache: torch.Tensor, capture: bool) -> DecodeGraphs:
+        # Block tables as wide as the longest sequence the pool and the model's positions allow
+        # (a wider step falls back to the eager path).
+        max_positions = getattr(self.model_config.hf_config, "max_position_embeddings", None) or 1 << 62
+        max_model_len = min(cache.shape[0] * self.config.block_size, max_positions)
+        return DecodeGraphs(self.model, cache, self.config.block_size, self.config.max_num_seqs, max_model_len, capture)
 
     def init_kv_cache(self, dist_port: int) -> int:
         """Join the TP group, size this rank's pool, agree on the size (MIN over ranks), allocate."""
@@ -122,6 +140,8 @@ class Worker:
         )
         sampler = Sampler(self.device, self.config.seed) if self.rank == 0 else None
         self.runner = ModelRunner(self.model, self.kv_cache, self.config.block_size, sampler)
+        if self.device.type == "cuda" and not self.config.enforce_eager:
+            self.runner.decode_graphs = self._decode_graphs(self.kv_cache, capture=True)
         if self.config.kv_transfer_config is not None:
             from kvxfer.connectors import create_worker_connector
 
@@ -170,3 +190,9 @@ def profile_step(max_tokens: int, max_seqs: int, block_size: int) -> tuple[StepI
     infos = [SamplingInfo(f"profile-{i}", 1.0, 0.9, None, 20) for i in range(seqs)]
     positions = [p for n in lens for p in range(n)]
     return StepInput([0] * max_tokens, positions, lens, lens, tables, list(range(seqs)), infos, []), blocks
+
+
+def decode_step(num_seqs: int) -> StepInput:
+    """A decode step of `num_seqs` one-token sequences in block 0 (a memory probe's input)."""
+    ones = [1] * num_seqs
+    return StepInput([0] * num_seqs, [0] * num_seqs, ones, ones, [[0]] * num_seqs, [], [], [])

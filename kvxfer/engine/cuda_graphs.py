@@ -1,0 +1,138 @@
+"""CUDA graphs for decode steps (opt-in: `--cuda-graphs`; not yet run on a GPU).
+
+A decode step (one new token per sequence) of `b` sequences runs as the graph of the
+smallest batch-size bucket >= b, captured at start over static input buffers: token ids,
+positions, slots, context lengths, query starts and block tables padded to a fixed width
+(the longest sequence the pool or the model allows). Rows past `b` are padding: one token
+each, slot -1 (the KV store skips it), context 1 in block table row entries that are always
+valid block ids, so they read a real block and write nothing. The attention metadata has a
+fixed `max_seq_len` (the padded width), so the Triton decode kernel's context-split plan is
+the same at capture and at every replay. Logits and sampling stay outside the graph.
+
+`capture=False` runs the same static-buffer path eagerly: on CPU, the tests check it against
+the plain eager path; on CUDA it is what the graphs replay.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvxfer.engine.model_runner import StepInput
+from kvxfer.layers.attention import AttentionMetadata
+
+
+def batch_buckets(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, then every multiple of 8 (and max_num_seqs itself), up to max_num_seqs."""
+    sizes = [n for n in (1, 2, 4) if n < max_num_seqs] + list(range(8, max_num_seqs, 8))
+    return sizes + [max_num_seqs]
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_cache: torch.Tensor,
+        block_size: int,
+        max_num_seqs: int,
+        max_model_len: int,
+        capture: bool,
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.device = kv_cache.device
+        self.buckets = batch_buckets(max_num_seqs)
+        self.max_blocks = -(-max_model_len // block_size)
+        self.max_seq_len = self.max_blocks * block_size
+        n, dev = self.buckets[-1], self.device
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros((n, self.max_blocks), dtype=torch.int32, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        if capture:
+            self._capture_all()
+
+    def can_run(self, step: StepInput) -> bool:
+        """A decode-only step that fits the largest bucket and the padded block-table width."""
+        return (
+            0 < len(step.query_lens) <= self.buckets[-1]
+            and all(q == 1 for q in step.query_lens)
+            and max(len(t) for t in step.block_tables) <= self.max_blocks
+        )
+
+    @torch.inference_mode()
+    def run(self, step: StepInput) -> torch.Tensor:
+        """Hidden states `[b, hidden]` of the step's `b` tokens (row r: sequence r's new token)."""
+        b = len(step.query_lens)
+        bucket = next(n for n in self.buckets if n >= b)
+        self._fill(step, b, bucket)
+        if self.graphs:
+            self.graphs[bucket].replay()
+            return self.outputs[bucket][:b]
+        return self._forward(bucket, step.seq_lens, step.block_tables)[:b]
+
+    def _fill(self, step: StepInput, b: int, bucket: int) -> None:
+        bs = self.block_size
+        slots = [t[(n - 1) // bs] * bs + (n - 1) % bs for n, t in zip(step.seq_lens, step.block_tables)]
+        width = max(len(t) for t in step.block_tables)
+        flat = [x for t in step.block_tables for x in (*t, *[0] * (width - len(t)))]
+        tables = torch.tensor(flat, dtype=torch.int32).view(b, width)
+        # Entries past a row's own blocks keep earlier rows' block ids: valid ids the kernels
+        # never read (they stop at the row's context length).
+        self.block_tables[:b, :width].copy_(tables, non_blocking=True)
+        self.input_ids[:b].copy_(torch.tensor(step.input_ids, dtype=torch.long), non_blocking=True)
+        self.positions[:b].copy_(torch.tensor(step.positions, dtype=torch.long), non_blocking=True)
+        self.slot_mapping[:b].copy_(torch.tensor(slots, dtype=torch.int64), non_blocking=True)
+        self.seq_lens[:b].copy_(torch.tensor(step.seq_lens, dtype=torch.int32), non_blocking=True)
+        # Padding rows: context 1, no slot (earlier steps may have left real values there).
+        self.slot_mapping[b:bucket].fill_(-1)
+        self.seq_lens[b:bucket].fill_(1)
+        self.input_ids[b:bucket].zero_()
+        self.positions[b:bucket].zero_()
+
+    def _metadata(self, bucket: int, seq_lens: list[int], block_tables: list[list[int]]) -> AttentionMetadata:
+        pad = bucket - len(seq_lens)
+        return AttentionMetadata(
+            query_start_loc=self.query_start_loc[: bucket + 1],
+            seq_lens=self.seq_lens[:bucket],
+            block_tables=self.block_tables[:bucket],
+            slot_mapping=self.slot_mapping[:bucket],
+            query_start_loc_host=list(range(bucket + 1)),
+            seq_lens_host=list(seq_lens) + [1] * pad,
+            # Padding rows' host tables (the torch backend's) name block 0; their outputs are dropped.
+            block_tables_host=[list(t) for t in block_tables] + [[0]] * pad,
+            max_query_len=1,
+            max_seq_len=self.max_seq_len,
+        )
+
+    def _forward(self, bucket: int, seq_lens: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+        attn = self._metadata(bucket, seq_lens, block_tables)
+        return self.model(self.input_ids[:bucket], self.positions[:bucket], self.kv_cache, attn)
+
+    def _capture_all(self) -> None:
+        """Largest bucket first, all in one memory pool (a smaller graph reuses the larger's
+        blocks, as only one replays at a time). The padding rows' inputs are what capture sees."""
+        if self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {self.device}")
+        pool = None
+        with torch.inference_mode():
+            for bucket in reversed(self.buckets):
+                pad_lens, pad_tables = [], []  # every row a padding row: valid for any cache state
+                self._forward(bucket, pad_lens, pad_tables)  # warm-up: Triton compiles, cuBLAS plans
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                try:
+                    with torch.cuda.graph(graph, pool=pool):
+                        self.outputs[bucket] = self._forward(bucket, pad_lens, pad_tables)
+                except RuntimeError as e:
+                    raise RuntimeError(
+                        f"capturing the decode CUDA graph for {bucket} sequences failed ({e}); "
+                        "the model does something a graph cannot hold (a host sync?): run without --cuda-graphs"
+                    ) from e
+                pool = graph.pool()
+                self.graphs[bucket] = graph
+        torch.cuda.synchronize(self.device)
