@@ -1,13 +1,15 @@
 """CUDA graphs for decode steps (opt-in: `--cuda-graphs`; not yet run on a GPU).
 
-A decode step (one new token per sequence) of `b` sequences runs as the graph of the
-smallest batch-size bucket >= b, captured at start over static input buffers: token ids,
-positions, slots, context lengths, query starts and block tables padded to a fixed width
-(the longest sequence the pool or the model allows). Rows past `b` are padding: one token
-each, slot -1 (the KV store skips it), context 1 in block table row entries that are always
-valid block ids, so they read a real block and write nothing. The attention metadata has a
-fixed `max_seq_len` (the padded width), so the Triton decode kernel's context-split plan is
-the same at capture and at every replay. Logits and sampling stay outside the graph.
+A decode step (one new token per sequence) of `b` sequences whose longest context is `L`
+runs as the graph of the smallest batch-size bucket >= b and the smallest context bucket
+>= L, captured at start over static input buffers: token ids, positions, slots, context
+lengths, query starts and block tables padded to a fixed width (the longest sequence the
+pool or the model allows). Rows past `b` are padding: one token each, slot -1 (the KV store
+skips it), context 1 in block-table entries that are always valid block ids, so they read a
+real block and write nothing. The Triton decode kernel plans its context splits on the host
+from `max_seq_len`; a graph bakes that plan in, so each context bucket has its own graphs
+(planned for the bucket's length: a short context does not run a plan made for the longest).
+Logits and sampling stay outside the graph.
 
 `capture=False` runs the same static-buffer path eagerly: on CPU, the tests check it against
 the plain eager path; on CUDA it is what the graphs replay.
@@ -27,6 +29,15 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
     return sizes + [max_num_seqs]
 
 
+def context_buckets(max_seq_len: int) -> list[int]:
+    """1024, then x4 steps, up to max_seq_len (the last bucket)."""
+    sizes, n = [], 1024
+    while n < max_seq_len:
+        sizes.append(n)
+        n *= 4
+    return sizes + [max_seq_len]
+
+
 class DecodeGraphs:
     def __init__(
         self,
@@ -44,6 +55,7 @@ class DecodeGraphs:
         self.buckets = batch_buckets(max_num_seqs)
         self.max_blocks = -(-max_model_len // block_size)
         self.max_seq_len = self.max_blocks * block_size
+        self.contexts = context_buckets(self.max_seq_len)
         n, dev = self.buckets[-1], self.device
         self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
         self.positions = torch.zeros(n, dtype=torch.long, device=dev)
@@ -51,8 +63,8 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros((n, self.max_blocks), dtype=torch.int32, device=dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (batch, context) bucket
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         if capture:
             self._capture_all()
 
@@ -69,11 +81,18 @@ class DecodeGraphs:
         """Hidden states `[b, hidden]` of the step's `b` tokens (row r: sequence r's new token)."""
         b = len(step.query_lens)
         bucket = next(n for n in self.buckets if n >= b)
+        context = next(n for n in self.contexts if n >= max(step.seq_lens))
         self._fill(step, b, bucket)
         if self.graphs:
-            self.graphs[bucket].replay()
-            return self.outputs[bucket][:b]
-        return self._forward(bucket, step.seq_lens, step.block_tables)[:b]
+            self.graphs[(bucket, context)].replay()
+            return self.outputs[(bucket, context)][:b]
+        return self._forward(bucket, context, step.seq_lens, step.block_tables)[:b]
+
+    @torch.inference_mode()
+    def largest_forward(self) -> torch.Tensor:
+        """The largest graph's forward (most sequences, longest context), run eagerly: what a
+        memory probe measures the graphs' pool by."""
+        return self._forward(self.buckets[-1], self.contexts[-1], [], [])
 
     def _fill(self, step: StepInput, b: int, bucket: int) -> None:
         bs = self.block_size
@@ -94,7 +113,9 @@ class DecodeGraphs:
         self.input_ids[b:bucket].zero_()
         self.positions[b:bucket].zero_()
 
-    def _metadata(self, bucket: int, seq_lens: list[int], block_tables: list[list[int]]) -> AttentionMetadata:
+    def _metadata(
+        self, bucket: int, context: int, seq_lens: list[int], block_tables: list[list[int]]
+    ) -> AttentionMetadata:
         pad = bucket - len(seq_lens)
         return AttentionMetadata(
             query_start_loc=self.query_start_loc[: bucket + 1],
@@ -106,33 +127,36 @@ class DecodeGraphs:
             # Padding rows' host tables (the torch backend's) name block 0; their outputs are dropped.
             block_tables_host=[list(t) for t in block_tables] + [[0]] * pad,
             max_query_len=1,
-            max_seq_len=self.max_seq_len,
+            max_seq_len=context,
         )
 
-    def _forward(self, bucket: int, seq_lens: list[int], block_tables: list[list[int]]) -> torch.Tensor:
-        attn = self._metadata(bucket, seq_lens, block_tables)
+    def _forward(
+        self, bucket: int, context: int, seq_lens: list[int], block_tables: list[list[int]]
+    ) -> torch.Tensor:
+        attn = self._metadata(bucket, context, seq_lens, block_tables)
         return self.model(self.input_ids[:bucket], self.positions[:bucket], self.kv_cache, attn)
 
     def _capture_all(self) -> None:
-        """Largest bucket first, all in one memory pool (a smaller graph reuses the larger's
+        """Largest buckets first, all in one memory pool (a smaller graph reuses the larger's
         blocks, as only one replays at a time). The padding rows' inputs are what capture sees."""
         if self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {self.device}")
         pool = None
         with torch.inference_mode():
-            for bucket in reversed(self.buckets):
-                pad_lens, pad_tables = [], []  # every row a padding row: valid for any cache state
-                self._forward(bucket, pad_lens, pad_tables)  # warm-up: Triton compiles, cuBLAS plans
+            for key in sorted(((b, c) for b in self.buckets for c in self.contexts), reverse=True):
+                # Every row a padding row: valid for any cache state.
+                self._forward(*key, [], [])  # warm-up: Triton compiles, cuBLAS plans
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
                 try:
                     with torch.cuda.graph(graph, pool=pool):
-                        self.outputs[bucket] = self._forward(bucket, pad_lens, pad_tables)
+                        self.outputs[key] = self._forward(*key, [], [])
                 except RuntimeError as e:
                     raise RuntimeError(
-                        f"capturing the decode CUDA graph for {bucket} sequences failed ({e}); "
-                        "the model does something a graph cannot hold (a host sync?): run without --cuda-graphs"
+                        f"capturing the decode CUDA graph for {key[0]} sequences of up to {key[1]} tokens "
+                        f"failed ({e}); the model does something a graph cannot hold (a host sync?): "
+                        "run without --cuda-graphs"
                     ) from e
                 pool = graph.pool()
-                self.graphs[bucket] = graph
+                self.graphs[key] = graph
         torch.cuda.synchronize(self.device)

@@ -96,7 +96,7 @@ class Worker:
             # The largest bucket's eager forward over the static buffers: what its graph holds.
             torch.cuda.reset_peak_memory_stats(self.device)
             decode = self._decode_graphs(cache, capture=False)
-            decode.run(decode_step(decode.buckets[-1]))
+            decode.largest_forward()
             torch.cuda.synchronize(self.device)
             graphs = torch.cuda.max_memory_allocated(self.device) - before
             del decode
@@ -191,8 +191,3 @@ def profile_step(max_tokens: int, max_seqs: int, block_size: int) -> tuple[StepI
     positions = [p for n in lens for p in range(n)]
     return StepInput([0] * max_tokens, positions, lens, lens, tables, list(range(seqs)), infos, []), blocks
 
-
-def decode_step(num_seqs: int) -> StepInput:
-    """A decode step of `num_seqs` one-token sequences in block 0 (a memory probe's input)."""
-    ones = [1] * num_seqs
-    return StepInput([0] * num_seqs, [0] * num_seqs, ones, ones, [[0]] * num_seqs, [], [], [])

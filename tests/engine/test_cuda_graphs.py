@@ -9,7 +9,7 @@ import torch
 from engine_helpers import BLOCK_SIZE, prompts_of
 
 from kvxfer.engine import EngineConfig
-from kvxfer.engine.cuda_graphs import DecodeGraphs, batch_buckets
+from kvxfer.engine.cuda_graphs import DecodeGraphs, batch_buckets, context_buckets
 from kvxfer.engine.model_runner import ModelRunner, StepInput
 from kvxfer.engine.sampler import Sampler, SamplingInfo
 from kvxfer.engine.worker import Worker
@@ -25,6 +25,9 @@ def test_buckets():
     assert batch_buckets(3) == [1, 2, 3]
     assert batch_buckets(10) == [1, 2, 4, 8, 10]
     assert batch_buckets(32) == [1, 2, 4, 8, 16, 24, 32]
+    assert context_buckets(512) == [512]
+    assert context_buckets(1024) == [1024]
+    assert context_buckets(40960) == [1024, 4096, 16384, 40960]
 
 
 @pytest.fixture(scope="module", params=["tiny-qwen3", "tiny-deepseek-mla"])
