@@ -66,7 +66,7 @@ def stages(py: str, quick: bool = False) -> list[Stage]:
     ]
     engine = (f"{bench} engine --preset qwen3-0.6b-shape --num-prompts 256 --input-len 100-1024 "
               f"--output-len 100-1024 --device cuda --json")
-    accuracy = "DEVICE=cuda GPU_SHARING=1 NUM_PROMPTS=60 HEALTH_TIMEOUT=120 bash integration/run_accuracy_test.sh"
+    accuracy = f"PYTHON={q} DEVICE=cuda GPU_SHARING=1 NUM_PROMPTS=60 HEALTH_TIMEOUT=120 bash integration/run_accuracy_test.sh"
     return [
         Stage("env", "environment: GPU, versions, UCX transports, nixl imported after CUDA init", (
             "nvidia-smi || echo 'nvidia-smi: not available'",

@@ -79,7 +79,7 @@ def stage_env(args: argparse.Namespace) -> int:
         info.update(device=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
                     memory_gib=round(props.total_memory / 2**30, 1), device_count=torch.cuda.device_count())
     _emit(stage="env", **info)
-    device = torch.device(args.device)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # CUDA first (context created, memory allocated), then NIXL: UCX picks transports at agent start.
     buf = torch.zeros(1 << 20, dtype=torch.uint8, device=device)
     if device.type == "cuda":
@@ -247,7 +247,8 @@ def _decode_step_seconds(llm, sampling_params, batch: int, context: int, steps: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpu_stages", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="stage", required=True)
-    for name in ("env", "kernels", "parity", "decode"):
+    sub.add_parser("env", help="on the GPU when there is one, else on the host")
+    for name in ("kernels", "parity", "decode"):
         p = sub.add_parser(name)
         p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
         p.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not a measurement)")
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--tie", type=float, default=0.05,
                            help="log-prob gap under which HF's top-1/top-2 count as a tie (bf16 rounding)")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if getattr(args, "device", None) == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no GPU")
     return {"env": stage_env, "kernels": stage_kernels, "parity": stage_parity, "decode": stage_decode}[args.stage](args)
 
