@@ -37,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="cuda: decode steps in CUDA graphs (experimental, opt-in until run on a GPU)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None,
+                        help="cuda: share of the GPU's total memory the engine may use (default 0.9)")
     parser.add_argument("--hf-batch-size", type=int, default=0, help="HF generate batch (0: all prompts at once)")
     parser.add_argument("--skip-hf", action="store_true", help="only run kvxfer")
     parser.add_argument("--seed", type=int, default=0)
@@ -69,8 +73,10 @@ def make_workload(args: argparse.Namespace, vocab: int) -> tuple[list[list[int]]
 def run_kvxfer(args, model_dir: str, prompts: list[list[int]], outputs: list[int]) -> float:
     from kvxfer import LLM, SamplingParams
 
+    cuda = {"enforce_eager": not args.cuda_graphs, "gpu_memory_utilization": args.gpu_memory_utilization}
     llm = LLM(model_dir, tensor_parallel_size=args.tp, device=args.device, block_size=args.block_size,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              **{k: v for k, v in cuda.items() if v is not None})
     try:
         warm_up(llm, prompts, outputs)
         params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in outputs]

@@ -65,7 +65,7 @@ def stages(py: str, quick: bool = False) -> list[Stage]:
         for tokens in (4096, 32768) for tp in (1, 2)
     ]
     engine = (f"{bench} engine --preset qwen3-0.6b-shape --num-prompts 256 --input-len 100-1024 "
-              f"--output-len 100-1024 --device cuda --json")
+              f"--output-len 100-1024 --device cuda --cuda-graphs --json")
     accuracy = f"PYTHON={q} DEVICE=cuda GPU_SHARING=1 NUM_PROMPTS=60 HEALTH_TIMEOUT=120 bash integration/run_accuracy_test.sh"
     return [
         Stage("env", "environment: GPU, versions, UCX transports, nixl imported after CUDA init", (

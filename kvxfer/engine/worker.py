@@ -162,6 +162,11 @@ class Worker:
     def kv_pool_info(self) -> dict[str, int]:
         return {"rank": self.rank, "proposed_num_blocks": self.proposed_num_blocks, "num_blocks": self.num_blocks}
 
+    def decode_graph_count(self) -> int:
+        """CUDA graphs captured on this rank (0: eager)."""
+        graphs = self.runner.decode_graphs if self.runner is not None else None
+        return len(graphs.graphs) if graphs is not None else 0
+
     def read_kv_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """CPU copy of the given blocks of this rank's cache, shape [len(ids), *block_shape]."""
         index = torch.tensor(block_ids, dtype=torch.long, device=self.device)

@@ -104,3 +104,26 @@ def test_steps_the_graphs_cannot_hold_take_the_eager_path(prefilled):
     assert not graphs.can_run(prefill)
     with pytest.raises(ValueError, match="CUDA device"):
         DecodeGraphs(worker.model, cache, BLOCK_SIZE, 4, 64, capture=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-deepseek-mla"])
+def test_cuda_graphs_greedy_matches_eager_and_hf(model_dir, hf_reference, preset):
+    """Captured graphs replayed for batches of 1..4 sequences give the eager engine's tokens and
+    log-probs, which match HF (float32 on the GPU)."""
+    from kvxfer import LLM, SamplingParams
+
+    prompts = prompts_of((3, 16, 37, 70), offset=3)
+    params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=True)
+    results = {}
+    for eager in (True, False):
+        with LLM(model_dir(preset), device="cuda", dtype="float32", block_size=BLOCK_SIZE, num_kv_blocks=128,
+                 max_num_seqs=4, enforce_eager=eager) as llm:
+            assert (llm.engine.collective_rpc("decode_graph_count")[0] > 0) != eager
+            results[eager] = [llm.generate(prompts[:n], params) for n in (1, 3, 4)]
+    ref = hf_reference(preset)
+    for graph_outs, eager_outs in zip(results[False], results[True]):
+        for prompt, g, e in zip(prompts, graph_outs, eager_outs):
+            assert g.output_token_ids == e.output_token_ids == ref.greedy(prompt, 12)[0]
+            for lg, le in zip(g.logprobs, e.logprobs):
+                assert all(abs(lg[t] - le[t]) < 1e-3 for t in le)
