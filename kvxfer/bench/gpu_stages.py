@@ -106,34 +106,38 @@ def stage_kernels(args: argparse.Namespace) -> int:
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     hq, hkv, d, bs = 16, 8, 128, 16  # Qwen3-0.6B attention, one layer
-    batch, context = (4, 256) if args.quick else (64, 4096)
-    bw = copy_bandwidth(device, (64 if args.quick else 2048) << 20)
+    batch, context = (2, 64) if args.quick else (64, 4096)
+    iters = 2 if args.quick else 20
+    bw = copy_bandwidth(device, (16 if args.quick else 2048) << 20)
     gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:  # drawn where it lives: GiBs are slow to draw on the host
+        return torch.randn(shape, device=device, dtype=dtype)
 
     def cache_for(tokens: int) -> tuple[torch.Tensor, list[list[int]]]:
         blocks_per_seq = -(-tokens // bs)
         n = batch * blocks_per_seq
-        cache = torch.randn((n, hkv, 1, 2, bs, d), generator=gen).to(device=device, dtype=dtype)
         ids = torch.randperm(n, generator=gen).view(batch, blocks_per_seq).tolist()  # scattered, as in a busy pool
-        return cache[:, :, 0], ids
+        return randn(n, hkv, 1, 2, bs, d)[:, :, 0], ids
 
     kv, tables = cache_for(context)
     decode = AttentionMetadata.build([1] * batch, [context] * batch, tables, bs, device)
-    q = torch.randn((batch, hq, d), generator=gen).to(device=device, dtype=dtype)
-    s = _time_s(lambda: attention.paged_attention(q, kv, decode, d**-0.5), device, iters=20)
+    q = randn(batch, hq, d)
+    s = _time_s(lambda: attention.paged_attention(q, kv, decode, d**-0.5), device, iters=iters)
     kv_bytes = batch * context * hkv * 2 * d * kv.element_size()
     _emit(stage="kernels", kernel="paged_decode", batch=batch, context=context, dtype=args.dtype,
-          us=round(s * 1e6, 1), gbps=round(kv_bytes / s / 1e9, 1), copy_gbps=round(bw / 1e9, 1),
+          us=round(s * 1e6, 1), gbps=round(kv_bytes / s / 1e9, 3), copy_gbps=round(bw / 1e9, 1),
           fraction_of_copy=round(kv_bytes / s / bw, 3))
 
-    prompt = 256 if args.quick else 2048
+    prompt = 64 if args.quick else 2048
     kv, tables = cache_for(prompt)
     prefill = AttentionMetadata.build([prompt] * batch, [prompt] * batch, tables, bs, device)
-    q = torch.randn((batch * prompt, hq, d), generator=gen).to(device=device, dtype=dtype)
-    s = _time_s(lambda: attention.paged_attention(q, kv, prefill, d**-0.5), device, iters=10)
+    q = randn(batch * prompt, hq, d)
+    s = _time_s(lambda: attention.paged_attention(q, kv, prefill, d**-0.5), device, iters=max(iters // 2, 1))
     flops = batch * 2 * 2 * hq * d * prompt * (prompt + 1) / 2  # QK^T and PV over the causal half
     _emit(stage="kernels", kernel="paged_prefill", batch=batch, prompt=prompt, dtype=args.dtype,
-          ms=round(s * 1e3, 3), tflops=round(flops / s / 1e12, 2))
+          ms=round(s * 1e3, 3), tflops=round(flops / s / 1e12, 4))
     return 0
 
 
@@ -193,7 +197,7 @@ def stage_decode(args: argparse.Namespace) -> int:
 
     preset = "tiny-qwen3" if args.quick else args.preset
     batches = [1, 4] if args.quick else [1, 16, 64, 128]
-    context, steps = (48, 4) if args.quick else (1024, 32)
+    context, steps = (20, 3) if args.quick else (1024, 32)
     model_dir = preset_dir(preset)
     device = torch.device(args.device)
     dtype_bytes = getattr(torch, args.dtype).itemsize
@@ -203,7 +207,7 @@ def stage_decode(args: argparse.Namespace) -> int:
             params += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     spec = load_model_config(model_dir).kv_cache_spec(16, args.dtype)
     kv_per_token = spec.bytes_per_block(1) // 16
-    bw = copy_bandwidth(device, (64 if args.quick else 2048) << 20)
+    bw = copy_bandwidth(device, (16 if args.quick else 2048) << 20)
     modes = ["eager"] + (["cuda_graphs"] if device.type == "cuda" else [])
     step_s: dict[tuple[str, int], float] = {}
     for mode in modes:
