@@ -14,8 +14,13 @@ if [[ -z "$fetch" ]]; then
   done
 fi
 [[ -n "$fetch" && -f "$fetch" ]] || { echo "error: fetch-wheels.sh not found (set FETCH_WHEELS)" >&2; exit 1; }
+# It writes to ./.git/info/exclude, which a git worktree does not have (.git is a file there;
+# .whl/ is in .gitignore anyway): run it from a scratch folder, wheels into ours.
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+mkdir -p "$scratch/.git/info"
 # pytest-timeout: pyproject's `timeout` option (a hung CUDA test fails instead of eating the budget).
-bash "$fetch" pytest-timeout
+(cd "$scratch" && WHEEL_DIR="$root/.whl" bash "$fetch" pytest-timeout)
 limit=$((64 * 1024 * 1024))
 wheels=$(du -sb .whl | cut -f1)
 tree=$(git ls-files -co --exclude-standard -z | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
