@@ -196,7 +196,7 @@ def stage_decode(args: argparse.Namespace) -> int:
     from kvxfer.models import load_model_config
 
     preset = "tiny-qwen3" if args.quick else args.preset
-    batches = [1, 4] if args.quick else [1, 16, 64, 128]
+    batches = [1, 4] if args.quick else [1, 32, 128]
     context, steps = (20, 3) if args.quick else (1024, 32)
     model_dir = preset_dir(preset)
     device = torch.device(args.device)

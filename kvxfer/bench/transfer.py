@@ -80,9 +80,10 @@ def request_data(seed: int, num_blocks: int, num_heads: int, head_bytes: int):
     return base, pattern
 
 
-def expected_blocks(seed: int, n_blocks: int, num_heads: int, head_bytes: int, heads: range):
+def expected_blocks(seed: int, n_blocks: int, num_heads: int, head_bytes: int, heads: range, device="cpu"):
+    """Drawn on the host (deterministic), expanded on `device` (GBs at 32k tokens)."""
     base, pattern = request_data(seed, n_blocks, num_heads, head_bytes)
-    return base[:, heads.start : heads.stop, None] + pattern
+    return base[:, heads.start : heads.stop, None].to(device) + pattern.to(device)
 
 
 def fragmented_ids(n: int, pool: int, seed: int) -> list[int]:
@@ -154,7 +155,7 @@ def _rank_main(conn, role: str, rank: int, tp: int, shape: Shape, block_size: in
             if cmd == "fill":  # prefill: request blocks get known data, the rest garbage
                 seed, ids = arg
                 words.fill_(-1)
-                words[ids] = expected_blocks(seed, len(ids), shape.num_kv_heads, head_bytes, heads).to(dev)
+                words[ids] = expected_blocks(seed, len(ids), shape.num_kv_heads, head_bytes, heads, dev)
                 sync()
                 conn.send(("ok", None))
             elif cmd == "hold":  # prefill: serve one request until its readers notify
@@ -177,7 +178,7 @@ def _rank_main(conn, role: str, rank: int, tp: int, shape: Shape, block_size: in
                 conn.send(("ok", (t0, t1, stats.bytes, stats.descriptors)))
             elif cmd == "verify":  # decode: request blocks exact, every other block untouched
                 seed, ids = arg
-                expected = expected_blocks(seed, len(ids), shape.num_kv_heads, head_bytes, heads).to(dev)
+                expected = expected_blocks(seed, len(ids), shape.num_kv_heads, head_bytes, heads, dev)
                 others = torch.ones(num_blocks, dtype=torch.bool, device=dev)
                 others[ids] = False
                 ok = torch.equal(words[ids], expected) and not words[others].any()

@@ -63,6 +63,12 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros((n, self.max_blocks), dtype=torch.int32, device=dev)
+        # One host-to-device copy per step: the inputs packed in a pinned buffer, unpacked on the
+        # device; an event keeps the next step from overwriting it before the copy has run.
+        cuda = dev.type == "cuda"
+        self._host = torch.zeros(4 * n + n * self.max_blocks, dtype=torch.int64, pin_memory=cuda)
+        self._staged = torch.zeros_like(self._host, device=dev)
+        self._copied = torch.cuda.Event() if cuda else None
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (batch, context) bucket
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         if capture:
@@ -95,23 +101,27 @@ class DecodeGraphs:
         return self._forward(self.buckets[-1], self.contexts[-1], [], [])
 
     def _fill(self, step: StepInput, b: int, bucket: int) -> None:
-        bs = self.block_size
-        slots = [t[(n - 1) // bs] * bs + (n - 1) % bs for n, t in zip(step.seq_lens, step.block_tables)]
+        n, bs = self.buckets[-1], self.block_size
         width = max(len(t) for t in step.block_tables)
-        flat = [x for t in step.block_tables for x in (*t, *[0] * (width - len(t)))]
-        tables = torch.tensor(flat, dtype=torch.int32).view(b, width)
+        slots = [t[(m - 1) // bs] * bs + (m - 1) % bs for m, t in zip(step.seq_lens, step.block_tables)]
+        tables = [x for t in step.block_tables for x in (*t, *[0] * (width - len(t)))]
+        if self._copied is not None:
+            self._copied.synchronize()
+        host = self._host
+        # Padding rows: token 0 at position 0, no slot (-1: nothing stored), context 1.
+        for k, (values, pad) in enumerate(((step.input_ids, 0), (step.positions, 0), (slots, -1), (step.seq_lens, 1))):
+            host[k * n : k * n + b] = torch.tensor(values, dtype=torch.int64)
+            host[k * n + b : k * n + bucket] = pad
+        host[4 * n : 4 * n + b * width] = torch.tensor(tables, dtype=torch.int64)
+        staged = self._staged[: 4 * n + b * width]
+        staged.copy_(host[: 4 * n + b * width], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        for k, buf in enumerate((self.input_ids, self.positions, self.slot_mapping, self.seq_lens)):
+            buf[:bucket].copy_(staged[k * n : k * n + bucket])
         # Entries past a row's own blocks keep earlier rows' block ids: valid ids the kernels
         # never read (they stop at the row's context length).
-        self.block_tables[:b, :width].copy_(tables, non_blocking=True)
-        self.input_ids[:b].copy_(torch.tensor(step.input_ids, dtype=torch.long), non_blocking=True)
-        self.positions[:b].copy_(torch.tensor(step.positions, dtype=torch.long), non_blocking=True)
-        self.slot_mapping[:b].copy_(torch.tensor(slots, dtype=torch.int64), non_blocking=True)
-        self.seq_lens[:b].copy_(torch.tensor(step.seq_lens, dtype=torch.int32), non_blocking=True)
-        # Padding rows: context 1, no slot (earlier steps may have left real values there).
-        self.slot_mapping[b:bucket].fill_(-1)
-        self.seq_lens[b:bucket].fill_(1)
-        self.input_ids[b:bucket].zero_()
-        self.positions[b:bucket].zero_()
+        self.block_tables[:b, :width].copy_(staged[4 * n :].view(b, width))
 
     def _metadata(
         self, bucket: int, context: int, seq_lens: list[int], block_tables: list[list[int]]

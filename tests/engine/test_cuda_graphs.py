@@ -77,20 +77,22 @@ def test_static_buffers_match_the_eager_path(prefilled, batch):
 
 def test_runner_hook_samples_what_the_eager_runner_samples(prefilled):
     worker, cache, tables = prefilled
-    # Twice in a row with different batch sizes: stale static-buffer rows must not leak.
-    for batch in (7, 3):
+    eager = ModelRunner(worker.model, cache.clone(), BLOCK_SIZE, Sampler(worker.device, 0))
+    hooked_cache = cache.clone()
+    hooked = ModelRunner(worker.model, hooked_cache, BLOCK_SIZE, Sampler(worker.device, 0))
+    hooked.decode_graphs = DecodeGraphs(worker.model, hooked_cache, BLOCK_SIZE, MAX_SEQS, NUM_BLOCKS * BLOCK_SIZE,
+                                        capture=False)
+    # One set of static buffers through shrinking and growing batches: rows a larger batch
+    # left behind must not leak into a smaller one.
+    for batch in (7, 3, 10, 1, 5):
         step = decode_step(batch, tables)
-        eager = ModelRunner(worker.model, cache.clone(), BLOCK_SIZE, Sampler(worker.device, 0))
-        hooked_cache = cache.clone()
-        hooked = ModelRunner(worker.model, hooked_cache, BLOCK_SIZE, Sampler(worker.device, 0))
-        hooked.decode_graphs = DecodeGraphs(worker.model, hooked_cache, BLOCK_SIZE, MAX_SEQS,
-                                            NUM_BLOCKS * BLOCK_SIZE, capture=False)
         expected = eager.run(step)
         got = hooked.run(step)
         assert [t for t, _ in got] == [t for t, _ in expected]
         for (_, a), (_, b) in zip(got, expected):
             assert a.keys() == b.keys()
             assert all(abs(a[k] - b[k]) < 1e-4 for k in a)
+    torch.testing.assert_close(hooked_cache, eager.kv_cache, atol=1e-5, rtol=1e-5)
 
 
 def test_steps_the_graphs_cannot_hold_take_the_eager_path(prefilled):
