@@ -101,3 +101,37 @@ def test_a_failing_command_ends_its_stage_and_results_are_collected(tmp_path):
 def test_every_stage_fits_the_default_budget_alone(quick):
     for stage in gpu_check.stages(sys.executable, quick):
         assert stage.estimate_s <= stage.limit_s <= 450
+
+
+def test_sigterm_stops_the_running_stage_and_still_writes_the_summary(tmp_path, monkeypatch):
+    import signal
+    import threading
+
+    sleeper = Stage("sleeper", "sleeps", ("sleep 120 & echo child $!; sleep 120",), 1, 200, needs_cuda=False)
+    monkeypatch.setattr(gpu_check, "stages", lambda py, quick=False: [sleeper])
+    monkeypatch.setattr(gpu_check, "cuda_available", lambda py, env: (False, ""))
+    log = tmp_path / "out" / "logs" / "01-sleeper.log"
+
+    def stop_when_running() -> None:
+        deadline = time.monotonic() + 60
+        while "child " not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    killer = threading.Thread(target=stop_when_running)
+    killer.start()
+    try:
+        with pytest.raises(SystemExit):
+            gpu_check.main(["--out", str(tmp_path / "out"), "--wheels", str(tmp_path / "none")])
+    finally:
+        killer.join()
+        signal.signal(signal.SIGTERM, previous)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    (stage,) = [s for s in summary["stages"] if s["name"] == "sleeper"]
+    assert (stage["status"], stage["reason"]) == ("timed out", "the check was stopped")
+    child = int(next(line.split()[1] for line in log.read_text().splitlines() if line.startswith("child ")))
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{child}").exists(), "the stopped stage's child survived"

@@ -130,6 +130,9 @@ def run_stage(stage: Stage, log: Path, env: dict[str, str], timeout_s: float) ->
                 _stop_group(proc)
                 result.status, result.reason = "timed out", f"stopped after {timeout_s:.0f}s: {command}"
                 break
+            except BaseException:  # the check itself is stopped: take the stage's processes along
+                _stop_group(proc)
+                raise
             if rc != 0:
                 result.status, result.reason = "failed", f"exit {rc}: {command}"
                 break
@@ -160,6 +163,10 @@ def _group_alive(proc: subprocess.Popen) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def _terminate(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _json_lines(log: Path) -> list[dict]:
@@ -225,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"    {command}")
         return 0
 
+    # SIGTERM (a time limit around the whole check) unwinds like Ctrl-C: the running stage's
+    # process group is stopped and the summary written.
+    signal.signal(signal.SIGTERM, _terminate)
     start = time.monotonic()
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -236,25 +246,33 @@ def main(argv: list[str] | None = None) -> int:
     has_cuda, device = cuda_available(sys.executable, env)
     meta = {"device": device, "budget_s": args.budget_s, "elapsed_s": 0.0, "python": sys.executable}
     print(f"gpu-check: {device or 'no GPU'}; budget {args.budget_s:.0f}s; logs in {out / 'logs'}", flush=True)
-    for index, stage in enumerate(all_stages, start=1):
-        if stage.name not in only:
-            continue
-        left = args.budget_s - (time.monotonic() - start) - RESERVE_S
-        if stage.needs_cuda and not has_cuda:
-            result = StageResult(stage.name, stage.title, "skipped", "no GPU")
-        elif left < stage.estimate_s:
-            result = StageResult(stage.name, stage.title, "skipped",
-                                 f"not enough time: {max(left, 0):.0f}s left, needs ~{stage.estimate_s:.0f}s")
-        else:
-            print(f"[{stage.name}] {stage.title} (limit {min(stage.limit_s, left):.0f}s)", flush=True)
-            result = run_stage(stage, out / "logs" / f"{index:02d}-{stage.name}.log", env, min(stage.limit_s, left))
-        print(f"[{stage.name}] {result.status}{': ' + result.reason if result.reason else ''} ({result.seconds:.0f}s)",
-              flush=True)
-        results.append(result)
+    try:
+        for index, stage in enumerate(all_stages, start=1):
+            if stage.name not in only:
+                continue
+            left = args.budget_s - (time.monotonic() - start) - RESERVE_S
+            if stage.needs_cuda and not has_cuda:
+                result = StageResult(stage.name, stage.title, "skipped", "no GPU")
+            elif left < stage.estimate_s:
+                result = StageResult(stage.name, stage.title, "skipped",
+                                     f"not enough time: {max(left, 0):.0f}s left, needs ~{stage.estimate_s:.0f}s")
+            else:
+                print(f"[{stage.name}] {stage.title} (limit {min(stage.limit_s, left):.0f}s)", flush=True)
+                log = out / "logs" / f"{index:02d}-{stage.name}.log"
+                try:
+                    result = run_stage(stage, log, env, min(stage.limit_s, left))
+                except (KeyboardInterrupt, SystemExit):
+                    results.append(StageResult(stage.name, stage.title, "timed out", "the check was stopped",
+                                               log=str(log), results=_json_lines(log)))
+                    raise
+            print(f"[{stage.name}] {result.status}{': ' + result.reason if result.reason else ''} "
+                  f"({result.seconds:.0f}s)", flush=True)
+            results.append(result)
+            meta["elapsed_s"] = round(time.monotonic() - start, 1)
+            write_summary(out, meta, results)  # after every stage: a cut-off run still leaves one
+    finally:
         meta["elapsed_s"] = round(time.monotonic() - start, 1)
-        write_summary(out, meta, results)  # after every stage: a cut-off run still leaves one
-    meta["elapsed_s"] = round(time.monotonic() - start, 1)
-    write_summary(out, meta, results)
+        write_summary(out, meta, results)
     print((out / "summary.md").read_text())
     return 1 if any(r.status in ("failed", "timed out") for r in results) else 0
 
