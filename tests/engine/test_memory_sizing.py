@@ -115,3 +115,33 @@ def test_serve_flags_reach_the_engine_config():
         parser.parse_args(["m", "--device-ids", "0,x"])
     with pytest.raises(SystemExit):
         parser.parse_args(["m", "--cuda-graphs", "--enforce-eager"])
+
+
+@pytest.mark.cuda
+def test_two_engines_at_0_4_share_one_gpu_started_at_once(model_dir):
+    """Two engine processes, each allowed 0.4 of the GPU, start together and size equal pools
+    (the budget is a share of total memory, not of what the other left free)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys, torch\n"
+        "from kvxfer import LLM\n"
+        "with LLM(sys.argv[1], device='cuda', gpu_memory_utilization=0.4, max_num_batched_tokens=2048) as llm:\n"
+        "    info = llm.engine.collective_rpc('kv_pool_info')[0]\n"
+        "    print(json.dumps({'blocks': info['num_blocks'], 'total': torch.cuda.mem_get_info()[1]}))\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code, model_dir("tiny-qwen3")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=os.environ.copy()) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    from kvxfer.models import load_model_config
+
+    per_block = load_model_config(model_dir("tiny-qwen3")).kv_cache_spec(BLOCK_SIZE, "bfloat16").bytes_per_block(1)
+    blocks = [r["blocks"] for r in results]
+    assert abs(blocks[0] - blocks[1]) <= blocks[0] // 100  # same plan, up to measurement noise
+    total = results[0]["total"]
+    assert 0.3 * total < blocks[0] * per_block <= 0.4 * total  # a tiny model: nearly all of it is KV
