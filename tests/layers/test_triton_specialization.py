@@ -11,12 +11,13 @@ triton = pytest.importorskip("triton")
 from kvxfer.layers import triton_kernels as kernels  # noqa: E402
 
 # Per kernel: the integer arguments the launch sites in triton_ops compute from the batch
-# (block-table width, context split length and count). Strides of the cache, query and
-# output, head counts and sizes depend on the model only.
+# (block-table width, context split length and count) or that change from layer to layer
+# (the sliding window; 0 on full-attention layers). Strides of the cache, query and output,
+# head counts and sizes depend on the model only.
 PER_STEP = {
-    "decode_kernel": {"bt_sb", "tokens_per_split"},
+    "decode_kernel": {"bt_sb", "tokens_per_split", "window"},
     "merge_splits_kernel": {"n_splits"},
-    "prefill_kernel": {"bt_sb"},
+    "prefill_kernel": {"bt_sb", "window"},
     "store_kv_kernel": set(),
 }
 
