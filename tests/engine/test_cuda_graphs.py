@@ -30,7 +30,7 @@ def test_buckets():
     assert context_buckets(40960) == [1024, 4096, 16384, 40960]
 
 
-@pytest.fixture(scope="module", params=["tiny-qwen3", "tiny-deepseek-mla"])
+@pytest.fixture(scope="module", params=["tiny-qwen3", "tiny-deepseek-mla", "tiny-gemma3"])
 def prefilled(request, model_dir):
     """A CPU worker's model and a cache holding MAX_SEQS prefilled sequences."""
     config = EngineConfig(model_dir(request.param), block_size=BLOCK_SIZE)
@@ -109,7 +109,7 @@ def test_steps_the_graphs_cannot_hold_take_the_eager_path(prefilled):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-deepseek-mla"])
+@pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-deepseek-mla", "tiny-gemma3"])
 def test_cuda_graphs_greedy_matches_eager_and_hf(model_dir, hf_reference, preset):
     """Captured graphs replayed for batches of 1..4 sequences give the eager engine's tokens and
     log-probs, which match HF (float32 on the GPU)."""
