@@ -20,6 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["env", "pytest-cuda", "kernels", "transfer", "parity", "decode", "engine", "accuracy"]
 
 
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan killed with its group waits for init to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def check(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"} | {"CUDA_VISIBLE_DEVICES": ""}
@@ -83,9 +91,9 @@ def test_a_stage_past_its_limit_is_stopped_with_its_whole_process_group(tmp_path
     assert time.monotonic() - start < 60
     child = int(next(line.split()[1] for line in log.read_text().splitlines() if line.startswith("child ")))
     deadline = time.monotonic() + 30
-    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+    while running(child) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not Path(f"/proc/{child}").exists(), "the stage's background child survived"
+    assert not running(child), "the stage's background child survived"
 
 
 def test_a_failing_command_ends_its_stage_and_results_are_collected(tmp_path):
@@ -112,9 +120,11 @@ def test_sigterm_stops_the_running_stage_and_still_writes_the_summary(tmp_path, 
     monkeypatch.setattr(gpu_check, "cuda_available", lambda py, env: (False, ""))
     log = tmp_path / "out" / "logs" / "01-sleeper.log"
 
-    def stop_when_running() -> None:
+    def stop_when_running() -> None:  # once the stage's background child has started
         deadline = time.monotonic() + 60
-        while "child " not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            if log.exists() and any(line.startswith("child ") for line in log.read_text().splitlines()):
+                break
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -132,6 +142,6 @@ def test_sigterm_stops_the_running_stage_and_still_writes_the_summary(tmp_path, 
     assert (stage["status"], stage["reason"]) == ("timed out", "the check was stopped")
     child = int(next(line.split()[1] for line in log.read_text().splitlines() if line.startswith("child ")))
     deadline = time.monotonic() + 30
-    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+    while running(child) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not Path(f"/proc/{child}").exists(), "the stopped stage's child survived"
+    assert not running(child), "the stopped stage's child survived"
