@@ -304,11 +304,7 @@ def _check_device(config: EngineConfig) -> None:
 
     if not torch.cuda.is_available():
         raise ValueError("device='cuda' but torch.cuda.is_available() is false")
-    if torch.cuda.device_count() < config.tensor_parallel_size:
-        raise ValueError(
-            f"tensor_parallel_size={config.tensor_parallel_size} needs as many GPUs; "
-            f"{torch.cuda.device_count()} visible"
-        )
+    config.check_cuda_devices(torch.cuda.device_count())
 
 
 def _load_tokenizer(model_dir: str):
