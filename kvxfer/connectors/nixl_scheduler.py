@@ -71,7 +71,8 @@ class NixlConnectorScheduler(KVConnectorScheduler):
             "expired_leases": 0,
             "released": 0,
             "sends_completed": 0,
-            "refused": 0,  # hold checks and releases naming a wrong, stale or missing token
+            "refused_checks": 0,  # hold checks for what is not held so (token, blocks, instance, ended)
+            "refused_releases": 0,  # releases naming a wrong, stale or missing token
             "bytes": 0,
             "descriptors": 0,
             "seconds": 0.0,
@@ -190,7 +191,7 @@ class NixlConnectorScheduler(KVConnectorScheduler):
             else:
                 error = lease_fit_error(msg.transfer_timeout_s, self.config.lease_seconds)
             if error is not None:
-                self.counters["refused"] += 1
+                self.counters["refused_checks"] += 1
                 return Reply(ok=False, error=error)
             pin_s = msg.transfer_timeout_s + PIN_MARGIN_S
             key = (msg.reader, msg.reader_rank)
@@ -202,7 +203,7 @@ class NixlConnectorScheduler(KVConnectorScheduler):
             hold = self._holds.get(request_id)
             if hold is None or hold.ended or transfer_token is None \
                     or not hmac.compare_digest(hold.token, transfer_token):
-                self.counters["refused"] += 1
+                self.counters["refused_releases"] += 1
                 return False
             hold.release = True
             return True

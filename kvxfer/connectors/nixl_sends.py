@@ -4,8 +4,9 @@ A request is held from its `SendRequest` (which carries its transfer token) unti
 rank that reads from this rank has sent a `ReadDone` naming that token (`spec.consumers`), or
 the scheduler side ends it: `release` (released) or `expire` (its lease ran out; the scheduler
 side decides that once for all ranks, so a pinned hold never expires on one rank's clock).
-A `ReadDone` with another token is refused and counted ("refused"); it changes nothing for the
-real holder. Notifications that arrive before their `SendRequest` wait for it, a lease long.
+A `ReadDone` with another token is refused and counted ("refused_notifications"); it changes
+nothing for the real holder. Notifications that arrive before their `SendRequest` wait for it,
+a lease long.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class _Send:
 
 class SendTracker:
     """Held requests of one prefill rank; counts into the worker's `counters`
-    ("released", "expired_leases", "refused")."""
+    ("released", "expired_leases", "refused_notifications")."""
 
     def __init__(self, spec: Any, tp_rank: int, tp_size: int, lease_seconds: float, counters: dict[str, int]) -> None:
         self.spec, self.tp_rank, self.tp_size = spec, tp_rank, tp_size
@@ -75,7 +76,7 @@ class SendTracker:
     def _count(self, done: ReadDone) -> None:
         entry = self._sends[done.request_id]
         if not hmac.compare_digest(entry.token, done.transfer_token):
-            self.counters["refused"] += 1
+            self.counters["refused_notifications"] += 1
             logger.warning("refusing a ReadDone for %s with a wrong transfer token", done.request_id)
             return
         if entry.expected is None:

@@ -64,8 +64,8 @@ class NixlConnectorWorker(KVConnectorWorker):
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"kv-handshake-r{tp_rank}")
         self._register_future: Future | None = None
         self.counters = {
-            "transfers": 0, "failures": 0, "expired_leases": 0, "released": 0, "refused": 0, "bytes": 0,
-            "descriptors": 0,
+            "transfers": 0, "failures": 0, "expired_leases": 0, "released": 0, "refused_notifications": 0,
+            "bytes": 0, "descriptors": 0,
         }
         self._sends = SendTracker(spec, tp_rank, tp_size, config.lease_seconds, self.counters)
         self._loads = LoadTracker(self.agent, config, spec, tp_rank, tp_size, self.compat, self._pool, self.counters)

@@ -99,6 +99,10 @@ def paged_attention(
     attn: AttentionMetadata,
     scale: float,
     v_dim: int | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention of each sequence's new tokens over its paged context (see `torch_ops`)."""
-    return _ops(query).paged_attention(query, kv_layer, attn, scale, v_dim)
+    """Causal attention of each sequence's new tokens over its paged context (see `torch_ops`);
+    with `sliding_window` `W`, a token at position `p` sees keys at `p - W + 1 .. p` only."""
+    if sliding_window is not None and (type(sliding_window) is not int or sliding_window < 1):
+        raise ValueError(f"sliding_window must be None or a positive integer, got {sliding_window!r}")
+    return _ops(query).paged_attention(query, kv_layer, attn, scale, v_dim, sliding_window)

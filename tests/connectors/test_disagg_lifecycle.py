@@ -142,7 +142,7 @@ def test_release_frees_held_blocks_early_and_a_late_read_fails(engines):
     # Release names the token: without it, or with another, nothing changes for the holder.
     assert engine.abort_request("held") == "unknown"
     assert engine.abort_request("held", "0" * 32) == "unknown"
-    assert engine.stats()["connector"]["refused"] == before["refused"] + 2
+    assert engine.stats()["connector"]["refused_releases"] == before["refused_releases"] + 2
     assert engine.abort_request("held", params["transfer_token"]) == "released"
     for _ in range(3):  # the next step tells the ranks; they report it at once
         engine.step()
@@ -262,14 +262,14 @@ def test_params_are_bound_to_their_blocks_and_never_read_a_victims_kv(engines):
     prefill, decode = engines.prefill, engines.decode_fail
     v, a = prompts(21, 20, 20)
     victim, attacker = [o.kv_transfer_params for o in prefill.generate([v, a], GREEDY, kv_transfer_params=HANDOFF)]
-    before = prefill.engine.stats()["connector"]["refused"]
+    before = prefill.engine.stats()["connector"]["refused_checks"]
     theirs = {"remote_block_ids": victim["remote_block_ids"]}
     [out] = decode.generate([a], GREEDY, kv_transfer_params={**attacker, **theirs})
     assert out.error_kind == "params" and "held with other blocks" in out.error and not out.output_token_ids
     stolen = {**attacker, **theirs, "remote_request_id": victim["remote_request_id"]}
     [out] = decode.generate([a], GREEDY, kv_transfer_params=stolen)
     assert out.error_kind == "params" and "not held" in out.error and not out.output_token_ids
-    assert prefill.engine.stats()["connector"]["refused"] >= before + 2  # every decode rank asked
+    assert prefill.engine.stats()["connector"]["refused_checks"] >= before + 2  # every decode rank asked
     # Nothing changed for the real holders: both genuine pulls still work.
     outs = decode.generate([v, a], GREEDY, kv_transfer_params=[victim, attacker])
     assert [o.output_token_ids for o in outs] == local_tokens(decode, [v, a])

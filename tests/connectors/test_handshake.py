@@ -143,7 +143,7 @@ def test_held_answers_exactly_for_the_token_blocks_and_instance(table):
         held(table, params, request_id="made-up")
     with pytest.raises(KVParamsError, match="does not fit inside the prefill's lease_seconds"):
         held(table, params, transfer_timeout_s=10.0)
-    assert table.stats()["refused"] == 5 and table.stats()["held_requests"] == 1
+    assert table.stats()["refused_checks"] == 5 and table.stats()["held_requests"] == 1
     assert held(table, params) > 0  # the real holder is unaffected
 
     # Finished by its readers: forgotten at once, so the answer is "not held" (finding 3).
@@ -158,7 +158,7 @@ def test_release_names_the_token_and_waits_for_pins(table):
     meta = table.build_connector_meta(None)
     assert [s.request_id for s in meta.send] == ["r2"] and meta.send[0].transfer_token == params.transfer_token
     assert not table.release_request("r2", None) and not table.release_request("r2", "f" * 32)
-    assert table.stats()["refused"] == 2
+    assert table.stats()["refused_releases"] == 2
     held(table, params)  # pinned for 2.5 s from now
     assert table.release_request("r2", params.transfer_token)
     with pytest.raises(KVParamsError, match="no longer held"):  # no new pins once released

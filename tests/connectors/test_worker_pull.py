@@ -229,7 +229,7 @@ def test_forged_stale_or_made_up_holds_are_refused_before_anything_is_read(clust
     decode, d_key, _ = cluster.engine("decode", "gqa4", 2)
     fill_prefill(prefill, p_key, spec, 1, [7, 8], seed=5)
     victim = cluster.hold(p_key, "victim", [7, 8])
-    before = cluster.tables[p_key].stats()["refused"]
+    before = cluster.tables[p_key].stats()["refused_checks"]
     attacks = {
         "guess": recv_request("guess", victim, [0, 1], transfer_token="0" * 32),
         "made-up": recv_request("made-up", victim, [0, 1], remote_request_id="made-up"),
@@ -242,7 +242,7 @@ def test_forged_stale_or_made_up_holds_are_refused_before_anything_is_read(clust
             assert out["failure_kinds"][name] == "params", out["failed_recving"]
     for actor in decode:
         assert not actor.call("dump", d_key).any()  # the victim's KV was never copied
-    assert cluster.tables[p_key].stats()["refused"] == before + 2 * len(attacks)
+    assert cluster.tables[p_key].stats()["refused_checks"] == before + 2 * len(attacks)
     # The victim's own pull still works, and once it finished its id is "not held" any more.
     outs = pull(decode, d_key, [recv_request("victim", victim, [0, 1])])
     assert all("victim" in o["finished_recving"] for o in outs)
@@ -256,14 +256,14 @@ def test_a_read_done_with_a_wrong_token_is_refused_and_changes_nothing(cluster):
     decode, d_key, d_cfg = cluster.engine("decode", "gqa4", 1)
     params = cluster.hold(p_key, "real", [2, 3])
     pull(decode, d_key, [recv_request("warm", cluster.hold(p_key, "warm", [4]), [5])])  # handshake done
-    before = prefill[0].call("counters", p_key)["refused"]
+    before = prefill[0].call("counters", p_key)["refused_notifications"]
     forged = ReadDone("real", "f" * 32, d_cfg.engine_id, 0, 1)
     decode[0].call("notify", d_key, p_cfg.engine_id, 0, forged)
     polled = []
 
     def refused() -> bool:
         polled.append(prefill[0].call("poll", p_key, 0.05, (), ()))
-        return prefill[0].call("counters", p_key)["refused"] == before + 1
+        return prefill[0].call("counters", p_key)["refused_notifications"] == before + 1
 
     wait_for(refused, "the forged ReadDone")
     assert not any("real" in p["finished_sending"] for p in polled)  # the real holder keeps its blocks
