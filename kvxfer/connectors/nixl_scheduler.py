@@ -99,8 +99,8 @@ class NixlConnectorScheduler(KVConnectorScheduler):
                                 f"{self.config.role!r}: it cannot load remote KV")
         if params.remote_num_tokens != request.num_prompt_tokens:
             raise KVParamsError(
-                f"kv_transfer_params: remote_num_tokens is {params.remote_num_tokens}, this request's prompt has "
-                f"{request.num_prompt_tokens} tokens (the params belong to another prompt)"
+                f"kv_transfer_params: remote_num_tokens says a prompt of {params.remote_num_tokens} tokens, this "
+                f"request has {request.num_prompt_tokens} (the params belong to another prompt)"
             )
         needed = math.ceil(params.remote_num_tokens / self.block_size)
         if len(params.remote_block_ids) != needed:

@@ -232,7 +232,7 @@ def test_bad_params_are_clear_errors_and_leak_nothing(engines):
     assert "unknown remote engine 'nope'" in out.error and out.error_kind == "params"
 
     # What the engine can tell at once is refused by add_request, before anything is queued.
-    with pytest.raises(KVParamsError, match="remote_num_tokens is 26, this request's prompt has 25 tokens"):
+    with pytest.raises(KVParamsError, match="remote_num_tokens says a prompt of 26 tokens, this request has 25"):
         decode.generate([p[:-1]], GREEDY, kv_transfer_params=genuine)
     short = {**genuine, "remote_block_ids": genuine["remote_block_ids"][:-1]}
     with pytest.raises(KVParamsError, match="remote_block_ids for 26 tokens"):

@@ -5,7 +5,7 @@ the rank processes the engine spawns then start with it (rank 0 lives in the tes
 which started before, so only spawned ranks are affected):
 
 - "register-unreachable": the rank registers with a side channel nobody listens on
-  (KVXFER_TEST_DEAD_PORT) and gives up after 1 s, as a rank cut off from rank 0 would.
+  (KVXFER_TEST_DEAD_PORT) and gives up after 1 s, as a rank cut off from its instance's side channel would.
 - "model-error-on-release": the first model step that carries a release raises on this rank
   after the model ran (so the other ranks' collectives completed).
 """
@@ -20,8 +20,8 @@ if _FAULT == "register-unreachable":
     _register = nixl_worker.register_rank
     _dead_port = int(os.environ["KVXFER_TEST_DEAD_PORT"])
 
-    def _register_unreachable(host, port, msg, timeout_s):
-        return _register(host, _dead_port, msg, 1.0)
+    def _register_unreachable(host, port, msg, timeout_s, auth):
+        return _register(host, _dead_port, msg, 1.0, auth)
 
     nixl_worker.register_rank = _register_unreachable
 
