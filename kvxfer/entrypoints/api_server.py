@@ -48,7 +48,7 @@ class ServerContext:
     kv_connector: bool  # whether the engine has a KV connector at all
     block_size: int
     max_model_len: int  # prompt + generated tokens one sequence may reach
-    ranks_alive: Callable[[Any], bool]  # runs on the engine thread
+    ranks_problem: Callable[[], str | None]  # any thread, never waits for the engine thread
     abort: Callable[[Any, str], str]  # LLMEngine.abort_request; runs on the engine thread
     engine_stats: Callable[[Any], dict]  # runs on the engine thread
     side_channel_problem: Callable[[], str | None] | None = None  # blocking; None: nothing to check
@@ -100,9 +100,11 @@ def build_app(ctx: ServerContext) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         problems = await _health_problems(ctx)
+        # The step time is information (load), never a reason to be unhealthy.
+        busy = {"step_seconds": round(ctx.engine.step_seconds, 3)}
         if problems:
-            return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
-        return JSONResponse({"status": "ok", "role": ctx.role})
+            return JSONResponse({"status": "unavailable", "problems": problems} | busy, status_code=503)
+        return JSONResponse({"status": "ok", "role": ctx.role} | busy)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -113,16 +115,11 @@ def build_app(ctx: ServerContext) -> FastAPI:
 
 
 async def _health_problems(ctx: ServerContext) -> list[str]:
+    """Whether the server can serve, from state that does not wait for a running step: the
+    engine thread, the TP rank processes, the side channel."""
     if not ctx.engine.alive:
         return [f"engine is not running: {ctx.engine.error!r}"]
-    problems = []
-    try:
-        if not await ctx.engine.call(ctx.ranks_alive, timeout_s=5):
-            problems.append("a tensor-parallel rank is down")
-    except EngineDead:
-        return [f"engine is not running: {ctx.engine.error!r}"]
-    except Exception as exc:  # a dead rank makes the call raise (and the engine loop stop)
-        problems.append(f"a tensor-parallel rank does not answer: {exc}")
+    problems = [p for p in (ctx.ranks_problem(),) if p]
     if ctx.side_channel_problem is not None:
         problem = await asyncio.to_thread(ctx.side_channel_problem)
         if problem:

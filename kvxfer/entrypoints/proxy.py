@@ -4,6 +4,10 @@ For each request: the prefill leg (max_tokens=1, not streamed, `do_remote_decode
 `kv_transfer_params` the decode leg needs; both legs carry one X-Request-Id. Backends are
 health-checked in the background and on every failed connection; a failure after a successful
 prefill aborts the prefill request on its server so its held blocks are freed at once.
+
+Health is whether a backend can serve, not how busy it is: a refused connection or a 503 marks
+it down at once, a slow /health answer only after several in a row (a server's /health does not
+wait for its engine, so slowness means a starved host, not a long step).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from kvxfer.entrypoints.protocol import REQUEST_ID_RE
 logger = logging.getLogger("kvxfer.proxy")
 
 DISCONNECT_POLL_S = 1.0
+SLOW_CHECKS_TO_FAIL = 3  # consecutive timed-out /health checks before a backend is marked down
 
 
 @dataclass
@@ -35,6 +40,7 @@ class Backend:
     healthy: bool = False
     in_flight: int = 0
     problem: str = "not checked yet"
+    slow_checks: int = 0  # consecutive /health checks that timed out
 
 
 @dataclass
@@ -74,23 +80,37 @@ def error_json(status: int, message: str, kind: str = "proxy_error") -> JSONResp
 
 class Router:
     def __init__(self, prefill: list[str], decode: list[str], policy: str, request_timeout_s: float,
-                 health_interval_s: float):
+                 health_interval_s: float, health_timeout_s: float):
         self.prefill = Pool("prefill", [Backend(u.rstrip("/")) for u in prefill], policy)
         self.decode = Pool("decode", [Backend(u.rstrip("/")) for u in decode], policy)
         self.health_interval_s = health_interval_s
+        self.health_timeout_s = health_timeout_s
+        self.health_rounds = 0  # completed rounds of checks, shown in /health
         timeout = httpx.Timeout(connect=5.0, read=request_timeout_s, write=30.0, pool=30.0)
         self.client = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=1000))
 
     async def check_health(self) -> None:
         async def one(backend: Backend) -> None:
             try:
-                r = await self.client.get(f"{backend.url}/health", timeout=3.0)
-                backend.healthy = r.status_code == 200
-                backend.problem = "ok" if backend.healthy else f"/health returned {r.status_code}: {r.text[:200]}"
+                r = await self.client.get(f"{backend.url}/health", timeout=self.health_timeout_s)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                backend.healthy, backend.problem = False, f"unreachable ({type(exc).__name__})"
+            except httpx.TimeoutException:
+                backend.slow_checks += 1
+                if backend.slow_checks >= SLOW_CHECKS_TO_FAIL:
+                    backend.healthy = False
+                    backend.problem = (f"/health did not answer within {self.health_timeout_s:g}s "
+                                       f"{backend.slow_checks} times in a row")
+                return
             except httpx.HTTPError as exc:
                 backend.healthy, backend.problem = False, f"unreachable ({type(exc).__name__})"
+            else:
+                backend.healthy = r.status_code == 200
+                backend.problem = "ok" if backend.healthy else f"/health returned {r.status_code}: {r.text[:200]}"
+            backend.slow_checks = 0
 
         await asyncio.gather(*(one(b) for b in self.prefill.backends + self.decode.backends))
+        self.health_rounds += 1
 
     async def health_loop(self) -> None:
         while True:
@@ -228,7 +248,8 @@ class Router:
         pools = {p.role: [{"url": b.url, "healthy": b.healthy, "in_flight": b.in_flight, "status": b.problem}
                           for b in p.backends] for p in (self.prefill, self.decode)}
         ok = all(any(b.healthy for b in p.backends) for p in (self.prefill, self.decode))
-        return JSONResponse({"status": "ok" if ok else "unavailable"} | pools, status_code=200 if ok else 503)
+        body = {"status": "ok" if ok else "unavailable", "health_rounds": self.health_rounds} | pools
+        return JSONResponse(body, status_code=200 if ok else 503)
 
 
 def _passthrough_error(resp: httpx.Response, who: str) -> Response:
@@ -280,6 +301,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-timeout", type=float, default=300.0,
                         help="seconds a backend may stay silent before the request fails")
     parser.add_argument("--health-interval", type=float, default=2.0, help="seconds between backend health checks")
+    parser.add_argument("--health-timeout", type=float, default=10.0,
+                        help=f"seconds a /health check may take; {SLOW_CHECKS_TO_FAIL} slow checks in a row mark "
+                             "a backend down (a refused connection or a 503 does at once)")
     parser.add_argument("--log-level", default="info")
 
 
@@ -287,7 +311,8 @@ def main(args: argparse.Namespace) -> int:
     import uvicorn
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    router = Router(args.prefill, args.decode, args.policy, args.request_timeout, args.health_interval)
+    router = Router(args.prefill, args.decode, args.policy, args.request_timeout, args.health_interval,
+                    args.health_timeout)
     uvicorn.run(build_app(router), host=args.host, port=args.port, log_level=args.log_level.lower(),
                 timeout_graceful_shutdown=5)
     return 0

@@ -117,3 +117,72 @@ def test_add_whose_caller_gives_up_while_it_runs_is_aborted(tiny_qwen3):
     finally:
         engine.shutdown()
     assert engine.error is None
+
+
+class _InProcessServer:
+    """`kvxfer serve` built in this process (so the test can block its engine thread), served
+    by uvicorn on a loopback port from a background thread."""
+
+    def __init__(self, model_dir: str, role: str, *extra: str):
+        import uvicorn
+
+        from kvxfer.entrypoints import serve
+
+        port, side = free_ports(2)
+        parser = __import__("argparse").ArgumentParser()
+        serve.add_arguments(parser)
+        args = parser.parse_args([model_dir, "--role", role, "--port", str(port), "--side-channel-port", str(side),
+                                  "--block-size", "16", "--num-kv-blocks", "256", *extra])
+        self.url = f"http://127.0.0.1:{port}"
+        self.engine, app = serve.build_server(args)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.engine.shutdown()
+
+
+def _proxy_health(proxy_url: str) -> dict:
+    r = httpx.get(f"{proxy_url}/health", timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_busy_server_stays_healthy_and_in_the_proxy_rotation(tiny_qwen3, tmp_path):
+    cluster = Cluster(tiny_qwen3, tmp_path)
+    prefill = _InProcessServer(tiny_qwen3, "prefill")
+    gate, entered = threading.Event(), threading.Event()
+    try:
+        decode = cluster.server("decode", "decode")
+        proxy = cluster.proxy([prefill], [decode], "--health-interval", "0.5")
+        cluster.wait_healthy()
+        body = {"prompt": [5, 6, 7, 8, 9], "max_tokens": 3, "temperature": 0.0, "return_token_ids": True}
+        before = httpx.post(f"{proxy.url}/v1/completions", json=body, timeout=STARTUP_S).json()
+
+        prefill.engine.submit_nowait(_blocker(gate, entered))  # the prefill engine is now "in a long step"
+        assert entered.wait(60)
+        r = httpx.get(f"{prefill.url}/health", timeout=30)
+        assert r.status_code == 200, r.text
+        # A request arrives while the engine is busy; the proxy must route it, not answer 503.
+        result: dict = {}
+        client = threading.Thread(target=lambda: result.update(
+            r=httpx.post(f"{proxy.url}/v1/completions", json=body, timeout=STARTUP_S)))
+        client.start()
+        # Several rounds of the proxy's checks pass while the engine stays blocked.
+        first = _proxy_health(proxy.url)["health_rounds"]
+        while (h := _proxy_health(proxy.url))["health_rounds"] < first + 4:
+            assert all(b["healthy"] for b in h["prefill"]), h
+            time.sleep(0.1)
+        assert not gate.is_set() and client.is_alive()  # still inside the "long step"
+        gate.set()
+        client.join(STARTUP_S)
+        assert result["r"].status_code == 200, result["r"].text
+        assert result["r"].json()["choices"][0]["token_ids"] == before["choices"][0]["token_ids"]
+        wait_all_blocks_free(prefill.url)
+    finally:
+        gate.set()
+        cluster.stop()
+        prefill.stop()
