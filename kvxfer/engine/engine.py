@@ -14,11 +14,13 @@ import threading
 import weakref
 from typing import Any
 
+import msgspec
+
 from kvxfer.engine.block_manager import BlockManager
 from kvxfer.engine.config import EngineConfig
 from kvxfer.engine.executor import Executor, WorkerError
 from kvxfer.engine.model_runner import StepInput
-from kvxfer.engine.request import Request, RequestOutput
+from kvxfer.engine.request import Request, RequestIdInUse, RequestOutput
 from kvxfer.engine.sampling_params import SamplingParams
 from kvxfer.engine.scheduler import Scheduler
 
@@ -83,7 +85,7 @@ class LLMEngine:
         request = self.make_request(request_id, prompt_token_ids, sampling_params, kv_transfer_params)
         with self._queue_lock:
             if request_id in self._known_ids:
-                raise ValueError(f"request id {request_id!r} is already in use")
+                raise RequestIdInUse(f"request id {request_id!r} is already in use")
             self._known_ids.add(request_id)
             self._new_requests.append(request)
 
@@ -114,6 +116,8 @@ class LLMEngine:
                 f"{self.config.block_size} tokens, max_position_embeddings "
                 f"{getattr(self.model_config.hf_config, 'max_position_embeddings', None)})"
             )
+        if isinstance(kv_transfer_params, msgspec.Struct):  # H2 shim until H7: the server passes the parsed struct
+            kv_transfer_params = msgspec.to_builtins(kv_transfer_params)
         if kv_transfer_params is not None:
             if self.connector is None:
                 if any(kv_transfer_params.get(k) for k in ("do_remote_prefill", "do_remote_decode")):
@@ -126,7 +130,7 @@ class LLMEngine:
                 parse_kv_transfer_params(kv_transfer_params)
         return Request(request_id, tokens, sampling_params, kv_transfer_params, self.model_config.eos_token_ids)
 
-    def abort_request(self, request_id: str) -> str:
+    def abort_request(self, request_id: str, transfer_token: str | None = None) -> str:  # token: H2 shim until H7
         """End a request. Returns "aborted" (unfinished: its output, finish_reason "abort", comes
         with the next step), "released" (finished, its blocks held by the connector for a remote
         reader: the next step tells the ranks to stop holding them, and they are freed once every

@@ -17,6 +17,10 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
+class RequestIdInUse(ValueError):
+    """The id names a request that is unfinished, or finished and still held for a remote reader."""
+
+
 class Request:
     """One sequence: its tokens, the KV blocks holding them, and how far they are computed."""
 

@@ -13,7 +13,10 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from kvxfer.connectors.metadata import RemoteDecodeParams, RemotePrefillParams
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +117,8 @@ class AsyncEngine:
             self._commands.put((fn, None))
 
     async def add_request(
-        self, request_id: str, prompt_token_ids: list[int], sampling_params: Any, kv_transfer_params: dict | None
+        self, request_id: str, prompt_token_ids: list[int], sampling_params: Any,
+        kv_transfer_params: RemotePrefillParams | RemoteDecodeParams | None,
     ) -> RequestStream:
         """Register the stream first, so no output can be missed, then add the request.
         Errors from `add_request` (e.g. ValueError) propagate and leave nothing behind."""

@@ -26,6 +26,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from kvxfer.entrypoints.metrics import ProxyMetrics
 from kvxfer.entrypoints.protocol import REQUEST_ID_RE
 
 logger = logging.getLogger("kvxfer.proxy")
@@ -88,6 +89,8 @@ class Router:
         self.health_rounds = 0  # completed rounds of checks, shown in /health
         timeout = httpx.Timeout(connect=5.0, read=request_timeout_s, write=30.0, pool=30.0)
         self.client = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=1000))
+        self.metrics = ProxyMetrics()
+        self._cleanups: set[asyncio.Future] = set()
 
     async def check_health(self) -> None:
         async def one(backend: Backend) -> None:
@@ -117,13 +120,17 @@ class Router:
             await asyncio.sleep(self.health_interval_s)
             await self.check_health()
 
-    async def _send(self, pool: Pool, path: str, body: dict, headers: dict, stream: bool):
+    async def _send(self, pool: Pool, path: str, body: dict, headers: dict, stream: bool,
+                    sent_to: list[Backend] | None = None):
         """Send to a healthy backend; a backend that refuses the connection is marked down and
-        the next one is tried. Returns (backend, response) with the backend's load counted."""
+        the next one is tried. Returns (backend, response) with the backend's load counted;
+        `sent_to` gets each backend the request is sent to, before its answer comes."""
         tried: set[str] = set()
         while (backend := pool.pick(tried)) is not None:
             tried.add(backend.url)
             backend.in_flight += 1
+            if sent_to is not None:
+                sent_to.append(backend)
             try:
                 req = self.client.build_request("POST", f"{backend.url}{path}", json=body, headers=headers)
                 return backend, await self.client.send(req, stream=stream)
@@ -140,25 +147,57 @@ class Router:
         raise UpstreamError(503, f"no healthy {pool.role} server ({pool.describe()})")
 
     @staticmethod
-    async def _unless_gone(request: Request, leg):
-        """Await `leg`, polling the client; if it disconnects, cancel the leg (closing the
-        connection, which the server answers by aborting the request) and raise ClientGone."""
-        task = asyncio.ensure_future(leg)
+    async def _unless_gone(request: Request, task: asyncio.Future, cancel: bool = True):
+        """Await `task`, polling the client; if it disconnects raise ClientGone, cancelling the
+        task first when `cancel` (closing the connection, which the server answers by aborting
+        the request)."""
         while True:
             done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
             if done:
                 return task.result()
             if await request.is_disconnected():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
-                    await task
+                if cancel:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+                        await task
                 raise ClientGone
 
-    async def abort(self, backend: Backend, request_id: str) -> None:
+    async def abort(self, backend: Backend, request_id: str, transfer_token: str | None = None) -> None:
+        """Ask `backend` to end `request_id`: with the token the prefill issued, its hold is
+        released; by id alone, an unfinished request is aborted (a finished hold is not)."""
+        body = {"transfer_token": transfer_token} if transfer_token else None
         with contextlib.suppress(httpx.HTTPError):
-            await self.client.post(f"{backend.url}/v1/abort/{request_id}", timeout=5.0)
+            await self.client.post(f"{backend.url}/v1/abort/{request_id}", json=body, timeout=5.0)
+        self.metrics.prefill_aborts.labels("token" if transfer_token else "id").inc()
+
+    def _spawn(self, coro) -> None:
+        """Run a clean-up that must finish even though its request handler returns now."""
+        task = asyncio.ensure_future(coro)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _release_abandoned_prefill(self, leg: asyncio.Future, sent_to: list[Backend], request_id: str) -> None:
+        """The client left during the prefill leg. Cancelling the leg could lose the params
+        (and token) of a prefill that had just finished, leaving its blocks held until the
+        lease: abort by id (ends it if unfinished), then read the leg's answer and release
+        whatever hold it reports."""
+        if sent_to:
+            await self.abort(sent_to[-1], request_id)
+        try:
+            prefill, resp = await leg
+        except (UpstreamError, httpx.HTTPError):
+            return  # the id abort above covered it
+        prefill.in_flight -= 1
+        params = _prefill_params(resp) if resp.status_code == 200 else None
+        if params is not None:
+            await self.abort(prefill, request_id, _token(params))
 
     async def route(self, request: Request, path: str) -> Response:
+        response = await self._route(request, path)
+        self.metrics.requests.labels(str(response.status_code)).inc()
+        return response
+
+    async def _route(self, request: Request, path: str) -> Response:
         try:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -176,48 +215,69 @@ class Router:
         prefill_body.pop("stream_options", None)
         if "max_completion_tokens" in body:
             prefill_body["max_completion_tokens"] = 1
+        sent_to: list[Backend] = []
+        leg = asyncio.ensure_future(self._send(self.prefill, path, prefill_body, headers, False, sent_to))
         try:
-            prefill, resp = await self._unless_gone(
-                request, self._send(self.prefill, path, prefill_body, headers, stream=False))
+            prefill, resp = await self._unless_gone(request, leg, cancel=False)
         except UpstreamError as exc:
-            if exc.backend is not None:  # e.g. timed out: the prefill may still hold blocks
+            if exc.backend is not None:  # e.g. timed out: the prefill may still run or hold blocks
                 await self.abort(exc.backend, request_id)
             return error_json(exc.status, exc.message)
         except ClientGone:
+            self._spawn(self._release_abandoned_prefill(leg, sent_to, request_id))
             return Response(status_code=499)
         prefill.in_flight -= 1
-        if resp.status_code != 200:
+        if resp.status_code != 200:  # it holds nothing for us (and a 409 names another client's request)
             return _passthrough_error(resp, f"prefill server {prefill.url}")
-        params = resp.json().get("kv_transfer_params")
-        if not isinstance(params, dict):
-            return error_json(502, f"prefill server {prefill.url} returned no kv_transfer_params")
+        params = _prefill_params(resp)
+        if params is None:
+            await self.abort(prefill, request_id)  # its answer is unreadable: end what may still run
+            return error_json(502, f"prefill server {prefill.url} returned no readable kv_transfer_params "
+                                   f"({resp.text[:200]!r})")
+        token = _token(params)
 
         decode_body = body | {"kv_transfer_params": params}
         stream = bool(body.get("stream"))
         try:
             decode, resp = await self._unless_gone(
-                request, self._send(self.decode, path, decode_body, headers, stream=stream))
+                request, asyncio.ensure_future(self._send(self.decode, path, decode_body, headers, stream)))
         except (UpstreamError, ClientGone) as exc:
             # Nobody will read the prefill's blocks now (or the decode side already did).
-            await self.abort(prefill, request_id)
+            await self.abort(prefill, request_id, token)
             if isinstance(exc, ClientGone):
                 return Response(status_code=499)
             return error_json(exc.status, exc.message)
         if resp.status_code != 200 or not stream:
             decode.in_flight -= 1
+            await resp.aread()
             if resp.status_code != 200:
-                await resp.aread()
-                await self.abort(prefill, request_id)
+                await self.abort(prefill, request_id, token)
                 return _passthrough_error(resp, f"decode server {decode.url}")
+            self._count_recompute(resp.content)
             return Response(resp.content, media_type="application/json", headers=headers)
-        return StreamingResponse(self._relay(resp, prefill, decode, request_id),
+        return StreamingResponse(self._relay(resp, prefill, decode, request_id, token),
                                  media_type="text/event-stream", headers=headers)
 
-    async def _relay(self, resp: httpx.Response, prefill: Backend, decode: Backend, request_id: str):
-        completed = False
+    def _count_recompute(self, payload: bytes) -> None:
+        """Count a decode answer whose KV was recomputed locally instead of pulled (contract:
+        `kv_transfer_stats.recomputed`), so a broken transfer path never passes as healthy."""
+        if b'"recomputed"' not in payload:
+            return
+        with contextlib.suppress(ValueError, AttributeError):
+            if (json.loads(payload).get("kv_transfer_stats") or {}).get("recomputed") is True:
+                self.metrics.recomputed.inc()
+
+    async def _relay(self, resp: httpx.Response, prefill: Backend, decode: Backend, request_id: str,
+                     token: str | None):
+        completed, pending = False, b""
         try:
             async for chunk in resp.aiter_raw():
                 yield chunk
+                # Scan whole events for the final one's kv_transfer_stats; chunks may split them.
+                *events, pending = (pending + chunk).split(b"\n\n")
+                for event in events:
+                    if event.startswith(b"data: {"):
+                        self._count_recompute(event[6:])
             completed = True
         except httpx.HTTPError as exc:
             decode.healthy, decode.problem = False, f"failed mid-stream ({type(exc).__name__})"
@@ -231,7 +291,7 @@ class Router:
             with anyio.CancelScope(shield=True):
                 await resp.aclose()
                 if not completed:
-                    await self.abort(prefill, request_id)
+                    await self.abort(prefill, request_id, token)
 
     async def models(self) -> Response:
         pool = self.decode if any(b.healthy for b in self.decode.backends) else self.prefill
@@ -248,8 +308,24 @@ class Router:
         pools = {p.role: [{"url": b.url, "healthy": b.healthy, "in_flight": b.in_flight, "status": b.problem}
                           for b in p.backends] for p in (self.prefill, self.decode)}
         ok = all(any(b.healthy for b in p.backends) for p in (self.prefill, self.decode))
-        body = {"status": "ok" if ok else "unavailable", "health_rounds": self.health_rounds} | pools
+        body = {"status": "ok" if ok else "unavailable", "health_rounds": self.health_rounds,
+                "kv_recomputed": int(self.metrics.recomputed._value.get())} | pools
         return JSONResponse(body, status_code=200 if ok else 503)
+
+
+def _prefill_params(resp: httpx.Response) -> dict | None:
+    """The `kv_transfer_params` object of a prefill answer, or None when there is none or the
+    body is not a JSON object."""
+    try:
+        params = resp.json().get("kv_transfer_params")
+    except (ValueError, AttributeError):
+        return None
+    return params if isinstance(params, dict) else None
+
+
+def _token(params: dict) -> str | None:
+    token = params.get("transfer_token")
+    return token if isinstance(token, str) else None
 
 
 def _passthrough_error(resp: httpx.Response, who: str) -> Response:
@@ -288,6 +364,10 @@ def build_app(router: Router) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         return router.status()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(router.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
 

@@ -115,8 +115,7 @@ def build_server(args: argparse.Namespace):
     ctx = ServerContext(
         engine=engine, renderer=renderer, metrics=metrics,
         model_name=args.served_model_name or Path(model_dir).name, role=args.role,
-        sampling_params=SamplingParams, kv_connector=config.kv_transfer_config is not None,
-        block_size=args.block_size, max_model_len=llm_engine.max_model_len,
+        sampling_params=SamplingParams, max_model_len=llm_engine.max_model_len,
         ranks_problem=functools.partial(dead_ranks_problem, llm_engine.worker_pids()),
         abort=LLMEngine.abort_request, engine_stats=engine_stats,
     )
