@@ -14,12 +14,11 @@ import time
 
 import httpx
 import pytest
-from serving_helpers import STARTUP_S, Cluster, wait_all_blocks_free
+from serving_helpers import STARTUP_S, Cluster, InProcessServer, wait_all_blocks_free
 
 from kvxfer.engine import EngineConfig, LLMEngine
 from kvxfer.engine.sampling_params import SamplingParams
 from kvxfer.entrypoints.async_engine import AsyncEngine
-from kvxfer.ports import free_ports
 
 GATE_S = 120.0  # upper bound on any block, so a failing test cannot hang the engine thread
 
@@ -119,32 +118,6 @@ def test_add_whose_caller_gives_up_while_it_runs_is_aborted(tiny_qwen3):
     assert engine.error is None
 
 
-class _InProcessServer:
-    """`kvxfer serve` built in this process (so the test can block its engine thread), served
-    by uvicorn on a loopback port from a background thread."""
-
-    def __init__(self, model_dir: str, role: str, *extra: str):
-        import uvicorn
-
-        from kvxfer.entrypoints import serve
-
-        port, side = free_ports(2)
-        parser = __import__("argparse").ArgumentParser()
-        serve.add_arguments(parser)
-        args = parser.parse_args([model_dir, "--role", role, "--port", str(port), "--side-channel-port", str(side),
-                                  "--block-size", "16", "--num-kv-blocks", "256", *extra])
-        self.url = f"http://127.0.0.1:{port}"
-        self.engine, app = serve.build_server(args)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.engine.shutdown()
-
-
 def _proxy_health(proxy_url: str) -> dict:
     r = httpx.get(f"{proxy_url}/health", timeout=30)
     assert r.status_code == 200, r.text
@@ -153,7 +126,7 @@ def _proxy_health(proxy_url: str) -> dict:
 
 def test_busy_server_stays_healthy_and_in_the_proxy_rotation(tiny_qwen3, tmp_path):
     cluster = Cluster(tiny_qwen3, tmp_path)
-    prefill = _InProcessServer(tiny_qwen3, "prefill")
+    prefill = InProcessServer(tiny_qwen3, "prefill")
     gate, entered = threading.Event(), threading.Event()
     try:
         decode = cluster.server("decode", "decode")
