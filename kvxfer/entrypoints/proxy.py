@@ -396,9 +396,3 @@ def main(args: argparse.Namespace) -> int:
     uvicorn.run(build_app(router), host=args.host, port=args.port, log_level=args.log_level.lower(),
                 timeout_graceful_shutdown=5)
     return 0
-
-
-if __name__ == "__main__":
-    cli = argparse.ArgumentParser(prog="kvxfer-proxy", description=__doc__.splitlines()[0])
-    add_arguments(cli)
-    raise SystemExit(main(cli.parse_args()))
