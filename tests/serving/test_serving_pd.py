@@ -247,7 +247,7 @@ def test_client_leaving_mid_stream_aborts_the_decode_request(pd):
         lines = r.iter_lines()
         for _ in range(4):
             next(lines)
-    wait_metric(decode.url, 'kvxfer_requests_total{finish_reason="abort"}', before + 1, timeout_s=10)
+    wait_metric(decode.url, 'kvxfer_requests_total{finish_reason="abort"}', before + 1, timeout_s=60)
     settle(prefill, decode)
 
 
@@ -258,7 +258,7 @@ def test_client_leaving_a_non_streamed_request_aborts_it(pd):
         httpx.post(f"{proxy.url}/v1/completions", timeout=httpx.Timeout(60, read=3.0),
                    json={"prompt": fresh_prompt(40), "max_tokens": 3000, "ignore_eos": True})
     # The proxy notices, closes its decode leg, and the decode server aborts the request.
-    wait_metric(decode.url, 'kvxfer_requests_total{finish_reason="abort"}', before + 1, timeout_s=10)
+    wait_metric(decode.url, 'kvxfer_requests_total{finish_reason="abort"}', before + 1, timeout_s=60)
     settle(prefill, decode)
 
 
