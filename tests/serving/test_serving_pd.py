@@ -213,14 +213,19 @@ def test_forged_params_are_4xx_and_leak_nothing(pd, forge, expect):
     prefill, decode, _ = pd
     prompt = fresh_prompt(2 * BLOCK_SIZE + 3)
     params = _prefill_leg(prefill, prompt)
-    r = httpx.post(f"{decode.url}/v1/completions", timeout=60, json={
-        "prompt": prompt, "max_tokens": 3, "kv_transfer_params": forge(params)})
-    assert r.status_code == 400, r.text
-    assert expect in r.json()["error"]["message"]
-    # The genuine params still work afterwards, and both pools end up entirely free.
-    r = httpx.post(f"{decode.url}/v1/completions", timeout=60, json={
-        "prompt": prompt, "max_tokens": 3, "kv_transfer_params": params})
-    assert r.status_code == 200 and r.json()["kv_transfer_stats"]["bytes"] > 0
+    try:
+        r = httpx.post(f"{decode.url}/v1/completions", timeout=60, json={
+            "prompt": prompt, "max_tokens": 3, "kv_transfer_params": forge(params)})
+        assert r.status_code == 400, r.text
+        assert expect in r.json()["error"]["message"]
+        # The genuine params still work afterwards, and both pools end up entirely free.
+        r = httpx.post(f"{decode.url}/v1/completions", timeout=60, json={
+            "prompt": prompt, "max_tokens": 3, "kv_transfer_params": params})
+        assert r.status_code == 200 and r.json()["kv_transfer_stats"]["bytes"] > 0
+    finally:  # a failure here must not leave the hold to fail the later tests
+        token = params.get("transfer_token")
+        httpx.post(f"{prefill.url}/v1/abort/{params['remote_request_id']}", timeout=30,
+                   json={"transfer_token": token} if token else None)
     settle(prefill, decode)
 
 
