@@ -14,6 +14,7 @@ ENGINE_STATS = {
     "num_blocks": ("kvxfer_kv_blocks", "KV cache blocks in the pool", "gauge"),
     "num_running": ("kvxfer_running_requests", "Requests being computed", "gauge"),
     "num_waiting": ("kvxfer_waiting_requests", "Requests waiting to be scheduled", "gauge"),
+    "num_aborted_loads": ("kvxfer_aborted_loads_requests", "Aborted requests whose KV pull is still in flight", "gauge"),
     "num_waiting_for_remote_kv": ("kvxfer_waiting_for_remote_kv_requests", "Requests waiting for remote KV", "gauge"),
     "kv_held_requests": ("kvxfer_kv_held_requests", "Finished prefill requests whose blocks wait for a decode engine", "gauge"),
     "kv_failures": ("kvxfer_kv_transfer_failures", "KV pulls that failed", "counter"),

@@ -114,7 +114,7 @@ def wait_all_blocks_free(url: str, timeout_s: float = 20.0) -> dict[str, float]:
             return m
         if time.monotonic() > deadline:
             pytest.fail(f"{url}: {m['kvxfer_kv_free_blocks']:.0f} of {m['kvxfer_kv_blocks']:.0f} blocks free "
-                        f"after {timeout_s}s")
+                        f"after {timeout_s}s ({m.get('kvxfer_kv_held_requests', 0):.0f} held requests)")
         time.sleep(0.2)
 
 

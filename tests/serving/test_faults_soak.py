@@ -37,27 +37,28 @@ def soak_cluster(tiny_qwen3, tmp_path_factory):
             os.killpg(p.proc.pid, 0)
 
 
-def _soak(soak_cluster, n: int, concurrency: int, seed: int) -> Tally:
+def _soak(soak_cluster, n: int, concurrency: int, seed: int, kinds: dict[str, float] = KINDS) -> Tally:
     _, prefill, decode, reference, proxy = soak_cluster
-    plans = make_plans(n, seed, KINDS)
+    plans = make_plans(n, seed, kinds)
     tally = asyncio.run(drive(proxy.url, [decode.url], plans, concurrency))
+    print(f"\nsoak n={n} c={concurrency}: {tally.seconds:.1f}s outcomes={dict(sorted(tally.outcomes.items()))}")
     assert not tally.hung, f"requests never ended: {tally.hung}"
     # Abandoned holds go by release or, at worst, by the lease.
-    free = {s.name: wait_all_blocks_free(s.url, timeout_s=LEASE_S + 60) for s in (prefill, decode, reference)}
-    for name, m in free.items():
-        assert m.get("kvxfer_kv_held_requests", 0.0) == 0, name
-        assert m["kvxfer_running_requests"] == 0 and m["kvxfer_waiting_requests"] == 0, name
+    free = {}
+    for s in (prefill, decode, reference):
+        free[s.name] = m = wait_all_blocks_free(s.url, timeout_s=LEASE_S + 60)
+        print(f"{s.name}: {m['kvxfer_kv_free_blocks']:.0f}/{m['kvxfer_kv_blocks']:.0f} blocks free, "
+              f"expired leases {m.get('kvxfer_kv_expired_leases_total', 0):.0f}, "
+              f"released {m.get('kvxfer_kv_released_total', 0):.0f}, "
+              f"sends completed {m.get('kvxfer_kv_sends_completed_total', 0):.0f}")
+        assert m.get("kvxfer_kv_held_requests", 0.0) == 0, s.name
+        assert m["kvxfer_running_requests"] == 0 and m["kvxfer_waiting_requests"] == 0, s.name
     # Every completed request (also each of a duplicate pair) equals the colocated output.
     reference_ids = reference_outputs(reference.url, [p for p in plans if p.index in tally.outputs])
     wrong = {i: (tally.outputs[i], reference_ids[i]) for i in tally.outputs if tally.outputs[i] != reference_ids[i]}
     assert not wrong, f"{len(wrong)} outputs differ from the colocated server: {list(wrong.items())[:3]}"
-    plain_done = sum(v for k, v in tally.outcomes.items() if k == "plain:200")
+    plain_done = tally.outcomes["plain:200"]
     assert plain_done == sum(1 for p in plans if p.kind == "plain"), dict(tally.outcomes)
-    print(f"\nsoak n={n} c={concurrency}: {tally.seconds:.1f}s outcomes={dict(sorted(tally.outcomes.items()))} "
-          f"prefill expired leases={free['prefill'].get('kvxfer_kv_expired_leases_total', 0):.0f} "
-          f"released={free['prefill'].get('kvxfer_kv_released_total', 0):.0f} "
-          f"blocks free: " + ", ".join(f"{k} {m['kvxfer_kv_free_blocks']:.0f}/{m['kvxfer_kv_blocks']:.0f}"
-                                        for k, m in free.items()))
     assert metrics(proxy.url)  # the proxy still answers
     return tally
 
