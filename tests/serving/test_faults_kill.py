@@ -9,21 +9,27 @@ import asyncio
 import random
 
 import httpx
-from faults_helpers import drive, make_plans
+from faults_helpers import Tally, drive, make_plans
 from serving_helpers import Cluster, wait_all_blocks_free
 
 LEASE_S = 8
 LOAD = {"plain": 0.8, "leave": 0.2}
 
 
-async def _load_with_kill(proxy_url: str, decode_urls: list[str], plans, victim, delay_s: float):
-    async def kill_later() -> None:
-        await asyncio.sleep(delay_s)
+async def _load_with_kill(proxy_url: str, decode_urls: list[str], plans, victim, after: int):
+    """Run `plans`; SIGKILL `victim` once `after` requests have ended, so the others are in
+    flight or still to come (a random moment under load, not after it)."""
+    tally = Tally()
+
+    async def kill_when_loaded() -> None:
+        while sum(tally.outcomes.values()) < after:
+            await asyncio.sleep(0.01)
         await asyncio.to_thread(victim.kill)
 
-    killer = asyncio.ensure_future(kill_later())
-    tally = await drive(proxy_url, decode_urls, plans, concurrency=12)
+    killer = asyncio.ensure_future(kill_when_loaded())
+    await drive(proxy_url, decode_urls, plans, concurrency=12, tally=tally)
     await killer
+    assert sum(tally.outcomes.values()) == len(plans)
     return tally
 
 
@@ -41,7 +47,7 @@ def test_kill_9_prefill_decode_and_proxy_under_load(tiny_qwen3, tmp_path):
         for step, victim in enumerate((prefill[0], decode[0])):
             plans = make_plans(40, seed=10 + step, kinds=LOAD)
             tally = asyncio.run(_load_with_kill(proxy.url, [d.url for d in decode], plans, victim,
-                                                rng.uniform(0.5, 3.0)))
+                                                rng.randint(3, 20)))
             assert not tally.hung, f"requests never ended after killing {victim.name}: {tally.hung}"
             assert not victim.alive()
             figures[victim.name] = (dict(tally.outcomes), round(tally.seconds, 1))
@@ -56,7 +62,7 @@ def test_kill_9_prefill_decode_and_proxy_under_load(tiny_qwen3, tmp_path):
         # Now the proxy itself dies under load: clients get errors at once, servers drain.
         plans = make_plans(40, seed=20, kinds=LOAD)
         tally = asyncio.run(_load_with_kill(proxy.url, [d.url for d in survivors[1:]], plans, proxy,
-                                            rng.uniform(0.5, 3.0)))
+                                            rng.randint(3, 20)))
         assert not tally.hung, f"requests never ended after killing the proxy: {tally.hung}"
         figures["proxy"] = (dict(tally.outcomes), round(tally.seconds, 1))
         for s in survivors:
