@@ -47,8 +47,8 @@ def make_plans(n: int, seed: int, kinds: dict[str, float], max_prompt: int = 100
     while len(plans) < n:
         kind = rng.choices(names, weights)[0]
         prompt = [rng.randrange(3, 500) for _ in range(rng.randint(1, max_prompt))]
-        base = dict(prompt=prompt, max_tokens=rng.randint(1, 12), stream=rng.random() < 0.5, kind=kind,
-                    request_id=f"soak-{seed}-{len(plans)}", leave_after_s=rng.uniform(0.0, 1.5))
+        base = dict(prompt=prompt, max_tokens=rng.randint(1, 32), stream=rng.random() < 0.5, kind=kind,
+                    request_id=f"soak-{seed}-{len(plans)}", leave_after_s=rng.uniform(0.0, 0.4))
         plans.append(Plan(index=len(plans), **base))
         if kind == "duplicate" and len(plans) < n:  # a second client, same id, its own prompt
             other = [rng.randrange(3, 500) for _ in range(rng.randint(1, max_prompt))]
