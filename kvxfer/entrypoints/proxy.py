@@ -120,17 +120,13 @@ class Router:
             await asyncio.sleep(self.health_interval_s)
             await self.check_health()
 
-    async def _send(self, pool: Pool, path: str, body: dict, headers: dict, stream: bool,
-                    sent_to: list[Backend] | None = None):
+    async def _send(self, pool: Pool, path: str, body: dict, headers: dict, stream: bool):
         """Send to a healthy backend; a backend that refuses the connection is marked down and
-        the next one is tried. Returns (backend, response) with the backend's load counted;
-        `sent_to` gets each backend the request is sent to, before its answer comes."""
+        the next one is tried. Returns (backend, response) with the backend's load counted."""
         tried: set[str] = set()
         while (backend := pool.pick(tried)) is not None:
             tried.add(backend.url)
             backend.in_flight += 1
-            if sent_to is not None:
-                sent_to.append(backend)
             try:
                 req = self.client.build_request("POST", f"{backend.url}{path}", json=body, headers=headers)
                 return backend, await self.client.send(req, stream=stream)
@@ -176,17 +172,18 @@ class Router:
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
-    async def _release_abandoned_prefill(self, leg: asyncio.Future, sent_to: list[Backend], request_id: str) -> None:
+    async def _release_abandoned_prefill(self, leg: asyncio.Future, request_id: str) -> None:
         """The client left during the prefill leg. Cancelling the leg could lose the params
         (and token) of a prefill that had just finished, leaving its blocks held until the
-        lease: abort by id (ends it if unfinished), then read the leg's answer and release
-        whatever hold it reports."""
-        if sent_to:
-            await self.abort(sent_to[-1], request_id)
+        lease, and an abort by id could end another client's request that uses the same id
+        (ours may be the one refused with a 409): read the leg's answer (one token, or the
+        leg's time-out) and release exactly the hold it reports."""
         try:
             prefill, resp = await leg
-        except (UpstreamError, httpx.HTTPError):
-            return  # the id abort above covered it
+        except UpstreamError as exc:
+            if exc.backend is not None:  # timed out: as in `_route`
+                await self.abort(exc.backend, request_id)
+            return
         prefill.in_flight -= 1
         params = _prefill_params(resp) if resp.status_code == 200 else None
         if params is not None:
@@ -215,8 +212,7 @@ class Router:
         prefill_body.pop("stream_options", None)
         if "max_completion_tokens" in body:
             prefill_body["max_completion_tokens"] = 1
-        sent_to: list[Backend] = []
-        leg = asyncio.ensure_future(self._send(self.prefill, path, prefill_body, headers, False, sent_to))
+        leg = asyncio.ensure_future(self._send(self.prefill, path, prefill_body, headers, stream=False))
         try:
             prefill, resp = await self._unless_gone(request, leg, cancel=False)
         except UpstreamError as exc:
@@ -224,7 +220,7 @@ class Router:
                 await self.abort(exc.backend, request_id)
             return error_json(exc.status, exc.message)
         except ClientGone:
-            self._spawn(self._release_abandoned_prefill(leg, sent_to, request_id))
+            self._spawn(self._release_abandoned_prefill(leg, request_id))
             return Response(status_code=499)
         prefill.in_flight -= 1
         if resp.status_code != 200:  # it holds nothing for us (and a 409 names another client's request)
