@@ -249,23 +249,29 @@ class Router:
             if resp.status_code != 200:
                 await self.abort(prefill, request_id, token)
                 return _passthrough_error(resp, f"decode server {decode.url}")
-            self._count_recompute(resp.content)
+            if self._recomputed(resp.content):  # nobody read the prefill's blocks
+                await self.abort(prefill, request_id, token)
             return Response(resp.content, media_type="application/json", headers=headers)
         return StreamingResponse(self._relay(resp, prefill, decode, request_id, token),
                                  media_type="text/event-stream", headers=headers)
 
-    def _count_recompute(self, payload: bytes) -> None:
-        """Count a decode answer whose KV was recomputed locally instead of pulled (contract:
-        `kv_transfer_stats.recomputed`), so a broken transfer path never passes as healthy."""
+    def _recomputed(self, payload: bytes) -> bool:
+        """Whether a decode answer (or its final event) says its KV was recomputed locally
+        instead of pulled (`kv_transfer_stats.recomputed`); counted, so a broken transfer
+        path never passes as healthy."""
         if b'"recomputed"' not in payload:
-            return
-        with contextlib.suppress(ValueError, AttributeError):
-            if (json.loads(payload).get("kv_transfer_stats") or {}).get("recomputed") is True:
-                self.metrics.recomputed.inc()
+            return False
+        try:
+            recomputed = (json.loads(payload).get("kv_transfer_stats") or {}).get("recomputed") is True
+        except (ValueError, AttributeError):
+            return False
+        if recomputed:
+            self.metrics.recomputed.inc()
+        return recomputed
 
     async def _relay(self, resp: httpx.Response, prefill: Backend, decode: Backend, request_id: str,
                      token: str | None):
-        completed, pending = False, b""
+        completed, recomputed, pending = False, False, b""
         try:
             async for chunk in resp.aiter_raw():
                 yield chunk
@@ -273,7 +279,7 @@ class Router:
                 *events, pending = (pending + chunk).split(b"\n\n")
                 for event in events:
                     if event.startswith(b"data: {"):
-                        self._count_recompute(event[6:])
+                        recomputed |= self._recomputed(event[6:])
             completed = True
         except httpx.HTTPError as exc:
             decode.healthy, decode.problem = False, f"failed mid-stream ({type(exc).__name__})"
@@ -286,7 +292,7 @@ class Router:
             # Also runs when the client disconnected (cancellation): shield the clean-up.
             with anyio.CancelScope(shield=True):
                 await resp.aclose()
-                if not completed:
+                if recomputed or not completed:  # nobody read (or will read) the prefill's blocks
                     await self.abort(prefill, request_id, token)
 
     async def models(self) -> Response:

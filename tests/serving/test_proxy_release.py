@@ -17,13 +17,17 @@ import httpx
 import pytest
 from serving_helpers import STARTUP_S, Cluster, InProcessServer, metrics, wait_all_blocks_free, wait_metric
 
+from kvxfer.ports import free_ports
+
 GATE_S = 120.0
-LEASE_S = 8  # long enough for a leg, short enough that a by-id release is freed by the lease in time
+CLOSED_PORT = free_ports(1)[0]  # probed free, never bound: a side channel nobody serves
+LEASE_S = 20  # far beyond a leg and a failed handshake, short enough to wait for once
 
 
 class PrefillWrapper:
     """ASGI wrapper: in mode "hold" a /v1/completions answer waits for `gate` (after `ready`
-    is set), in mode "garbage" it is replaced by a 200 whose body is not JSON."""
+    is set), in mode "garbage" it is replaced by a 200 whose body is not JSON, in mode
+    "misdirect" its kv_transfer_params name a side-channel port where nobody listens."""
 
     def __init__(self, app):
         self.app = app
@@ -43,6 +47,22 @@ class PrefillWrapper:
             await send({"type": "http.response.body", "body": b"<html>upstream hiccup</html>"})
             return
 
+        if self.mode == "misdirect":
+            held: list[dict] = []
+
+            async def rewrite(message):
+                if message["type"] == "http.response.start":
+                    held.append(message)
+                    return
+                body = json.loads(message["body"])
+                body["kv_transfer_params"]["remote_port"] = CLOSED_PORT
+                raw = json.dumps(body).encode()
+                headers = [(k, v) for k, v in held[0]["headers"] if k != b"content-length"]
+                await send(held[0] | {"headers": headers + [(b"content-length", str(len(raw)).encode())]})
+                await send({"type": "http.response.body", "body": raw})
+
+            return await self.app(scope, receive, rewrite)
+
         async def late(message):
             if message["type"] == "http.response.start":
                 self.ready.set()
@@ -60,9 +80,12 @@ def setup(tiny_qwen3, tmp_path_factory):
                               wrap=lambda app: holder.append(PrefillWrapper(app)) or holder[0])
     try:
         decode = cluster.server("decode", "decode")
+        recompute = cluster.server("recompute", "decode", 1, "--kv-failure-policy", "recompute",
+                                   "--kv-handshake-timeout", "2")
         proxy = cluster.proxy([prefill], [decode], "--health-interval", "0.5")
+        recompute_proxy = cluster.proxy([prefill], [recompute], "--health-interval", "0.5")
         cluster.wait_healthy()
-        yield prefill, holder[0], decode, proxy
+        yield prefill, holder[0], decode, proxy, recompute, recompute_proxy
     finally:
         holder[0].gate.set()
         cluster.stop()
@@ -77,7 +100,7 @@ def _request(prompt: list[int], request_id: str) -> bytes:
 
 
 def test_client_leaving_after_the_prefill_finished_releases_its_hold(setup):
-    prefill, wrapper, decode, proxy = setup
+    prefill, wrapper, decode, proxy, _, _ = setup
     wrapper.mode, wrapper.gate, wrapper.ready = "hold", threading.Event(), threading.Event()
     gone = metrics(proxy.url).get('kvxfer_proxy_requests_total{status="499"}', 0.0)
     try:
@@ -97,7 +120,7 @@ def test_client_leaving_after_the_prefill_finished_releases_its_hold(setup):
 
 
 def test_prefill_answer_that_is_not_json_is_a_502_and_frees_the_prefill(setup):
-    prefill, wrapper, decode, proxy = setup
+    prefill, wrapper, decode, proxy, _, _ = setup
     wrapper.mode = "garbage"
     try:
         r = httpx.post(f"{proxy.url}/v1/completions", timeout=STARTUP_S,
@@ -112,7 +135,7 @@ def test_prefill_answer_that_is_not_json_is_a_502_and_frees_the_prefill(setup):
 
 
 def test_a_409_for_a_duplicate_id_leaves_the_holder_alone(setup):
-    prefill, wrapper, decode, proxy = setup
+    prefill, wrapper, decode, proxy, _, _ = setup
     wrapper.mode, wrapper.gate, wrapper.ready = "hold", threading.Event(), threading.Event()
     body = {"prompt": list(range(3, 30)), "max_tokens": 4, "temperature": 0.0, "return_token_ids": True}
     result: dict = {}
@@ -134,3 +157,40 @@ def test_a_409_for_a_duplicate_id_leaves_the_holder_alone(setup):
     assert result["r"].json()["kv_transfer_stats"]["bytes"] > 0  # its hold was still there to read
     wait_all_blocks_free(prefill.url)
     wait_all_blocks_free(decode.url)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "streamed"])
+def test_recompute_is_visible_and_frees_the_prefill(setup, stream):
+    """A pull that fails under the recompute policy still answers, but says so: in the
+    response, in the decode server's and the proxy's metrics. Nobody read the prefill's
+    blocks, so the proxy releases them at once."""
+    prefill, wrapper, _, _, recompute, proxy = setup
+    prompt = [(i * 13) % 480 + 5 for i in range(37)]
+    body = {"prompt": prompt, "max_tokens": 4, "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}
+    before = {"decode": metrics(recompute.url).get("kvxfer_kv_recomputed_total", 0.0),
+              "proxy": metrics(proxy.url).get("kvxfer_proxy_kv_recomputed_total", 0.0),
+              "released": metrics(prefill.url).get("kvxfer_kv_released_total", 0.0)}
+    wrapper.mode = "misdirect"
+    try:
+        if stream:
+            with httpx.stream("POST", f"{proxy.url}/v1/completions", json=body | {"stream": True},
+                              timeout=STARTUP_S) as r:
+                assert r.status_code == 200
+                events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+            final, tokens = events[-1], [t for e in events for t in e["choices"][0]["token_ids"]]
+        else:
+            r = httpx.post(f"{proxy.url}/v1/completions", json=body, timeout=STARTUP_S)
+            assert r.status_code == 200, r.text
+            final = r.json()
+            tokens = final["choices"][0]["token_ids"]
+    finally:
+        wrapper.mode = None
+    reference = httpx.post(f"{recompute.url}/v1/completions", json=body, timeout=STARTUP_S).json()
+    assert tokens == reference["choices"][0]["token_ids"]  # computed locally, correctly
+    stats = final["kv_transfer_stats"]
+    assert stats["recomputed"] is True and stats["bytes"] == 0 and stats["error_kind"], stats
+    assert metrics(recompute.url)["kvxfer_kv_recomputed_total"] == before["decode"] + 1
+    assert metrics(proxy.url)["kvxfer_proxy_kv_recomputed_total"] == before["proxy"] + 1
+    assert httpx.get(f"{proxy.url}/health", timeout=30).json()["kv_recomputed"] == before["proxy"] + 1
+    wait_metric(prefill.url, "kvxfer_kv_released_total", before["released"] + 1)  # by the proxy, not the lease
+    wait_all_blocks_free(prefill.url)
