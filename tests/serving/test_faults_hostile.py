@@ -38,7 +38,7 @@ def _prefill_leg(prefill, prompt: list[int]) -> dict:
 
 
 _scalar = st.one_of(st.none(), st.booleans(), st.integers(-2, 1 << 40), st.text(max_size=12),
-                    st.floats(allow_nan=False), st.lists(st.integers(-3, 1 << 20), max_size=6))
+                    st.floats(allow_nan=False, allow_infinity=False), st.lists(st.integers(-3, 1 << 20), max_size=6))
 
 
 def _hostile_params(genuine: dict):

@@ -43,6 +43,7 @@ def _soak(soak_cluster, n: int, concurrency: int, seed: int, kinds: dict[str, fl
     tally = asyncio.run(drive(proxy.url, [decode.url], plans, concurrency))
     print(f"\nsoak n={n} c={concurrency}: {tally.seconds:.1f}s outcomes={dict(sorted(tally.outcomes.items()))}")
     assert not tally.hung, f"requests never ended: {tally.hung}"
+    print("servers: " + ", ".join(f"{s.name} {s.url}" for s in (prefill, decode, reference)))
     # Abandoned holds go by release or, at worst, by the lease.
     free = {}
     for s in (prefill, decode, reference):
