@@ -1,15 +1,18 @@
-"""Hostile input to a decode server: property-based `kv_transfer_params` (hypothesis), and an
-attacker's own valid params aimed at a victim's held blocks. The server stays healthy, nothing
-leaks, and no foreign KV is ever returned: a completion computed from another request's blocks
-must be an error, never output.
+"""Hostile input: property-based `kv_transfer_params` (hypothesis) to a decode server, an
+attacker's own valid params aimed at a victim's held blocks, and random, truncated or forged
+frames to a prefill's side channel. The servers stay healthy, nothing leaks, and no foreign KV
+is ever returned: a completion computed from another request's blocks must be an error.
 
-`test_victims_blocks_are_never_returned` needs the prefill side's transfer tokens (H1).
+`test_victims_blocks_are_never_returned` needs the prefill side's transfer tokens and
+`test_side_channel_survives_hostile_frames` its hardened side channel (H1).
 """
 
 from __future__ import annotations
 
 import httpx
+import msgspec
 import pytest
+import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from serving_helpers import BLOCK_SIZE, Cluster, wait_all_blocks_free
@@ -93,6 +96,69 @@ def test_victims_blocks_are_never_returned(pd):
     # The victim's own transfer still works afterwards.
     r = httpx.post(f"{decode.url}/v1/completions", timeout=120, json={
         "prompt": victim_prompt, "max_tokens": 2, "kv_transfer_params": victim})
+    assert r.status_code == 200 and r.json()["kv_transfer_stats"]["bytes"] > 0, r.text
+    wait_all_blocks_free(decode.url)
+    wait_all_blocks_free(prefill.url, timeout_s=LEASE_S + 60)
+
+
+def _side_channel(prefill) -> str:
+    return f"tcp://127.0.0.1:{prefill.argv[prefill.argv.index('--side-channel-port') + 1]}"
+
+
+def _exchange(address: str, frame: bytes, timeout_s: float = 3.0) -> bytes | None:
+    """One REQ/REP round trip; None when no reply comes (a dead serving thread says nothing)."""
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(address)
+        sock.send(frame)
+        return sock.recv() if sock.poll(int(timeout_s * 1000), zmq.POLLIN) else None
+    finally:
+        sock.close()
+
+
+def test_side_channel_survives_hostile_frames(pd):
+    """Runs last in this module: before the side channel is hardened, a forged registration
+    replaces a rank's metadata."""
+    from kvxfer.connectors.metadata import Held, Query, RankMetadata, Register, decode_reply
+
+    prefill, decode = pd
+    address = _side_channel(prefill)
+    engine_id = _prefill_leg(prefill, PROMPT)["remote_engine_id"]
+    meta = decode_reply(_exchange(address, msgspec.msgpack.encode(Query(engine_id=engine_id)))).metadata
+    assert meta is not None
+    real = msgspec.msgpack.encode(Query(engine_id=engine_id))
+    forged_rank = st.builds(RankMetadata, tp_rank=st.integers(-5, 64), agent_name=st.text(max_size=8),
+                            agent_metadata=st.binary(max_size=16), base_addr=st.integers(0, 1 << 48),
+                            region_bytes=st.integers(0, 1 << 30), device_id=st.integers(-1, 8),
+                            mem_type=st.sampled_from(["DRAM", "VRAM", "?"]), num_blocks=st.integers(0, 1 << 20),
+                            kv_heads=st.integers(0, 64))
+    register = forged_rank.map(lambda rank: msgspec.msgpack.encode(
+        Register(engine_id=engine_id, compat_hash=meta.compat_hash, tp_size=meta.tp_size, rank=rank)))
+    frames = st.one_of(
+        st.binary(max_size=64),  # noise
+        st.integers(1, len(real) - 1).map(lambda n: real[:n]),  # truncated
+        st.text(max_size=12).map(lambda rid: msgspec.msgpack.encode(Held(engine_id=engine_id, request_id=rid))),
+        register,  # a registration from someone who is not one of its ranks
+    )
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(frame=frames)
+    def one(frame):
+        reply = _exchange(address, frame)
+        assert reply is not None, f"the side channel stopped answering after {frame!r}"
+        # Noise, a cut frame, a check for a made-up request, a registration from outside the
+        # instance: each gets an error reply, none is accepted.
+        assert not decode_reply(reply).ok, f"accepted {frame!r}"
+
+    one()
+    # Still serving the genuine metadata, unchanged, and transfers still work.
+    after = decode_reply(_exchange(address, real)).metadata
+    assert after == meta
+    assert httpx.get(f"{prefill.url}/health", timeout=30).status_code == 200
+    params = _prefill_leg(prefill, PROMPT)
+    r = httpx.post(f"{decode.url}/v1/completions", timeout=120, json={
+        "prompt": PROMPT, "max_tokens": 2, "kv_transfer_params": params})
     assert r.status_code == 200 and r.json()["kv_transfer_stats"]["bytes"] > 0, r.text
     wait_all_blocks_free(decode.url)
     wait_all_blocks_free(prefill.url, timeout_s=LEASE_S + 60)
