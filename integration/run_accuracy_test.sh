@@ -133,7 +133,7 @@ done
 
 next_port
 PROXY_URL="http://127.0.0.1:$PORT"
-kvx_start proxy "$LOGS/proxy.log" "$PYTHON" "$KVX_ROOT/integration/proxy.py" --port "$PORT" \
+kvx_start proxy "$LOGS/proxy.log" "$PYTHON" -m kvxfer.entrypoints.cli proxy --port "$PORT" \
   --prefill "${PREFILL_URLS[@]}" --decode "${DECODE_URLS[@]}" --log-level warning
 kvx_wait_healthy "$PROXY_URL" "${KVX_PIDS[-1]}" proxy "${KVX_LOGS[-1]}" 60
 

@@ -123,18 +123,17 @@ def _kv_transfer_config(args: argparse.Namespace):
         raise SystemExit(f"error: {exc}") from None
 
 
-def main(args: argparse.Namespace) -> int:
-    import uvicorn
-
+def build_server(args: argparse.Namespace):
+    """The started AsyncEngine and the FastAPI app serving it; the caller runs the app and
+    shuts the engine down. Raises SystemExit with a clear message on bad settings."""
     from kvxfer.engine import LLMEngine
     from kvxfer.engine.sampling_params import SamplingParams
     from kvxfer.entrypoints.api_server import ServerContext, build_app
     from kvxfer.entrypoints.async_engine import AsyncEngine
-    from kvxfer.entrypoints.engine_probes import engine_stats, ranks_alive, side_channel_problem
+    from kvxfer.entrypoints.engine_probes import dead_ranks_problem, engine_stats, side_channel_problem
     from kvxfer.entrypoints.metrics import ServerMetrics
     from kvxfer.entrypoints.render import Renderer
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model_dir = os.path.abspath(args.model_dir)
     if not Path(model_dir, "config.json").is_file():
         raise SystemExit(f"error: {model_dir} is not a model directory (no config.json)")
@@ -158,16 +157,25 @@ def main(args: argparse.Namespace) -> int:
     ctx = ServerContext(
         engine=engine, renderer=renderer, metrics=metrics,
         model_name=args.served_model_name or Path(model_dir).name, role=args.role,
-        sampling_params=SamplingParams, kv_connector=config.kv_transfer_config is not None,
-        block_size=args.block_size, max_model_len=llm_engine.max_model_len,
-        ranks_alive=ranks_alive, abort=LLMEngine.abort_request, engine_stats=engine_stats,
+        sampling_params=SamplingParams, max_model_len=llm_engine.max_model_len,
+        ranks_problem=functools.partial(dead_ranks_problem, llm_engine.worker_pids()),
+        abort=LLMEngine.abort_request, engine_stats=engine_stats,
     )
     kv = config.kv_transfer_config
     if kv is not None and kv.is_producer:  # only engines that lend KV listen on a side channel
         ctx.side_channel_problem = functools.partial(
-            side_channel_problem, kv.side_channel_host, kv.side_channel_port, kv.engine_id, args.tp, 2.0, kv.auth_key)
+            side_channel_problem, kv.side_channel_host, kv.side_channel_port, kv.engine_id, args.tp, 2.0, kv.auth_key
+        )
+    return engine, build_app(ctx)
+
+
+def main(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine, app = build_server(args)
     try:
-        uvicorn.run(build_app(ctx), host=args.host, port=args.port, log_level=args.log_level.lower(),
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                     timeout_graceful_shutdown=5)
     finally:
         engine.shutdown()
