@@ -127,11 +127,13 @@ def test_one_request_id_for_both_legs(pd):
                            "kv_transfer_params": {"do_remote_decode": True}}).json()
     assert leg["kv_transfer_params"]["remote_request_id"] == "both-legs-2"
     released = metrics(prefill.url)["kvxfer_kv_released_total"]
-    assert httpx.post(f"{prefill.url}/v1/abort/both-legs-2").json()["outcome"] == "released"
+    token = {"transfer_token": leg["kv_transfer_params"]["transfer_token"]}
+    assert httpx.post(f"{prefill.url}/v1/abort/both-legs-2").json()["outcome"] == "unknown"  # needs the token
+    assert httpx.post(f"{prefill.url}/v1/abort/both-legs-2", json=token).json()["outcome"] == "released"
     settle(prefill, decode)
     m = metrics(prefill.url)
     assert m["kvxfer_kv_released_total"] == released + 1 and m["kvxfer_kv_held_requests"] == 0
-    assert httpx.post(f"{prefill.url}/v1/abort/both-legs-2").json()["outcome"] == "unknown"
+    assert httpx.post(f"{prefill.url}/v1/abort/both-legs-2", json=token).json()["outcome"] == "unknown"
 
 
 def test_full_prefix_hit_on_decode_not_on_prefill(pd, hf):
