@@ -165,13 +165,13 @@ class ReadDone(msgspec.Struct, frozen=True, array_like=True):
 # --- kv_transfer_params --------------------------------------------------------------------
 
 
-class RemoteDecodeParams(msgspec.Struct, frozen=True):
+class RemoteDecodeParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Prefill-side request params: finish after one token and hold the blocks."""
 
     do_remote_decode: bool
 
 
-class RemotePrefillParams(msgspec.Struct, frozen=True):
+class RemotePrefillParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Decode-side request params, as returned by the prefill engine. `transfer_token` is the
     prefill's proof of issue: its side channel accepts checks, ReadDone and release only with
     it, for exactly these blocks of this request of this instance."""
@@ -202,8 +202,14 @@ def parse_kv_transfer_params(params: Any) -> KVTransferParams | None:
     if prefill and decode:
         raise KVParamsError("kv_transfer_params: do_remote_prefill and do_remote_decode are exclusive")
     if not (prefill or decode):
+        extra = sorted(k for k in params if k not in ("do_remote_prefill", "do_remote_decode"))
+        if extra:
+            raise KVParamsError(f"kv_transfer_params: {', '.join(map(str, extra))} only valid with do_remote_prefill")
         return None
     kind = RemotePrefillParams if prefill else RemoteDecodeParams
+    other = "do_remote_decode" if prefill else "do_remote_prefill"
+    if params.get(other, None) is False:  # an explicit "no" for the other leg says nothing
+        params = {k: v for k, v in params.items() if k != other}
     try:
         parsed = msgspec.convert(params, kind, strict=True)
     except msgspec.ValidationError as e:

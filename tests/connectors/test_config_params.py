@@ -122,3 +122,15 @@ def test_serve_reads_the_auth_key_file_and_takes_the_lease_default_from_the_conf
         _kv_transfer_config(serve_args("--role", "decode"))
     with pytest.raises(SystemExit, match="--kv-auth-key-file"):
         _kv_transfer_config(serve_args("--role", "decode", "--kv-auth-key-file", str(tmp_path / "missing")))
+
+
+def test_unknown_or_stray_fields_are_refused_naming_them():
+    with pytest.raises(KVParamsError, match="evil"):
+        parse_kv_transfer_params({"do_remote_decode": True, "evil": 1})
+    with pytest.raises(KVParamsError, match="evil"):
+        parse_kv_transfer_params(good_params(evil=1))
+    with pytest.raises(KVParamsError, match="remote_port only valid with do_remote_prefill"):
+        parse_kv_transfer_params({"remote_port": 5000})
+    assert isinstance(parse_kv_transfer_params({"do_remote_decode": True, "do_remote_prefill": False}),
+                      RemoteDecodeParams)
+    assert parse_kv_transfer_params({"do_remote_decode": False}) is None
