@@ -1,0 +1,172 @@
+"""`python -m kvxfer.bench.attention`: the CPU attention ops timed against their previous version.
+
+Times `torch_ops.paged_attention` on random paged caches for prefill (no cached prefix),
+chunked prefill over a cached prefix and batched decode, at the head shapes of tiny-qwen3 and
+qwen3-0.6b, next to the implementation it replaced (kept here, not in the package) and a lower
+bound: one SDPA call on contiguous K/V that needs no paging at all. Variants run interleaved
+and each figure is the best of `--repeats` rounds, so a busy machine shifts them together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from kvxfer.layers import torch_ops
+from kvxfer.layers.attention import AttentionMetadata
+
+SHAPES = {"tiny-qwen3": (8, 4, 32), "qwen3-0.6b": (16, 8, 128)}  # (query heads, KV heads, head size)
+
+
+def _old_paged_attention(query, kv_layer, attn, scale):
+    """The implementation before the causal fast path and the per-step decode plans (no windows)."""
+    out = query.new_empty(query.shape[0], query.shape[1], kv_layer.shape[4])
+    starts = attn.query_start_loc_host
+    decodes = []
+    for b in range(len(attn.seq_lens_host)):
+        q_len = starts[b + 1] - starts[b]
+        if q_len == 1:
+            decodes.append(b)
+        elif q_len > 1:
+            start, end = starts[b], starts[b + 1]
+            seq_len = attn.seq_lens_host[b]
+            keys, values = _old_gather(kv_layer, attn.block_tables[b, : -(-seq_len // kv_layer.shape[3])])
+            keys, values = keys[:, :seq_len], values[:, :seq_len]
+            rows = torch.arange(q_len)[:, None] + (seq_len - q_len)
+            mask = torch.arange(seq_len)[None, :] <= rows
+            out[start:end] = _old_attend(query[start:end].transpose(0, 1), keys, values, mask, scale).transpose(0, 1)
+    if decodes:
+        chunk = max(1, (1 << 26) // max(1, -(-max(attn.seq_lens_host[b] for b in decodes) // kv_layer.shape[3])
+                                    * kv_layer.shape[3] * kv_layer[0, :, :, 0].numel()))
+        for i in range(0, len(decodes), chunk):
+            group = decodes[i : i + chunk]
+            index = torch.tensor(group)
+            lens = attn.seq_lens[index]
+            tokens = attn.query_start_loc[index].long()
+            num_blocks = max(-(-attn.seq_lens_host[b] // kv_layer.shape[3]) for b in group)
+            columns = torch.arange(num_blocks).clamp_(max=attn.block_tables.shape[1] - 1)[None, :].expand(len(group), -1)
+            keys, values = _old_gather(kv_layer, attn.block_tables[index[:, None], columns])
+            mask = torch.arange(num_blocks * kv_layer.shape[3])[None, :] < lens[:, None]
+            result = _old_attend(query.index_select(0, tokens).unsqueeze(2), keys, values, mask[:, None, :], scale)
+            out.index_copy_(0, tokens, result.squeeze(2))
+    return out
+
+
+def _old_gather(kv_layer, block_ids):
+    num_blocks, heads, _, block_size, head_size = kv_layer.shape
+    rows = (block_ids.long().unsqueeze(-2) * heads + torch.arange(heads).unsqueeze(-1)).reshape(-1)
+    shape = (*block_ids.shape[:-1], heads, block_ids.shape[-1] * block_size, head_size)
+    tiles = [kv_layer[:, :, s].reshape(num_blocks * heads, -1).index_select(0, rows).view(shape) for s in (0, 1)]
+    return tiles[0], tiles[1]
+
+
+def _old_attend(query, keys, values, mask, scale):
+    *lead, num_q_heads, q_len, _ = query.shape
+    heads = keys.shape[-3]
+    group = num_q_heads // heads
+    query = query.reshape(*lead, heads, group * q_len, query.shape[-1])
+    mask = mask.unsqueeze(-3).expand(*lead, group, q_len, mask.shape[-1]).reshape(*lead, 1, group * q_len, -1)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
+    return out.reshape(*lead, num_q_heads, q_len, out.shape[-1])
+
+
+def _case(shape: str, dtype: torch.dtype, batch: int, context: int, new: int, block_size: int, gen):
+    """A paged cache holding `batch` sequences of `context` tokens, each adding its last `new`."""
+    hq, h, d = SHAPES[shape]
+    blocks = -(-context // block_size)
+    cache = torch.randn(batch * blocks + 1, h, 2, block_size, d, generator=gen).to(dtype)
+    order = torch.randperm(batch * blocks + 1, generator=gen).tolist()  # scattered, as in a real cache
+    tables = [order[i * blocks : (i + 1) * blocks] for i in range(batch)]
+    meta = AttentionMetadata.build([new] * batch, [context] * batch, tables, block_size)
+    query = torch.randn(batch * new, hq, d, generator=gen).to(dtype)
+    # Lower bound: the same attention on contiguous K/V, one SDPA call, no paging, no mask.
+    keys = torch.randn(batch, h, context, d, generator=gen).to(dtype)
+    values = torch.randn(batch, h, context, d, generator=gen).to(dtype)
+    q4 = query.view(batch, new, hq, d).transpose(1, 2)
+    causal = new == context
+
+    def bound():
+        if new == 1 or causal:
+            return F.scaled_dot_product_attention(q4, keys, values, is_causal=causal, scale=0.1, enable_gqa=True)
+        mask = torch.arange(context)[None, :] <= torch.arange(new)[:, None] + (context - new)
+        return F.scaled_dot_product_attention(q4, keys, values, attn_mask=mask, scale=0.1, enable_gqa=True)
+
+    def fresh():  # the engine builds one metadata per step: time that too, and reuse no plan
+        return AttentionMetadata.build([new] * batch, [context] * batch, tables, block_size)
+
+    return {
+        "old": lambda: _old_paged_attention(query, cache, fresh(), 0.1),
+        "new": lambda: torch_ops.paged_attention(query, cache, fresh(), 0.1),
+        "sdpa_bound": bound,
+    }
+
+
+def _best_ms(variants: dict, repeats: int) -> dict[str, float]:
+    best = {name: float("inf") for name in variants}
+    for fn in variants.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in variants.items():  # interleaved: load changes hit every variant alike
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
+    return best
+
+
+def cases(args: argparse.Namespace):
+    for n in args.prefill:
+        yield "prefill", 1, n, n
+    for prefix, n in args.chunked:
+        yield "chunked", 1, prefix + n, n
+    for batch in args.decode_batch:
+        for ctx in args.decode_context:
+            yield "decode", batch, ctx, 1
+
+
+def _pairs(text: str) -> tuple[int, int]:
+    prefix, _, new = text.partition("+")
+    return int(prefix), int(new)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--prefill", nargs="*", type=int, default=[16, 128, 512, 1024])
+    parser.add_argument("--chunked", nargs="*", type=_pairs, default=[(512, 128), (768, 256)], help="PREFIX+NEW")
+    parser.add_argument("--decode-batch", nargs="*", type=int, default=[1, 8, 32])
+    parser.add_argument("--decode-context", nargs="*", type=int, default=[128, 1024])
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per row instead of a table")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} thread(s), block size {args.block_size}; best of {args.repeats}, ms")
+    if not args.json:
+        print(f"{'shape':<11} {'dtype':<8} {'case':<8} {'B':>3} {'ctx':>5} {'new':>5} {'old':>9} {'new':>9} {'bound':>9} {'old/new':>8}")
+    with torch.inference_mode():
+        for shape in args.shapes:
+            for dtype_name in args.dtypes:
+                dtype = getattr(torch, dtype_name)
+                for kind, batch, ctx, new in cases(args):
+                    variants = _case(shape, dtype, batch, ctx, new, args.block_size, gen)
+                    # The figures are only worth reading if both versions compute the same thing.
+                    torch.testing.assert_close(variants["new"]().float(), variants["old"]().float(), atol=2e-2, rtol=2e-2)
+                    ms = _best_ms(variants, args.repeats)
+                    row = dict(shape=shape, dtype=dtype_name, case=kind, batch=batch, context=ctx, new_tokens=new, **ms)
+                    if args.json:
+                        print(json.dumps(row))
+                    else:
+                        print(f"{shape:<11} {dtype_name:<8} {kind:<8} {batch:>3} {ctx:>5} {new:>5} {ms['old']:>9.3f} "
+                              f"{ms['new']:>9.3f} {ms['sdpa_bound']:>9.3f} {ms['old'] / ms['new']:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
