@@ -5,6 +5,8 @@ chunked prefill over a cached prefix and batched decode, at the head shapes of t
 qwen3-0.6b, next to the implementation it replaced (kept here, not in the package) and a lower
 bound: one SDPA call on contiguous K/V that needs no paging at all. Variants run interleaved
 and each figure is the best of `--repeats` rounds, so a busy machine shifts them together.
+`--ttft PRESET` instead times whole colocated prefills (`LLM.generate`, one output token) of
+the `--prefill` lengths, the end-to-end effect, for whichever kvxfer is on `PYTHONPATH`.
 """
 
 from __future__ import annotations
@@ -132,6 +134,31 @@ def _pairs(text: str) -> tuple[int, int]:
     return int(prefix), int(new)
 
 
+def ttft(preset: str, lengths: list[int], repeats: int, dtype: str) -> None:
+    """Median wall time of `LLM.generate` of one token for a prompt of each length, in ms."""
+    import random
+    import statistics
+
+    from kvxfer import LLM, SamplingParams
+    from kvxfer.bench.engine import preset_dir
+
+    llm = LLM(preset_dir(preset), dtype=dtype)
+    try:
+        rng = random.Random(0)
+        params = SamplingParams(max_tokens=1, ignore_eos=True)
+        llm.generate([[5] * 8], params)  # warm-up
+        for n in lengths:
+            times = []
+            for _ in range(repeats):
+                prompt = [rng.randrange(3, 500) for _ in range(n)]  # fresh ids: no prefix-cache hit
+                start = time.perf_counter()
+                llm.generate([prompt], params)
+                times.append((time.perf_counter() - start) * 1e3)
+            print(json.dumps(dict(preset=preset, dtype=dtype, prompt_tokens=n, ttft_ms=round(statistics.median(times), 2))))
+    finally:
+        llm.shutdown()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -144,9 +171,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per row instead of a table")
+    parser.add_argument("--ttft", metavar="PRESET", help="time colocated LLM.generate prefills instead")
+    parser.add_argument("--dtype", default="auto", help="engine dtype for --ttft")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.ttft:
+        return ttft(args.ttft, args.prefill, args.repeats, args.dtype)
     gen = torch.Generator().manual_seed(0)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} thread(s), block size {args.block_size}; best of {args.repeats}, ms")
     if not args.json:

@@ -213,17 +213,21 @@ def _attend_one(
     offset = first * block_size  # position of the first gathered key
     keys, values = keys[:, : seq_len - offset], values[:, : seq_len - offset]
     # SDPA gets 4-D tensors (a batch of one): torch's CPU flash kernel takes only those, 3-D
-    # inputs fall back to the math path, about 10x slower on a 1024-token prefill.
+    # inputs fall back to the math path, about 10x slower on a 1024-token prefill. GQA through
+    # `enable_gqa`: the kernel shares each KV head among its query heads, nothing is copied.
     query, keys, values = query.transpose(0, 1)[None], keys[None], values[None]
     if q_len == seq_len and sliding_window is None:
         # Only its own tokens, no window: the plain causal triangle, which the flash kernel
-        # takes without a mask (skipping the masked half), the KV heads shared, not copied.
-        out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
-        return out[0].transpose(0, 1)
-    # Query i sits at position seq_len - q_len + i and sees every key up to it (within the window).
-    rows = torch.arange(q_len, device=query.device)[:, None] + (seq_len - q_len)
-    pos = torch.arange(offset, seq_len, device=query.device)[None, :]
-    mask = pos <= rows
-    if sliding_window is not None:
-        mask &= pos > rows - sliding_window
-    return _attend(query, keys, values, mask[None], scale)[0].transpose(0, 1)
+        # takes without a mask and skips the masked half of.
+        mask = None
+    else:
+        # Query i sits at position seq_len - q_len + i and sees every key up to it (within the window).
+        rows = torch.arange(q_len, device=query.device)[:, None] + (seq_len - q_len)
+        pos = torch.arange(offset, seq_len, device=query.device)[None, :]
+        mask = pos <= rows
+        if sliding_window is not None:
+            mask &= pos > rows - sliding_window
+    out = F.scaled_dot_product_attention(
+        query, keys, values, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
+    )
+    return out[0].transpose(0, 1)
