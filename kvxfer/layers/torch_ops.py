@@ -17,10 +17,11 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from kvxfer.layers.attention import AttentionMetadata
 
-# Upper bound on gathered context elements per batched-decode chunk. Small enough that a chunk's
-# gathered K/V stay in a core's L2 between the copy and SDPA reading them: measured 2-4x faster
-# than 64M-element chunks at qwen3-0.6b's shape on CPU (`python -m kvxfer.bench.attention`).
-_DECODE_CHUNK_ELEMENTS = 1 << 18
+# Upper bound on gathered context elements per batched-decode chunk (8 MB of float32 per slot).
+# Measured on CPU (`python -m kvxfer.bench.attention`, docs/benchmarks.md): chunks of 64M elements,
+# one huge fresh buffer per layer, are 2-4x slower at qwen3-0.6b's shape; chunks of 256K pay a
+# per-chunk overhead at tiny shapes; 2M is at or near the best for both.
+_DECODE_CHUNK_ELEMENTS = 1 << 21
 
 
 def store_kv(
