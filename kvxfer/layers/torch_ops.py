@@ -17,7 +17,7 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from kvxfer.layers.attention import AttentionMetadata
 
-# Upper bound on gathered context elements per batched-decode chunk (8 MB of float32 per slot).
+# Upper bound on gathered context elements per batched-decode chunk (8 MB of float32 K and V together).
 # Measured on CPU (`python -m kvxfer.bench.attention`, docs/benchmarks.md): chunks of 64M elements,
 # one huge fresh buffer per layer, are 2-4x slower at qwen3-0.6b's shape; chunks of 256K pay a
 # per-chunk overhead at tiny shapes; 2M is at or near the best for both.
