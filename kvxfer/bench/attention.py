@@ -42,15 +42,16 @@ def _old_paged_attention(query, kv_layer, attn, scale):
             mask = torch.arange(seq_len)[None, :] <= rows
             out[start:end] = _old_attend(query[start:end].transpose(0, 1), keys, values, mask, scale).transpose(0, 1)
     if decodes:
-        chunk = max(1, (1 << 26) // max(1, -(-max(attn.seq_lens_host[b] for b in decodes) // kv_layer.shape[3])
-                                    * kv_layer.shape[3] * kv_layer[0, :, :, 0].numel()))
+        longest = -(-max(attn.seq_lens_host[b] for b in decodes) // kv_layer.shape[3]) * kv_layer.shape[3]
+        chunk = max(1, (1 << 26) // (longest * kv_layer[0, :, :, 0].numel()))
         for i in range(0, len(decodes), chunk):
             group = decodes[i : i + chunk]
             index = torch.tensor(group)
             lens = attn.seq_lens[index]
             tokens = attn.query_start_loc[index].long()
             num_blocks = max(-(-attn.seq_lens_host[b] // kv_layer.shape[3]) for b in group)
-            columns = torch.arange(num_blocks).clamp_(max=attn.block_tables.shape[1] - 1)[None, :].expand(len(group), -1)
+            columns = torch.arange(num_blocks).clamp_(max=attn.block_tables.shape[1] - 1)
+            columns = columns[None, :].expand(len(group), -1)
             keys, values = _old_gather(kv_layer, attn.block_tables[index[:, None], columns])
             mask = torch.arange(num_blocks * kv_layer.shape[3])[None, :] < lens[:, None]
             result = _old_attend(query.index_select(0, tokens).unsqueeze(2), keys, values, mask[:, None, :], scale)
@@ -154,7 +155,8 @@ def ttft(preset: str, lengths: list[int], repeats: int, dtype: str) -> None:
                 start = time.perf_counter()
                 llm.generate([prompt], params)
                 times.append((time.perf_counter() - start) * 1e3)
-            print(json.dumps(dict(preset=preset, dtype=dtype, prompt_tokens=n, ttft_ms=round(statistics.median(times), 2))))
+            median = round(statistics.median(times), 2)
+            print(json.dumps(dict(preset=preset, dtype=dtype, prompt_tokens=n, ttft_ms=median)))
     finally:
         llm.shutdown()
 
@@ -179,9 +181,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.ttft:
         return ttft(args.ttft, args.prefill, args.repeats, args.dtype)
     gen = torch.Generator().manual_seed(0)
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} thread(s), block size {args.block_size}; best of {args.repeats}, ms")
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} thread(s), block size {args.block_size}; "
+          f"best of {args.repeats}, ms")
     if not args.json:
-        print(f"{'shape':<11} {'dtype':<8} {'case':<8} {'B':>3} {'ctx':>5} {'new':>5} {'old':>9} {'new':>9} {'bound':>9} {'old/new':>8}")
+        print(f"{'shape':<11} {'dtype':<8} {'case':<8} {'B':>3} {'ctx':>5} {'new':>5} "
+              f"{'old':>9} {'new':>9} {'bound':>9} {'old/new':>8}")
     with torch.inference_mode():
         for shape in args.shapes:
             for dtype_name in args.dtypes:
@@ -189,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
                 for kind, batch, ctx, new in cases(args):
                     variants = _case(shape, dtype, batch, ctx, new, args.block_size, gen)
                     # The figures are only worth reading if both versions compute the same thing.
-                    torch.testing.assert_close(variants["new"]().float(), variants["old"]().float(), atol=2e-2, rtol=2e-2)
+                    got, want = variants["new"]().float(), variants["old"]().float()
+                    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
                     ms = _best_ms(variants, args.repeats)
                     row = dict(shape=shape, dtype=dtype_name, case=kind, batch=batch, context=ctx, new_tokens=new, **ms)
                     if args.json:

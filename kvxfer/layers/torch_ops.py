@@ -17,7 +17,7 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from kvxfer.layers.attention import AttentionMetadata
 
-# Upper bound on gathered context elements per batched-decode chunk (8 MB of float32 K and V together).
+# Upper bound on gathered context elements per batched-decode chunk (8 MB of float32 K and V).
 # Measured on CPU (`python -m kvxfer.bench.attention`, docs/benchmarks.md): chunks of 64M elements,
 # one huge fresh buffer per layer, are 2-4x slower at qwen3-0.6b's shape; chunks of 256K pay a
 # per-chunk overhead at tiny shapes; 2M is at or near the best for both.
@@ -66,12 +66,11 @@ def paged_attention(
         out[start:end] = _attend_one(query[start:end], kv_layer, attn, b, scale, out_dim, sliding_window)
     for plan in _decode_plans(attn, kv_layer, sliding_window):
         keys, values = _gather_rows(kv_layer, plan.rows, plan.shape, out_dim)
-        query_rows = query[plan.tokens] if isinstance(plan.tokens, slice) else query.index_select(0, plan.tokens)
-        result = _attend(query_rows.unsqueeze(2), keys, values, plan.mask, scale).squeeze(2)
         if isinstance(plan.tokens, slice):
-            out[plan.tokens] = result
+            out[plan.tokens] = _attend(query[plan.tokens].unsqueeze(2), keys, values, plan.mask, scale).squeeze(2)
         else:
-            out.index_copy_(0, plan.tokens, result)
+            rows = query.index_select(0, plan.tokens).unsqueeze(2)
+            out.index_copy_(0, plan.tokens, _attend(rows, keys, values, plan.mask, scale).squeeze(2))
     return out
 
 
@@ -97,16 +96,20 @@ class _DecodePlan:
     mask: torch.Tensor  # [B, 1, L] bool: key visible (inside the context and the window)
 
 
-def _decode_plans(attn: AttentionMetadata, kv_layer: torch.Tensor, sliding_window: int | None) -> list[_DecodePlan]:
+def _decode_plans(
+    attn: AttentionMetadata, kv_layer: torch.Tensor, sliding_window: int | None
+) -> list[_DecodePlan]:
     _, heads, num_slots, block_size, head_size = kv_layer.shape
-    key = (heads, num_slots * head_size, block_size, sliding_window, _DECODE_CHUNK_ELEMENTS)
+    key = (heads, num_slots * head_size, block_size, sliding_window)
     plans = attn.plan_cache.get(key)
     if plans is None:
         plans = attn.plan_cache[key] = _build_decode_plans(attn, kv_layer, sliding_window)
     return plans
 
 
-def _build_decode_plans(attn: AttentionMetadata, kv_layer: torch.Tensor, sliding_window: int | None) -> list[_DecodePlan]:
+def _build_decode_plans(
+    attn: AttentionMetadata, kv_layer: torch.Tensor, sliding_window: int | None
+) -> list[_DecodePlan]:
     """One-token sequences, batched: contexts padded to the longest in a chunk, padding masked.
 
     With a window each sequence gathers only its blocks from `first_visible_block` on, so the
@@ -146,9 +149,8 @@ def _build_decode_plans(attn: AttentionMetadata, kv_layer: torch.Tensor, sliding
         mask = pos < seq_lens
         if sliding_window is not None:
             mask &= pos >= seq_lens - sliding_window
-        plans.append(
-            _DecodePlan(tokens, _tile_rows(block_ids, heads), (len(group), heads, num_blocks * block_size), mask[:, None, :])
-        )
+        shape = (len(group), heads, num_blocks * block_size)
+        plans.append(_DecodePlan(tokens, _tile_rows(block_ids, heads), shape, mask[:, None, :]))
     return plans
 
 
@@ -210,7 +212,8 @@ def _attend_one(
     first = first_visible_block(seq_len, q_len, block_size, sliding_window)
     num_blocks = -(-seq_len // block_size)
     block_ids = torch.tensor(attn.block_tables_host[b][first:num_blocks], device=query.device)
-    keys, values = _gather_rows(kv_layer, _tile_rows(block_ids, heads), (heads, (num_blocks - first) * block_size), out_dim)
+    shape = (heads, (num_blocks - first) * block_size)
+    keys, values = _gather_rows(kv_layer, _tile_rows(block_ids, heads), shape, out_dim)
     offset = first * block_size  # position of the first gathered key
     keys, values = keys[:, : seq_len - offset], values[:, : seq_len - offset]
     # SDPA gets 4-D tensors (a batch of one): torch's CPU flash kernel takes only those, 3-D

@@ -39,7 +39,8 @@ def paged(seqs, heads, head_size, num_slots, dtype, gen):
         table = [free.pop() for _ in range(n)]
         k = torch.randn(seq_len, heads, head_size, generator=gen).to(dtype)
         v = torch.randn(seq_len, heads, head_size, generator=gen).to(dtype) if num_slots == 2 else None
-        torch_ops.store_kv(cache, k, v, AttentionMetadata.build([seq_len], [seq_len], [table], BLOCK).slot_mapping)
+        slots = AttentionMetadata.build([seq_len], [seq_len], [table], BLOCK).slot_mapping
+        torch_ops.store_kv(cache, k, v, slots)
         tables.append(table)
         dense.append((k, v))
     meta = AttentionMetadata.build([q for _, q in seqs], [s for s, _ in seqs], tables, BLOCK)
@@ -62,7 +63,8 @@ def check(seqs, hq, h, d, dtype, window, tol, v_dim=None, seed=0):
         start = meta.query_start_loc_host[b]
         k, v = dense[b]
         ref = reference(query[start : start + q_len], k, k[..., :v_dim] if v_dim else v, scale, window)
-        torch.testing.assert_close(out[start : start + q_len].double(), ref, atol=tol, rtol=tol, msg=f"sequence {b}")
+        got = out[start : start + q_len].double()
+        torch.testing.assert_close(got, ref, atol=tol, rtol=tol, msg=f"sequence {b}")
 
 
 @pytest.mark.parametrize("hq,h", [(8, 4), (8, 1), (6, 6), (16, 2)])
