@@ -5,8 +5,10 @@ chunked prefill over a cached prefix and batched decode, at the head shapes of t
 qwen3-0.6b, next to the implementation it replaced (kept here, not in the package) and a lower
 bound: one SDPA call on contiguous K/V that needs no paging at all. Variants run interleaved
 and each figure is the best of `--repeats` rounds, so a busy machine shifts them together.
-`--ttft PRESET` instead times whole colocated prefills (`LLM.generate`, one output token) of
-the `--prefill` lengths, the end-to-end effect, for whichever kvxfer is on `PYTHONPATH`.
+`--model PRESET` times whole model forward steps (prefill of each `--prefill` length, decode
+of each batch and context) with the old and the new ops swapped in turn in one process;
+`--ttft PRESET` times colocated prefills through `LLM.generate` (one output token) for
+whichever kvxfer is on `PYTHONPATH`.
 """
 
 from __future__ import annotations
@@ -135,6 +137,48 @@ def _pairs(text: str) -> tuple[int, int]:
     return int(prefix), int(new)
 
 
+def model_steps(args: argparse.Namespace, dtype_name: str) -> None:
+    """Whole-model forward steps of `args.model` with the previous and the current attention ops."""
+    from kvxfer.bench.engine import preset_dir
+    from kvxfer.models import build_model, load_model_config
+
+    model_dir = preset_dir(args.model)
+    config = load_model_config(model_dir)
+    dtype = getattr(torch, dtype_name)
+    model = build_model(config, dtype=dtype)
+    model.load_weights(model_dir)
+    spec = config.kv_cache_spec(args.block_size, dtype_name)
+    steps = [(1, n, n) for n in args.prefill] + [(b, c, 1) for b in args.decode_batch for c in args.decode_context]
+    num_blocks = max(b * -(-c // args.block_size) for b, c, _ in steps) + 1
+    cache = torch.randn(num_blocks, *spec.block_shape(1), dtype=dtype)
+    current = torch_ops.paged_attention
+
+    def old(query, kv_layer, attn, scale, v_dim=None, sliding_window=None):
+        if v_dim is not None or sliding_window is not None:
+            raise ValueError("the previous implementation kept here covers full attention with K and V only")
+        return _old_paged_attention(query, kv_layer, attn, scale)
+
+    def step(batch: int, context: int, new: int, ops) -> None:
+        blocks = -(-context // args.block_size)
+        tables = [list(range(i * blocks, (i + 1) * blocks)) for i in range(batch)]
+        meta = AttentionMetadata.build([new] * batch, [context] * batch, tables, args.block_size)
+        ids = torch.randint(3, config.vocab_size, (batch * new,))
+        positions = torch.arange(context - new, context).repeat(batch)
+        torch_ops.paged_attention = ops  # looked up per call by kvxfer.layers.attention
+        try:
+            model(ids, positions, cache, meta)
+        finally:
+            torch_ops.paged_attention = current
+
+    with torch.inference_mode():
+        for batch, context, new in steps:
+            ms = _best_ms({"old": lambda: step(batch, context, new, old),
+                           "new": lambda: step(batch, context, new, current)}, args.repeats)
+            print(json.dumps(dict(model=args.model, dtype=dtype_name, batch=batch, context=context, new_tokens=new,
+                                  old_ms=round(ms["old"], 2), new_ms=round(ms["new"], 2),
+                                  old_over_new=round(ms["old"] / ms["new"], 2))))
+
+
 def ttft(preset: str, lengths: list[int], repeats: int, dtype: str) -> None:
     """Median wall time of `LLM.generate` of one token for a prompt of each length, in ms."""
     import random
@@ -173,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per row instead of a table")
+    parser.add_argument("--model", metavar="PRESET", help="time whole-model forward steps instead")
     parser.add_argument("--ttft", metavar="PRESET", help="time colocated LLM.generate prefills instead")
     parser.add_argument("--dtype", default="auto", help="engine dtype for --ttft")
     args = parser.parse_args(argv)
@@ -180,6 +225,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.ttft:
         return ttft(args.ttft, args.prefill, args.repeats, args.dtype)
+    if args.model:
+        for dtype_name in args.dtypes:
+            model_steps(args, dtype_name)
+        return None
     gen = torch.Generator().manual_seed(0)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} thread(s), block size {args.block_size}; "
           f"best of {args.repeats}, ms")
