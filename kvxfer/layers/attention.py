@@ -39,7 +39,7 @@ class AttentionMetadata:
     max_seq_len: int
     # Backend work derived from the above that every layer of the step shares (the torch ops'
     # decode gather plans), built on first use and dropped with the metadata.
-    plan_cache: dict = field(default_factory=dict, repr=False, compare=False)
+    plan_cache: dict[tuple, list] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def single_token_seqs(self) -> list[int]:

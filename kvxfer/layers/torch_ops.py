@@ -3,7 +3,9 @@
 `kv_layer` is one layer's strided view of the rank's cache, `[num_blocks, heads, 2 | 1,
 block_size, head_size]`; nothing here copies the cache beyond gathering a sequence's blocks.
 With a sliding window `W` (HF's convention) a query at position `p` sees keys in `(p - W, p]`,
-and blocks wholly before the earliest visible key are not gathered.
+and blocks wholly before the earliest visible key are not gathered. Prefills run one SDPA call
+each (mask-free causal when the sequence has no cached prefix); decodes run batched in chunks,
+from gather plans built once per step (figures: docs/benchmarks.md, "Attention (CPU)").
 """
 
 from __future__ import annotations
