@@ -37,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="cuda: decode steps in CUDA graphs (experimental, opt-in until run on a GPU)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None,
+                        help="cuda: share of the GPU's total memory the engine may use (default 0.9)")
     parser.add_argument("--hf-batch-size", type=int, default=0, help="HF generate batch (0: all prompts at once)")
     parser.add_argument("--skip-hf", action="store_true", help="only run kvxfer")
     parser.add_argument("--seed", type=int, default=0)
@@ -69,10 +73,12 @@ def make_workload(args: argparse.Namespace, vocab: int) -> tuple[list[list[int]]
 def run_kvxfer(args, model_dir: str, prompts: list[list[int]], outputs: list[int]) -> float:
     from kvxfer import LLM, SamplingParams
 
+    cuda = {"enforce_eager": not args.cuda_graphs, "gpu_memory_utilization": args.gpu_memory_utilization}
     llm = LLM(model_dir, tensor_parallel_size=args.tp, device=args.device, block_size=args.block_size,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              **{k: v for k, v in cuda.items() if v is not None})
     try:
-        llm.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+        warm_up(llm, prompts, outputs)
         params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in outputs]
         start = time.perf_counter()
         results = llm.generate(prompts, params, use_tqdm=True)
@@ -85,6 +91,22 @@ def run_kvxfer(args, model_dir: str, prompts: list[list[int]], outputs: list[int
         raise RuntimeError(f"kvxfer produced {produced} tokens, expected {sum(outputs)}")
     print(f"kvxfer: {stats['num_blocks']} KV blocks, {stats['num_preemptions']} preemptions")
     return seconds
+
+
+def warm_up(llm, prompts: list[list[int]], outputs: list[int]) -> None:
+    """Compile, before timing, every kernel variant the run meets: prefill (one variant for
+    any batch with a prompt token, mixed with decodes or not), non-split decode (short
+    contexts), and split decode with each split-count variant (one per power of two; contexts
+    of 512+ tokens split) up to the run's longest sequence."""
+    from kvxfer import SamplingParams
+
+    short = SamplingParams(max_tokens=4, ignore_eos=True)
+    llm.generate(prompts[:2], short)
+    longest = max(len(p) for p in prompts) + max(outputs)
+    length = 512
+    while length <= longest:  # one sequence decoding alone: as many splits as its length allows
+        llm.generate([(prompts[0] * (length // len(prompts[0]) + 1))[: length - 2]], short)
+        length *= 2
 
 
 def run_hf(args, model_dir: str, prompts: list[list[int]], outputs: list[int]) -> float:

@@ -80,9 +80,10 @@ def request_data(seed: int, num_blocks: int, num_heads: int, head_bytes: int):
     return base, pattern
 
 
-def expected_blocks(seed: int, n_blocks: int, num_heads: int, head_bytes: int, heads: range):
+def expected_blocks(seed: int, n_blocks: int, num_heads: int, head_bytes: int, heads: range, device="cpu"):
+    """Drawn on the host (deterministic), expanded on `device` (GBs at 32k tokens)."""
     base, pattern = request_data(seed, n_blocks, num_heads, head_bytes)
-    return base[:, heads.start : heads.stop, None] + pattern
+    return base[:, heads.start : heads.stop, None].to(device) + pattern.to(device)
 
 
 def fragmented_ids(n: int, pool: int, seed: int) -> list[int]:
@@ -122,6 +123,12 @@ def _rank_main(conn, role: str, rank: int, tp: int, shape: Shape, block_size: in
                 time.sleep(sleep)
         raise TimeoutError(f"{role} rank {rank}: no result after {timeout}s")
 
+    def sync() -> None:
+        """Wait for the kernels writing the pool: CUDA runs them asynchronously, and another
+        process READs (or the connector overwrites) the bytes as soon as the parent hears back."""
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     def poll_read(handles) -> None:
         while any(worker.agent.check_xfer_state(h) == "PROC" for h in handles):
             pass
@@ -129,9 +136,15 @@ def _rank_main(conn, role: str, rank: int, tp: int, shape: Shape, block_size: in
             raise RuntimeError("raw READ failed")
 
     try:
-        worker = NixlConnectorWorker(config, spec, rank, tp, model_identity=f"bench:{shape}")
-        dev = torch.device("cuda", rank % torch.cuda.device_count()) if device == "cuda" else torch.device("cpu")
+        dev = torch.device("cpu")
+        if device == "cuda":
+            dev = torch.device("cuda", rank % torch.cuda.device_count())
+            torch.cuda.set_device(dev)
+        # The pool before the agent: on CUDA this creates the context UCX must find when the
+        # agent starts (it picks its CUDA transports then).
         kv = torch.zeros((num_blocks, *spec.block_shape(tp)), dtype=getattr(torch, shape.dtype), device=dev)
+        sync()
+        worker = NixlConnectorWorker(config, spec, rank, tp, model_identity=f"bench:{shape}")
         worker.register_kv_cache(kv)
         words = kv.view(torch.int64).view(num_blocks, spec.heads_per_rank(tp), -1)
         conn.send(("ready", None))
@@ -142,7 +155,8 @@ def _rank_main(conn, role: str, rank: int, tp: int, shape: Shape, block_size: in
             if cmd == "fill":  # prefill: request blocks get known data, the rest garbage
                 seed, ids = arg
                 words.fill_(-1)
-                words[ids] = expected_blocks(seed, len(ids), shape.num_kv_heads, head_bytes, heads).to(dev)
+                words[ids] = expected_blocks(seed, len(ids), shape.num_kv_heads, head_bytes, heads, dev)
+                sync()
                 conn.send(("ok", None))
             elif cmd == "hold":  # prefill: serve one request until its readers notify
                 req_id, lease = arg
@@ -152,6 +166,7 @@ def _rank_main(conn, role: str, rank: int, tp: int, shape: Shape, block_size: in
             elif cmd == "pull":  # decode: one request through the connector's worker path
                 req, start_at = arg
                 words.zero_()
+                sync()  # the zeroing must land before the READs, not race them
                 time.sleep(max(start_at - time.monotonic(), 0))
                 t0 = time.monotonic()
                 worker.start_load_kv(ConnectorMetadata(recv=[req]))
@@ -163,7 +178,7 @@ def _rank_main(conn, role: str, rank: int, tp: int, shape: Shape, block_size: in
                 conn.send(("ok", (t0, t1, stats.bytes, stats.descriptors)))
             elif cmd == "verify":  # decode: request blocks exact, every other block untouched
                 seed, ids = arg
-                expected = expected_blocks(seed, len(ids), shape.num_kv_heads, head_bytes, heads).to(dev)
+                expected = expected_blocks(seed, len(ids), shape.num_kv_heads, head_bytes, heads, dev)
                 others = torch.ones(num_blocks, dtype=torch.bool, device=dev)
                 others[ids] = False
                 ok = torch.equal(words[ids], expected) and not words[others].any()

@@ -16,6 +16,8 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
+from kvxfer.connectors.base import KVParamsError
+
 PROTOCOL_VERSION = 1
 
 NonNegInt = Annotated[int, Meta(ge=0)]
@@ -166,6 +168,7 @@ class RemotePrefillParams(msgspec.Struct, frozen=True):
     remote_request_id: Name
     remote_tp_size: PosInt
     remote_num_tokens: PosInt
+    transfer_token: Name  # issued by the prefill engine for this hold (secrets.token_hex(16))
 
     def check_shape(self, block_size: int, num_blocks: int) -> None:
         """Raise ValueError unless the block ids cover the tokens and exist in a pool of `num_blocks`."""
@@ -186,29 +189,38 @@ class RemotePrefillParams(msgspec.Struct, frozen=True):
 
 
 def parse_kv_transfer_params(params: Any) -> RemotePrefillParams | RemoteDecodeParams | None:
-    """Validate a request's `kv_transfer_params`; ValueError says what is wrong and where."""
+    """Validate a request's `kv_transfer_params`; KVParamsError says what is wrong and where."""
     if params is None:
         return None
     if not isinstance(params, dict):
-        raise ValueError(f"kv_transfer_params must be an object, got {type(params).__name__}")
+        raise KVParamsError(f"kv_transfer_params must be an object, got {type(params).__name__}")
     prefill, decode = bool(params.get("do_remote_prefill")), bool(params.get("do_remote_decode"))
     if prefill and decode:
-        raise ValueError("kv_transfer_params: do_remote_prefill and do_remote_decode are exclusive")
+        raise KVParamsError("kv_transfer_params: do_remote_prefill and do_remote_decode are exclusive")
     if not (prefill or decode):
         return None
     kind = RemotePrefillParams if prefill else RemoteDecodeParams
     try:
         return msgspec.convert(params, kind, strict=True)
     except msgspec.ValidationError as e:
-        raise ValueError(f"invalid kv_transfer_params: {e}") from None
+        raise KVParamsError(f"invalid kv_transfer_params: {e}") from None
 
 
 def remote_prefill_params(
-    engine_id: str, host: str, port: int, block_ids: list[int], request_id: str, tp_size: int, num_tokens: int
+    engine_id: str,
+    host: str,
+    port: int,
+    block_ids: list[int],
+    request_id: str,
+    tp_size: int,
+    num_tokens: int,
+    transfer_token: str,
 ) -> dict[str, Any]:
     """The params a prefill engine returns for its decode side."""
     return msgspec.to_builtins(
-        RemotePrefillParams(True, engine_id, host, port, list(block_ids), request_id, tp_size, num_tokens)
+        RemotePrefillParams(
+            True, engine_id, host, port, list(block_ids), request_id, tp_size, num_tokens, transfer_token
+        )
     )
 
 

@@ -10,7 +10,9 @@ request keeps its blocks under a lease and returns the params its decode side ne
 
 from __future__ import annotations
 
+import hmac
 import math
+import secrets
 import time
 from typing import Any
 
@@ -18,11 +20,12 @@ from kvxfer.connectors.base import (
     ConnectorMetadata,
     KVConnectorOutput,
     KVConnectorScheduler,
+    KVParamsError,
     RecvRequest,
     SendRequest,
 )
 from kvxfer.connectors.config import KVTransferConfig
-from kvxfer.connectors.metadata import RemotePrefillParams, parse_kv_transfer_params, remote_prefill_params
+from kvxfer.connectors.metadata import RemoteDecodeParams, RemotePrefillParams, remote_prefill_params
 
 
 class NixlConnectorScheduler(KVConnectorScheduler):
@@ -34,21 +37,32 @@ class NixlConnectorScheduler(KVConnectorScheduler):
         self._recv: list[RecvRequest] = []
         self._send: list[SendRequest] = []
         self._release: list[str] = []
-        self._held: set[str] = set()
+        self._held: dict[str, str] = {}  # held request id -> its transfer token
         self._releasing: set[str] = set()
         self.counters = {
             "transfers": 0,
             "failures": 0,
             "expired_leases": 0,
             "released": 0,
+            "refused_releases": 0,
             "sends_completed": 0,
             "bytes": 0,
             "descriptors": 0,
             "seconds": 0.0,
         }
 
+    def check_new_request(self, request: Any) -> None:
+        params = request.kv_transfer_params
+        error = ""
+        if isinstance(params, RemotePrefillParams):
+            error = self._check(request, params)
+        elif isinstance(params, RemoteDecodeParams) and not self.config.is_producer:
+            error = f"this engine's KV transfer role is {self.config.role!r}: it cannot hold KV for a remote decode"
+        if error:
+            raise KVParamsError(f"request {request.request_id!r}: {error}")
+
     def get_num_new_matched_tokens(self, request: Any, num_local_computed_tokens: int) -> int:
-        params = parse_kv_transfer_params(request.kv_transfer_params)
+        params = request.kv_transfer_params
         if not isinstance(params, RemotePrefillParams):
             return 0
         self._params[request.request_id] = params
@@ -74,7 +88,6 @@ class NixlConnectorScheduler(KVConnectorScheduler):
                 remote_tp_size=params.remote_tp_size,
                 local_block_ids=list(block_ids[first:end]),
                 remote_block_ids=list(params.remote_block_ids[first:end]),
-                error=self._check(request, params),
             )
         )
 
@@ -97,8 +110,12 @@ class NixlConnectorScheduler(KVConnectorScheduler):
         self._recv, self._send, self._release = [], [], []
         return meta
 
-    def release_request(self, request_id: str) -> bool:
-        if request_id not in self._held or request_id in self._releasing:
+    def release_request(self, request_id: str, transfer_token: str | None) -> bool:
+        token = self._held.get(request_id)
+        if token is None or request_id in self._releasing:
+            return False
+        if transfer_token is None or not hmac.compare_digest(token, transfer_token):
+            self.counters["refused_releases"] += 1
             return False
         self._releasing.add(request_id)
         self._release.append(request_id)
@@ -106,7 +123,7 @@ class NixlConnectorScheduler(KVConnectorScheduler):
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
         self._params.pop(request.request_id, None)
-        wants_decode = bool((request.kv_transfer_params or {}).get("do_remote_decode"))
+        wants_decode = isinstance(request.kv_transfer_params, RemoteDecodeParams)
         if not (wants_decode and self.config.is_producer and request.finish_reason in ("stop", "length")):
             return False, None
         num_tokens = request.num_prompt_tokens
@@ -114,7 +131,7 @@ class NixlConnectorScheduler(KVConnectorScheduler):
         if not held:
             return False, None
         self._send.append(SendRequest(request.request_id, time.monotonic() + self.config.lease_seconds))
-        self._held.add(request.request_id)
+        token = self._held[request.request_id] = secrets.token_hex(16)
         return True, remote_prefill_params(
             self.config.engine_id,
             self.config.side_channel_host,
@@ -123,6 +140,7 @@ class NixlConnectorScheduler(KVConnectorScheduler):
             request.request_id,
             self.tp_size,
             num_tokens,
+            token,
         )
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
@@ -137,7 +155,8 @@ class NixlConnectorScheduler(KVConnectorScheduler):
         c["expired_leases"] += len(output.expired_sending)
         c["released"] += len(output.released_sending)
         c["sends_completed"] += len(output.finished_sending - output.expired_sending - output.released_sending)
-        self._held -= output.finished_sending
+        for request_id in output.finished_sending:
+            self._held.pop(request_id, None)
         self._releasing -= output.finished_sending
 
     def stats(self) -> dict[str, float]:

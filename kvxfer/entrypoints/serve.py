@@ -31,6 +31,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", default=None, help="model name in the API (default: directory name)")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size (default: sized from memory)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None,
+                        help="cuda: share of each GPU's TOTAL memory this engine may use for weights, peak "
+                             "activations and KV (default 0.9; two engines on one GPU: e.g. 0.4 each)")
+    parser.add_argument("--device-ids", type=_device_ids, default=None,
+                        help="cuda: comma-separated GPU index per TP rank, e.g. 0,1 (default 0..tp-1); "
+                             "keeps every GPU visible so instances can share KV over CUDA IPC")
+    graphs = parser.add_mutually_exclusive_group()
+    graphs.add_argument("--cuda-graphs", dest="enforce_eager", action="store_false", default=None,
+                        help="cuda: capture decode steps in CUDA graphs (EXPERIMENTAL: opt-in until they "
+                             "have run on a GPU)")
+    graphs.add_argument("--enforce-eager", dest="enforce_eager", action="store_true",
+                        help="run every step eagerly, no CUDA graphs (the default for now)")
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--no-prefix-caching", action="store_true")
@@ -60,13 +72,24 @@ def engine_config(args: argparse.Namespace):
     optional = {
         "dtype": args.dtype, "num_kv_blocks": args.num_kv_blocks, "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
+        "gpu_memory_utilization": args.gpu_memory_utilization, "device_ids": args.device_ids,
+        "enforce_eager": args.enforce_eager,
     }
-    config = EngineConfig(
-        model_dir=args.model_dir, tensor_parallel_size=args.tp, device=args.device, block_size=args.block_size,
-        enable_prefix_caching=not args.no_prefix_caching, kv_transfer_config=kv_config,
-        **{k: v for k, v in optional.items() if v is not None},
-    )
-    return config
+    try:
+        return EngineConfig(
+            model_dir=args.model_dir, tensor_parallel_size=args.tp, device=args.device, block_size=args.block_size,
+            enable_prefix_caching=not args.no_prefix_caching, kv_transfer_config=kv_config,
+            **{k: v for k, v in optional.items() if v is not None},
+        )
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _device_ids(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated GPU indices such as 0,1, got {text!r}") from None
 
 
 def _kv_transfer_config(args: argparse.Namespace):
@@ -81,18 +104,17 @@ def _kv_transfer_config(args: argparse.Namespace):
     )
 
 
-def main(args: argparse.Namespace) -> int:
-    import uvicorn
-
+def build_server(args: argparse.Namespace):
+    """The started AsyncEngine and the FastAPI app serving it; the caller runs the app and
+    shuts the engine down. Raises SystemExit with a clear message on bad settings."""
     from kvxfer.engine import LLMEngine
     from kvxfer.engine.sampling_params import SamplingParams
     from kvxfer.entrypoints.api_server import ServerContext, build_app
     from kvxfer.entrypoints.async_engine import AsyncEngine
-    from kvxfer.entrypoints.engine_probes import engine_stats, ranks_alive, side_channel_problem
+    from kvxfer.entrypoints.engine_probes import dead_ranks_problem, engine_stats, side_channel_problem
     from kvxfer.entrypoints.metrics import ServerMetrics
     from kvxfer.entrypoints.render import Renderer
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model_dir = os.path.abspath(args.model_dir)
     if not Path(model_dir, "config.json").is_file():
         raise SystemExit(f"error: {model_dir} is not a model directory (no config.json)")
@@ -116,16 +138,24 @@ def main(args: argparse.Namespace) -> int:
     ctx = ServerContext(
         engine=engine, renderer=renderer, metrics=metrics,
         model_name=args.served_model_name or Path(model_dir).name, role=args.role,
-        sampling_params=SamplingParams, kv_connector=config.kv_transfer_config is not None,
-        block_size=args.block_size, max_model_len=llm_engine.max_model_len,
-        ranks_alive=ranks_alive, abort=LLMEngine.abort_request, engine_stats=engine_stats,
+        sampling_params=SamplingParams, max_model_len=llm_engine.max_model_len,
+        ranks_problem=functools.partial(dead_ranks_problem, llm_engine.worker_pids()),
+        abort=LLMEngine.abort_request, engine_stats=engine_stats,
     )
     kv = config.kv_transfer_config
     if kv is not None and kv.is_producer:  # only engines that lend KV listen on a side channel
         ctx.side_channel_problem = functools.partial(
             side_channel_problem, kv.side_channel_host, kv.side_channel_port, kv.engine_id, args.tp, 2.0)
+    return engine, build_app(ctx)
+
+
+def main(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine, app = build_server(args)
     try:
-        uvicorn.run(build_app(ctx), host=args.host, port=args.port, log_level=args.log_level.lower(),
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                     timeout_graceful_shutdown=5)
     finally:
         engine.shutdown()

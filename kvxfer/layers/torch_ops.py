@@ -29,12 +29,17 @@ _DECODE_CHUNK_ELEMENTS = 1 << 21
 def store_kv(
     kv_layer: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None, slot_mapping: torch.Tensor
 ) -> None:
-    """Write `key`/`value` `[T, heads, head_size]` at `slot_mapping` `[T]`; MLA passes `value=None`."""
+    """Write `key`/`value` `[T, heads, head_size]` at `slot_mapping` `[T]`; MLA passes `value=None`.
+    A negative slot marks a padding token and is skipped."""
     if (value is None) != (kv_layer.shape[2] == 1):
         raise ValueError(
             f"store_kv: a cache with {kv_layer.shape[2]} slot(s) per token needs "
             f"{'no value (MLA latent only)' if kv_layer.shape[2] == 1 else 'a value tensor'}"
         )
+    if (slot_mapping < 0).any():  # padding tokens (CUDA-graph batches): nothing to store
+        keep = slot_mapping >= 0
+        slot_mapping, key = slot_mapping[keep], key[keep]
+        value = None if value is None else value[keep]
     block_size = kv_layer.shape[3]
     blocks = slot_mapping // block_size
     offsets = slot_mapping % block_size

@@ -26,8 +26,11 @@ class RankHost:
 
         if key in self.workers:
             return
-        worker = NixlConnectorWorker(config, spec, rank, tp, model_identity=identity)
+        # The pool first: on CUDA this creates the context, which UCX must find when the
+        # agent starts (it picks its CUDA transports then).
         kv = torch.zeros((num_blocks, *spec.block_shape(tp)), dtype=getattr(torch, spec.dtype), device=device)
+        _sync(kv)
+        worker = NixlConnectorWorker(config, spec, rank, tp, model_identity=identity)
         try:
             worker.register_kv_cache(kv)
         except BaseException:
@@ -47,9 +50,10 @@ class RankHost:
         pool = self._bytes(key)
         pool.fill_(0xAB)  # blocks outside the request hold junk a wrong read would copy
         pool[block_ids] = torch.from_numpy(data).to(pool.device)
+        _sync(pool)  # another process READs these bytes as soon as this returns
 
     def clear(self, key) -> None:
-        self._bytes(key).zero_()
+        _sync(self._bytes(key).zero_())
 
     def dump(self, key) -> np.ndarray:
         return self._bytes(key).cpu().numpy()
@@ -97,6 +101,14 @@ class RankHost:
     def shutdown(self) -> None:
         for key in list(self.workers):
             self.drop(key)
+
+
+def _sync(tensor) -> None:
+    """Wait for the kernels writing `tensor` (CUDA runs them asynchronously; NIXL does not wait)."""
+    if tensor.is_cuda:
+        import torch
+
+        torch.cuda.synchronize(tensor.device)
 
 
 def _serve(conn) -> None:

@@ -44,7 +44,7 @@ def test_config_rejects_bad_values_naming_the_field(kwargs, field):
 
 
 def good_params(**override):
-    params = remote_prefill_params("eng-1", "127.0.0.1", 5600, [4, 9, 2], "req-1", 2, 40)
+    params = remote_prefill_params("eng-1", "127.0.0.1", 5600, [4, 9, 2], "req-1", 2, 40, "0" * 32)
     params.update(override)
     return params
 
