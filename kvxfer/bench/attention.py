@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 
 import torch
@@ -79,29 +80,41 @@ def _old_attend(query, keys, values, mask, scale):
     return out.reshape(*lead, num_q_heads, q_len, out.shape[-1])
 
 
-def _case(shape: str, dtype: torch.dtype, batch: int, context: int, new: int, block_size: int, gen):
-    """A paged cache holding `batch` sequences of `context` tokens, each adding its last `new`."""
+def _case(shape: str, dtype: torch.dtype, seqs: list[tuple[int, int]], block_size: int, gen):
+    """A paged cache holding sequences of `context` tokens, each adding its last `new`, per `seqs`."""
     hq, h, d = SHAPES[shape]
-    blocks = -(-context // block_size)
-    cache = torch.randn(batch * blocks + 1, h, 2, block_size, d, generator=gen).to(dtype)
-    order = torch.randperm(batch * blocks + 1, generator=gen).tolist()  # scattered, as in a real cache
-    tables = [order[i * blocks : (i + 1) * blocks] for i in range(batch)]
-    meta = AttentionMetadata.build([new] * batch, [context] * batch, tables, block_size)
-    query = torch.randn(batch * new, hq, d, generator=gen).to(dtype)
-    # Lower bound: the same attention on contiguous K/V, one SDPA call, no paging, no mask.
-    keys = torch.randn(batch, h, context, d, generator=gen).to(dtype)
-    values = torch.randn(batch, h, context, d, generator=gen).to(dtype)
-    q4 = query.view(batch, new, hq, d).transpose(1, 2)
-    causal = new == context
+    blocks = [-(-context // block_size) for context, _ in seqs]
+    cache = torch.randn(sum(blocks) + 1, h, 2, block_size, d, generator=gen).to(dtype)
+    order = torch.randperm(sum(blocks) + 1, generator=gen).tolist()  # scattered, as in a real cache
+    tables = [order[sum(blocks[:i]) : sum(blocks[: i + 1])] for i in range(len(seqs))]
+    query = torch.randn(sum(new for _, new in seqs), hq, d, generator=gen).to(dtype)
+    # Lower bound: the same attention on contiguous K/V, no paging: one SDPA call per run of
+    # equal-shaped sequences (one call for the uniform cases), masked only for a cached prefix.
+    runs: list[list] = []  # [(context, new), count]
+    for context, new in seqs:
+        if runs and runs[-1][0] == (context, new):
+            runs[-1][1] += 1
+        else:
+            runs.append([(context, new), 1])
+    bounds = []
+    row = 0
+    for (context, new), count in runs:
+        q4 = query[row : row + count * new].view(count, new, hq, d).transpose(1, 2)
+        row += count * new
+        keys = torch.randn(count, h, context, d, generator=gen).to(dtype)
+        values = torch.randn(count, h, context, d, generator=gen).to(dtype)
+        mask = None
+        if 1 < new < context:
+            mask = torch.arange(context)[None, :] <= torch.arange(new)[:, None] + (context - new)
+        bounds.append((q4, keys, values, mask, new == context))
 
     def bound():
-        if new == 1 or causal:
-            return F.scaled_dot_product_attention(q4, keys, values, is_causal=causal, scale=0.1, enable_gqa=True)
-        mask = torch.arange(context)[None, :] <= torch.arange(new)[:, None] + (context - new)
-        return F.scaled_dot_product_attention(q4, keys, values, attn_mask=mask, scale=0.1, enable_gqa=True)
+        for q4, keys, values, mask, causal in bounds:
+            F.scaled_dot_product_attention(q4, keys, values, attn_mask=mask, is_causal=causal, scale=0.1,
+                                           enable_gqa=True)
 
     def fresh():  # the engine builds one metadata per step: time that too, and reuse no plan
-        return AttentionMetadata.build([new] * batch, [context] * batch, tables, block_size)
+        return AttentionMetadata.build([n for _, n in seqs], [c for c, _ in seqs], tables, block_size)
 
     return {
         "old": lambda: _old_paged_attention(query, cache, fresh(), 0.1),
@@ -123,13 +136,21 @@ def _best_ms(variants: dict, repeats: int) -> dict[str, float]:
 
 
 def cases(args: argparse.Namespace):
+    """(kind, [(context, new)] per sequence, context label, new-token label) of each row."""
     for n in args.prefill:
-        yield "prefill", 1, n, n
+        yield "prefill", [(n, n)], n, n
     for prefix, n in args.chunked:
-        yield "chunked", 1, prefix + n, n
+        yield "chunked", [(prefix + n, n)], prefix + n, n
     for batch in args.decode_batch:
         for ctx in args.decode_context:
-            yield "decode", batch, ctx, 1
+            yield "decode", [(ctx, 1)] * batch, ctx, 1
+    if args.mixed:
+        # The engine workload of issue 9 (prompts of 64-256 tokens, 32 output tokens): a step of
+        # `mixed` decodes at contexts 64-288, and a step of `mixed / 4` whole prefills of 64-256.
+        rng = random.Random(0)
+        yield "mixdec", [(rng.randint(64, 288), 1) for _ in range(args.mixed)], "64-288", 1
+        prompts = [rng.randint(64, 256) for _ in range(max(1, args.mixed // 4))]
+        yield "mixpre", [(n, n) for n in prompts], "64-256", "=ctx"
 
 
 def _pairs(text: str) -> tuple[int, int]:
@@ -181,7 +202,6 @@ def model_steps(args: argparse.Namespace, dtype_name: str) -> None:
 
 def ttft(preset: str, lengths: list[int], repeats: int, dtype: str) -> None:
     """Median wall time of `LLM.generate` of one token for a prompt of each length, in ms."""
-    import random
     import statistics
 
     from kvxfer import LLM, SamplingParams
@@ -213,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunked", nargs="*", type=_pairs, default=[(512, 128), (768, 256)], help="PREFIX+NEW")
     parser.add_argument("--decode-batch", nargs="*", type=int, default=[1, 8, 32])
     parser.add_argument("--decode-context", nargs="*", type=int, default=[128, 1024])
+    parser.add_argument("--mixed", type=int, default=32, help="engine-like mixed steps of N decodes (0: none)")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -239,8 +260,9 @@ def main(argv: list[str] | None = None) -> None:
         for shape in args.shapes:
             for dtype_name in args.dtypes:
                 dtype = getattr(torch, dtype_name)
-                for kind, batch, ctx, new in cases(args):
-                    variants = _case(shape, dtype, batch, ctx, new, args.block_size, gen)
+                for kind, seqs, ctx, new in cases(args):
+                    batch = len(seqs)
+                    variants = _case(shape, dtype, seqs, args.block_size, gen)
                     # The figures are only worth reading if both versions compute the same thing.
                     got, want = variants["new"]().float(), variants["old"]().float()
                     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
