@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Accuracy sweep: run_accuracy_test.sh over (PREFILL_TP, DECODE_TP) x models, plus
 # 2 prefill x 2 decode instances per model, and print a table (markdown).
-# Environment: SWEEP_MODELS ["tiny-qwen3 tiny-llama-gqa2 tiny-deepseek-mla"]
+# Environment: SWEEP_MODELS ["tiny-qwen3 tiny-llama-gqa2 tiny-deepseek-mla"] ("" skips)
 #              SWEEP_PAIRS ["1,1 1,2 2,1 2,4 4,2"]  SWEEP_MULTI ["2x2"] (NUM_PREFILL x NUM_DECODE at TP 1; "" skips)
+#              SWEEP_HYBRID_MODELS ["tiny-mistral-swa tiny-qwen3-hybrid tiny-gemma3"] ("" skips): sliding-window
+#              presets, run at SWEEP_HYBRID_PAIRS ["2,1 1,2 2,4"] (their windows, 6 tokens, are shorter than the prompts)
 #              everything run_accuracy_test.sh reads (DEVICE, BLOCK_SIZE, NUM_PROMPTS, ...)
 # Exit status 0 only when every row passes.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-read -r -a MODELS <<<"${SWEEP_MODELS:-tiny-qwen3 tiny-llama-gqa2 tiny-deepseek-mla}"
+read -r -a MODELS <<<"${SWEEP_MODELS-tiny-qwen3 tiny-llama-gqa2 tiny-deepseek-mla}"
 read -r -a PAIRS <<<"${SWEEP_PAIRS:-1,1 1,2 2,1 2,4 4,2}"
 MULTI=${SWEEP_MULTI-2x2}
+read -r -a HYBRID_MODELS <<<"${SWEEP_HYBRID_MODELS-tiny-mistral-swa tiny-qwen3-hybrid tiny-gemma3}"
+read -r -a HYBRID_PAIRS <<<"${SWEEP_HYBRID_PAIRS:-2,1 1,2 2,4}"
 SWEEP_DIR=$(mktemp -d -t kvxfer-sweep.XXXXXX)
 CHILD=0
 trap '[[ $CHILD != 0 ]] && kill -TERM $CHILD 2>/dev/null; wait; exit 130' INT TERM
@@ -46,6 +50,9 @@ EOF
 for model in "${MODELS[@]}"; do
   for pair in "${PAIRS[@]}"; do run_row "$model" 1 "${pair%,*}" 1 "${pair#*,}"; done
   if [[ -n "$MULTI" ]]; then run_row "$model" "${MULTI%x*}" 1 "${MULTI#*x}" 1; fi
+done
+for model in "${HYBRID_MODELS[@]}"; do
+  for pair in "${HYBRID_PAIRS[@]}"; do run_row "$model" 1 "${pair%,*}" 1 "${pair#*,}"; done
 done
 
 echo

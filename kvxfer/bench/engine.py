@@ -46,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="cuda: decode steps in CUDA graphs (experimental, opt-in until run on a GPU)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None,
+                        help="cuda: share of the GPU's total memory the engine may use (default 0.9)")
     parser.add_argument("--hf-batch-size", type=int, default=0, help="HF generate batch (0: all prompts at once)")
     parser.add_argument("--skip-hf", action="store_true", help="do not run HF generate")
     parser.add_argument("--vllm-python", help="also run vLLM with this Python (a separate vLLM environment)")
@@ -85,11 +89,13 @@ def make_workload(args: argparse.Namespace, vocab: int) -> tuple[list[list[int]]
 def run_kvxfer(args, model_dir: str, prompts: list[list[int]], outputs: list[int]) -> tuple[float, float, list[list[int]]]:
     from kvxfer import LLM, SamplingParams
 
+    cuda = {"enforce_eager": not args.cuda_graphs, "gpu_memory_utilization": args.gpu_memory_utilization}
     llm = LLM(model_dir, tensor_parallel_size=args.tp, device=args.device, dtype=args.dtype,
               block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_batched_tokens=args.max_num_batched_tokens,
+              **{k: v for k, v in cuda.items() if v is not None})
     try:
-        llm.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+        warm_up(llm, prompts, outputs)
         params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in outputs]
         start, cpu_start = time.perf_counter(), time.process_time()
         results = llm.generate(prompts, params, use_tqdm=True)
@@ -138,6 +144,22 @@ def token_agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, floa
         n = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
         prefix.append(n / max(len(x), 1))
     return equal, sum(prefix) / len(prefix)
+
+
+def warm_up(llm, prompts: list[list[int]], outputs: list[int]) -> None:
+    """Compile, before timing, every kernel variant the run meets: prefill (one variant for
+    any batch with a prompt token, mixed with decodes or not), non-split decode (short
+    contexts), and split decode with each split-count variant (one per power of two; contexts
+    of 512+ tokens split) up to the run's longest sequence."""
+    from kvxfer import SamplingParams
+
+    short = SamplingParams(max_tokens=4, ignore_eos=True)
+    llm.generate(prompts[:2], short)
+    longest = max(len(p) for p in prompts) + max(outputs)
+    length = 512
+    while length <= longest:  # one sequence decoding alone: as many splits as its length allows
+        llm.generate([(prompts[0] * (length // len(prompts[0]) + 1))[: length - 2]], short)
+        length *= 2
 
 
 def run_hf(args, model_dir: str, prompts: list[list[int]], outputs: list[int]) -> float:

@@ -60,9 +60,18 @@ class EngineConfig:
     # Bytes each rank may use for its KV pool, one value for all ranks or one per rank
     # (overrides the memory probe; lets tests give ranks different budgets).
     kv_cache_memory_bytes: int | list[int] | None = None
-    # Share of the probed memory given to the KV pool: CPU available RAM (capped by
-    # cpu_kv_cache_max_bytes, split over the ranks), or CUDA free memory after the weights load.
+    # CPU: share of the host's available RAM given to the KV pools (capped by
+    # cpu_kv_cache_max_bytes, split over the ranks); default 0.2.
     kv_cache_memory_fraction: float | None = None
+    # CUDA: share of each device's TOTAL memory this engine may use for weights, peak
+    # activations (measured by a profiling forward) and KV (see engine/memory.py); default 0.9.
+    gpu_memory_utilization: float | None = None
+    # CUDA: rank r runs on cuda:device_ids[r] (default: cuda:r). All GPUs stay visible, so
+    # instances on one host can open each other's CUDA IPC handles.
+    device_ids: tuple[int, ...] | None = None
+    # CUDA: False captures decode steps in CUDA graphs (engine/cuda_graphs.py). Opt-in (True
+    # by default) until the graphs have run on a GPU.
+    enforce_eager: bool = True
     cpu_kv_cache_max_bytes: int = 1 << 30
     seed: int = 0
     # Upper bound for any wait on a worker (start-up, a step, a collective).
@@ -88,6 +97,26 @@ class EngineConfig:
             )
         if self.kv_cache_memory_fraction is not None and not 0 < self.kv_cache_memory_fraction <= 1:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        cuda_only = {"gpu_memory_utilization": self.gpu_memory_utilization, "device_ids": self.device_ids,
+                     "enforce_eager": None if self.enforce_eager else False}
+        if self.device != "cuda":
+            for name, value in cuda_only.items():
+                if value is not None:
+                    raise ValueError(f"{name} applies to device='cuda' only, got {value!r} with device={self.device!r}")
+        elif self.kv_cache_memory_fraction is not None:
+            raise ValueError("kv_cache_memory_fraction applies to device='cpu'; on CUDA use gpu_memory_utilization")
+        util = self.gpu_memory_utilization
+        if util is not None and (isinstance(util, bool) or not 0 < util <= 1):
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util!r}")
+        if self.device_ids is not None:
+            ids = self.device_ids = tuple(self.device_ids)
+            if len(ids) != self.tensor_parallel_size:
+                raise ValueError(f"device_ids has {len(ids)} entries for {self.tensor_parallel_size} ranks: {ids}")
+            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+                raise ValueError(f"device_ids must be non-negative ints, got {ids}")
+            if len(set(ids)) != len(ids):
+                # NCCL refuses two ranks of one group on one GPU.
+                raise ValueError(f"device_ids must be distinct (one GPU per rank), got {ids}")
 
     @functools.cached_property
     def torch_dtype_name(self) -> str:
@@ -96,6 +125,18 @@ class EngineConfig:
 
             return resolve_dtype(self.dtype, self.device, load_model_config(self.model_dir).checkpoint_dtype)
         return resolve_dtype(self.dtype, self.device, None)
+
+    def cuda_device_index(self, rank: int) -> int:
+        return self.device_ids[rank] if self.device_ids is not None else rank
+
+    def check_cuda_devices(self, visible: int) -> None:
+        """Clear error when a rank's device is not among the `visible` CUDA devices."""
+        ids = [self.cuda_device_index(r) for r in range(self.tensor_parallel_size)]
+        if max(ids) >= visible:
+            raise ValueError(
+                f"device_ids {ids} (tensor_parallel_size={self.tensor_parallel_size}) need GPUs "
+                f"0..{max(ids)}; {visible} visible"
+            )
 
     def kv_memory_for_rank(self, rank: int) -> int | None:
         mem = self.kv_cache_memory_bytes

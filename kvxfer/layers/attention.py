@@ -6,7 +6,7 @@ The torch ops (`kvxfer.layers.torch_ops`) run everywhere; on CUDA the Triton ops
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,6 +37,21 @@ class AttentionMetadata:
     block_tables_host: list[list[int]]
     max_query_len: int
     max_seq_len: int
+    # Backend work derived from the above that every layer of the step shares (the torch ops'
+    # decode gather plans), built on first use and dropped with the metadata.
+    plan_cache: dict[tuple, list] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def single_token_seqs(self) -> list[int]:
+        """Sequences adding exactly one token (decodes), batched together by the torch ops."""
+        starts = self.query_start_loc_host
+        return [b for b in range(self.num_seqs) if starts[b + 1] - starts[b] == 1]
+
+    @property
+    def multi_token_seqs(self) -> list[int]:
+        """Sequences adding more than one token (prefills), attended one by one."""
+        starts = self.query_start_loc_host
+        return [b for b in range(self.num_seqs) if starts[b + 1] - starts[b] > 1]
 
     @property
     def num_seqs(self) -> int:
@@ -99,6 +114,10 @@ def paged_attention(
     attn: AttentionMetadata,
     scale: float,
     v_dim: int | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention of each sequence's new tokens over its paged context (see `torch_ops`)."""
-    return _ops(query).paged_attention(query, kv_layer, attn, scale, v_dim)
+    """Causal attention of each sequence's new tokens over its paged context (see `torch_ops`);
+    with `sliding_window` `W`, a token at position `p` sees keys at `p - W + 1 .. p` only."""
+    if sliding_window is not None and (type(sliding_window) is not int or sliding_window < 1):
+        raise ValueError(f"sliding_window must be None or a positive integer, got {sliding_window!r}")
+    return _ops(query).paged_attention(query, kv_layer, attn, scale, v_dim, sliding_window)

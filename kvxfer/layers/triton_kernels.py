@@ -4,6 +4,10 @@ context splits (and their log-sum-exp merge), and causal paged prefill for any b
 Every kernel reads the paged cache through one layer's strides (`c_sb` block, `c_sh` head,
 `c_ss` K/V slot, `c_sp` position in block; features contiguous). Scores are in the log2
 domain (`qk_scale` includes log2(e)) so the online softmax uses exp2.
+
+Integers that change from step to step or layer to layer (the block-table row stride, the
+split length, the split count, the window) are `do_not_specialize`: Triton would otherwise
+compile a variant per value class (1, a multiple of 16, other) and recompile inside timed runs.
 """
 
 import triton
@@ -68,14 +72,16 @@ def _attend_tile(
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
-@triton.jit
+# `window` in particular: Triton would make a window of 1 a constant; one compiled kernel
+# serves every window, and its code is the one the sm_90 compile check sees.
+@triton.jit(do_not_specialize=["bt_sb", "tokens_per_split", "window"])
 def decode_kernel(
     q_ptr, q_st, q_sh,
     kv_ptr, c_sb, c_sh, c_ss, c_sp,
     bt_ptr, bt_sb, seq_lens_ptr, qsl_ptr,
     out_ptr, o_st, o_sh,
     part_ptr, lse_ptr,
-    qk_scale, block_size, Hq, G, DV, DT, tokens_per_split,
+    qk_scale, block_size, Hq, G, DV, DT, tokens_per_split, window,
     HAS_TAIL: tl.constexpr, SHARED_V: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DT: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -83,7 +89,8 @@ def decode_kernel(
     """Grid (sequence, KV head x query-head tile, context split): one new token per sequence.
 
     With SPLIT, writes the split's normalised output and log2-sum-exp to `part`/`lse` for
-    `merge_splits_kernel`; otherwise writes the output row directly.
+    `merge_splits_kernel`; otherwise writes the output row directly. A `window` > 0 (sliding
+    window) limits the context to its last `window` tokens; the splits cover only those.
     """
     seq = tl.program_id(0)
     g_tiles = tl.cdiv(G, BLOCK_G)
@@ -96,7 +103,8 @@ def decode_kernel(
     if tl.load(qsl_ptr + seq + 1) == q_tok:  # no new token for this sequence
         return
     seq_len = tl.load(seq_lens_ptr + seq)
-    start = split * tokens_per_split
+    first = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)
+    start = first + split * tokens_per_split
     end = tl.minimum(seq_len, start + tokens_per_split)
 
     dv = tl.arange(0, BLOCK_DV)
@@ -134,7 +142,7 @@ def decode_kernel(
         tl.store(o_row[:, None] + dv[None, :], out.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_splits"])
 def merge_splits_kernel(
     part_ptr, lse_ptr, qsl_ptr, out_ptr, o_st, o_sh, Hq, n_splits, DV,
     BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -155,18 +163,22 @@ def merge_splits_kernel(
     tl.store(out_ptr + q_tok.to(tl.int64) * o_st + head * o_sh + dv, out.to(out_ptr.dtype.element_ty), mask=dv < DV)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["bt_sb", "window"])
 def prefill_kernel(
     q_ptr, q_st, q_sh,
     kv_ptr, c_sb, c_sh, c_ss, c_sp,
     bt_ptr, bt_sb, seq_lens_ptr, qsl_ptr,
     out_ptr, o_st, o_sh,
-    qk_scale, block_size, G, DV, DT,
+    qk_scale, block_size, G, DV, DT, window,
     HAS_TAIL: tl.constexpr, SHARED_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DT: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """Grid (sequence, query tile, query head): causal attention of the sequence's new tokens."""
+    """Grid (sequence, query tile, query head): causal attention of the sequence's new tokens.
+
+    A `window` > 0 (sliding window) hides keys at or before `q_pos - window`; the loop starts at
+    the tile holding the tile's earliest visible key.
+    """
     seq = tl.program_id(0)
     m_start = tl.program_id(1) * BLOCK_M
     head = tl.program_id(2)
@@ -195,10 +207,12 @@ def prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     bt_row = bt_ptr + seq.to(tl.int64) * bt_sb
     end = tl.minimum(seq_len, seq_len - q_len + m_start + BLOCK_M)
-    for n0 in range(0, end, BLOCK_N):
+    lo = tl.where(window > 0, tl.maximum(seq_len - q_len + m_start - window + 1, 0) // BLOCK_N * BLOCK_N, 0)
+    for n0 in range(lo, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         tok = tl.where(n < end, n, -1)
         valid = (tok >= 0)[None, :] & (tok[None, :] <= q_pos[:, None]) & mmask[:, None]
+        valid &= (tok[None, :] > q_pos[:, None] - window) | (window == 0)
         m_i, l_i, acc = _attend_tile(
             q, qt, m_i, l_i, acc, kv_ptr, c_sh, c_ss, c_sp, c_sb, kv_head, bt_row, block_size,
             tok, valid, qk_scale, DV, DT, HAS_TAIL, SHARED_V, BLOCK_DV, BLOCK_DT, DOT_PREC,

@@ -10,6 +10,8 @@ of the whole-model cache; kernels take its strides and never copy it.
   heads, optionally split along the context and merged by a second kernel); any other batch
   (prefill, chunked prefill over a cached prefix, mixed) goes to the prefill kernel (one program
   per query tile and query head, causal with offset `seq_len - q_len`).
+- A sliding window `W` (a kernel argument, 0 for none) masks keys at or before `p - W` and starts
+  each program's context loop at the first tile it can see (decode splits cover only the window).
 
 Head dims need not be powers of two: K is read as a "main" part of `Dv` features (which, in
 MLA's absorbed form, is also V: the first `v_dim` features of the latent) plus a "tail" of
@@ -75,11 +77,13 @@ def paged_attention(
     attn: AttentionMetadata,
     scale: float,
     v_dim: int | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention of each sequence's new tokens over its paged context -> [T, Hq, Dv]."""
+    """Causal attention of each sequence's new tokens over its paged context -> [T, Hq, Dv]
+    (within the last `sliding_window` positions of each query when given)."""
     if attn.max_query_len <= 1:
-        return decode_attention(query, kv_layer, attn, scale, v_dim)
-    return prefill_attention(query, kv_layer, attn, scale, v_dim)
+        return decode_attention(query, kv_layer, attn, scale, v_dim, sliding_window=sliding_window)
+    return prefill_attention(query, kv_layer, attn, scale, v_dim, sliding_window)
 
 
 def decode_attention(
@@ -89,6 +93,7 @@ def decode_attention(
     scale: float,
     v_dim: int | None = None,
     num_splits: int | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """`paged_attention` for batches adding at most one token per sequence.
 
@@ -104,10 +109,12 @@ def decode_attention(
     group = hq // heads
     tiles = decode_tiles(group, dv, dt)
     head_programs = heads * triton.cdiv(group, tiles["BLOCK_G"])
+    # The splits cut the context each token sees: the whole sequence, or its window.
+    span = attn.max_seq_len if sliding_window is None else min(attn.max_seq_len, sliding_window)
     if num_splits is None:
-        num_splits = _auto_splits(num_seqs * head_programs, attn.max_seq_len, query.device)
-    per_split = triton.cdiv(triton.cdiv(max(attn.max_seq_len, 1), num_splits), tiles["BLOCK_N"]) * tiles["BLOCK_N"]
-    num_splits = max(1, triton.cdiv(attn.max_seq_len, per_split))
+        num_splits = _auto_splits(num_seqs * head_programs, span, query.device)
+    per_split = triton.cdiv(triton.cdiv(max(span, 1), num_splits), tiles["BLOCK_N"]) * tiles["BLOCK_N"]
+    num_splits = max(1, triton.cdiv(span, per_split))
     split = num_splits > 1
     if split:
         part = torch.empty((num_seqs, hq, num_splits, tiles["BLOCK_DV"]), dtype=torch.float32, device=query.device)
@@ -121,7 +128,7 @@ def decode_attention(
         block_tables, block_tables.stride(0), attn.seq_lens, attn.query_start_loc,
         out, out.stride(0), out.stride(1),
         part, lse,
-        scale * _LOG2E, kv_layer.shape[3], hq, group, dv, dt, per_split,
+        scale * _LOG2E, kv_layer.shape[3], hq, group, dv, dt, per_split, sliding_window or 0,
         HAS_TAIL=dt > 0, SHARED_V=kv_layer.shape[2] == 1, SPLIT=split, DOT_PREC=_dot_precision(kv_layer), **tiles,
     )
     if split:
@@ -138,6 +145,7 @@ def prefill_attention(
     attn: AttentionMetadata,
     scale: float,
     v_dim: int | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """`paged_attention` for any batch: prefill, chunked prefill over a cached prefix, decode, mixed."""
     query, out, dv, dt = _prepare(query, kv_layer, attn, v_dim)
@@ -151,7 +159,7 @@ def prefill_attention(
         kv_layer, *kv_layer.stride()[:4],
         block_tables, block_tables.stride(0), attn.seq_lens, attn.query_start_loc,
         out, out.stride(0), out.stride(1),
-        scale * _LOG2E, kv_layer.shape[3], hq // heads, dv, dt,
+        scale * _LOG2E, kv_layer.shape[3], hq // heads, dv, dt, sliding_window or 0,
         HAS_TAIL=dt > 0, SHARED_V=kv_layer.shape[2] == 1, DOT_PREC=_dot_precision(kv_layer), **tiles,
     )
     return out

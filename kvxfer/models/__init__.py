@@ -32,6 +32,8 @@ def build_model(
     tp = TPInfo(tp_rank, tp_size)
     if model_config.family == "llama":
         from kvxfer.models.llama import LlamaForCausalLM as cls
+    elif model_config.family == "gemma3":
+        from kvxfer.models.gemma3 import Gemma3ForCausalLM as cls
     else:
         from kvxfer.models.deepseek import DeepseekForCausalLM as cls
     return cls(model_config, tp, dtype, device).eval()

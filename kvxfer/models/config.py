@@ -1,5 +1,5 @@
 """Model configuration: read an HF checkpoint's config, check what kvxfer supports, and derive
-the numbers the engine needs (KV cache spec, TP validity, EOS ids)."""
+the numbers the engine needs (KV cache spec, TP validity, EOS ids, each layer's sliding window)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,20 @@ from transformers import AutoConfig, PretrainedConfig
 # HF architecture name -> kvxfer model family.
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "llama",
     "Qwen3ForCausalLM": "llama",
+    "Gemma3ForCausalLM": "gemma3",
     "DeepseekV2ForCausalLM": "deepseek",
     "DeepseekV3ForCausalLM": "deepseek",
 }
 # Rope types whose frequencies do not depend on the sequence length.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# Architectures whose HF config lists each layer's attention kind in `layer_types`.
+LAYER_TYPED = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM")
+# The MLP activation each family's HF code reads, and the config field it reads it from.
+ACTIVATIONS = {"llama": ("hidden_act", "silu"), "deepseek": ("hidden_act", "silu"),
+               "gemma3": ("hidden_activation", "gelu_pytorch_tanh")}
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     is_mla: bool
     checkpoint_dtype: str | None  # the dtype the checkpoint says it was saved in, e.g. "bfloat16"
+    # Per layer: the sliding window W (the layer's token at p sees keys in (p - W, p]), or None
+    # for full attention. All layers still share one KV cache (no per-group caches yet).
+    sliding_windows: tuple[int | None, ...]
 
     def kv_cache_spec(self, block_size: int, dtype: torch.dtype | str):
         """The KV cache spec of this model (`kvxfer.specs`), dtype as a string such as "float32"."""
@@ -98,6 +109,7 @@ def load_model_config(model_dir: str | os.PathLike) -> ModelConfig:
     arch = archs[0]
     family = ARCHITECTURES[arch]
     _check_supported(hf, family, model_dir)
+    sliding_windows = _sliding_windows(hf, arch, model_dir)
     is_mla = family == "deepseek"
     if is_mla:
         num_kv_heads, head_size = 1, hf.kv_lora_rank + hf.qk_rope_head_dim
@@ -119,6 +131,7 @@ def load_model_config(model_dir: str | os.PathLike) -> ModelConfig:
         eos_token_ids=_eos_token_ids(hf, model_dir),
         is_mla=is_mla,
         checkpoint_dtype=str(dtype).removeprefix("torch.") if dtype is not None else None,
+        sliding_windows=sliding_windows,
     )
 
 
@@ -126,17 +139,53 @@ def _check_supported(hf: PretrainedConfig, family: str, model_dir: str) -> None:
     if getattr(hf, "quantization_config", None):
         method = dict(hf.quantization_config).get("quant_method", "?")
         raise NotImplementedError(f"quantized checkpoints ({method!r} in {model_dir!r}) are not supported")
-    if hf.hidden_act != "silu":
-        raise ValueError(f"hidden_act {hf.hidden_act!r} in {model_dir!r} is not supported (only 'silu')")
-    rope_type = (getattr(hf, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope_type not in STATIC_ROPE_TYPES:
-        raise NotImplementedError(
-            f"rope type {rope_type!r} in {model_dir!r} is not supported; supported: {STATIC_ROPE_TYPES}"
-        )
+    act_field, act = ACTIVATIONS[family]
+    if getattr(hf, act_field) != act:
+        raise ValueError(f"{act_field} {getattr(hf, act_field)!r} in {model_dir!r} is not supported (only {act!r})")
+    rope = getattr(hf, "rope_parameters", None) or {}
+    # Gemma 3 nests one rope dict per layer type (global and local bases differ).
+    for params in rope.values() if family == "gemma3" else [rope]:
+        rope_type = params.get("rope_type", "default")
+        if rope_type not in STATIC_ROPE_TYPES:
+            raise NotImplementedError(
+                f"rope type {rope_type!r} in {model_dir!r} is not supported; supported: {STATIC_ROPE_TYPES}"
+            )
     if family == "deepseek" and getattr(hf, "mlp_bias", False):
         raise NotImplementedError(f"DeepSeek MLP biases ({model_dir!r}) are not supported")
-    if getattr(hf, "use_sliding_window", False):
-        raise NotImplementedError(f"sliding-window attention ({model_dir!r}) is not supported")
+    if family == "gemma3":
+        if hf.attn_logit_softcapping is not None:
+            raise NotImplementedError(f"attn_logit_softcapping in {model_dir!r} is not supported")
+        if hf.use_bidirectional_attention:
+            raise NotImplementedError(f"use_bidirectional_attention in {model_dir!r} is not supported")
+
+
+def _sliding_windows(hf: PretrainedConfig, arch: str, model_dir: str) -> tuple[int | None, ...]:
+    """Each layer's window, as transformers reads the config: Mistral slides `sliding_window` over
+    every layer (ignoring `layer_types`); Qwen2/Qwen3/Gemma 3 slide it over the layers that
+    `layer_types` marks "sliding_attention" (Qwen derives those from `use_sliding_window` and
+    `max_window_layers` when `layer_types` is absent, and drops the window without
+    `use_sliding_window`); other architectures attend fully."""
+    window = getattr(hf, "sliding_window", None)
+    if arch == "MistralForCausalLM":
+        layer_types = ["full_attention" if window is None else "sliding_attention"] * hf.num_hidden_layers
+    elif arch in LAYER_TYPED:
+        layer_types = list(hf.layer_types)
+    else:
+        return (None,) * hf.num_hidden_layers
+    if len(layer_types) != hf.num_hidden_layers:
+        raise ValueError(
+            f"layer_types in {model_dir!r} has {len(layer_types)} entries for {hf.num_hidden_layers} layers"
+        )
+    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise NotImplementedError(
+            f"layer_types {unknown} in {model_dir!r} are not supported (only full_attention, sliding_attention)"
+        )
+    if "sliding_attention" in layer_types and (type(window) is not int or window < 1):
+        # transformers cannot build these layers' mask either.
+        hint = " (Qwen configs need use_sliding_window: true)" if arch.startswith("Qwen") else ""
+        raise ValueError(f"sliding_window is {window!r} in {model_dir!r}, not a positive integer{hint}")
+    return tuple(window if kind == "sliding_attention" else None for kind in layer_types)
 
 
 def _eos_token_ids(hf: PretrainedConfig, model_dir: str) -> tuple[int, ...]:

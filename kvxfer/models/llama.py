@@ -1,4 +1,5 @@
-"""Llama / Qwen3 decoder: GQA attention (Qwen3 adds per-head q/k RMSNorm) and a SwiGLU MLP."""
+"""Llama / Mistral / Qwen2 / Qwen3 decoder: GQA attention (Qwen3 adds per-head q/k RMSNorm, Qwen2
+biases q/k/v but not o), each layer with its own sliding window or none, and a SwiGLU MLP."""
 
 from __future__ import annotations
 
@@ -16,16 +17,20 @@ from kvxfer.models.config import ModelConfig
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, tp: TPInfo, dtype, device) -> None:
+    def __init__(
+        self, config: ModelConfig, rotary: RotaryEmbedding, tp: TPInfo, dtype, device, sliding_window: int | None
+    ) -> None:
         super().__init__()
         hf = config.hf_config
         self.head_size = config.head_size
-        bias = bool(getattr(hf, "attention_bias", False))
+        qkv_bias = o_bias = bool(getattr(hf, "attention_bias", False))
+        if config.architecture == "Qwen2ForCausalLM":  # hard-coded in HF's Qwen2Attention
+            qkv_bias, o_bias = True, False
         self.qkv_proj = QKVParallelLinear(
-            hf.hidden_size, self.head_size, hf.num_attention_heads, config.num_kv_heads, tp, bias, dtype, device
+            hf.hidden_size, self.head_size, hf.num_attention_heads, config.num_kv_heads, tp, qkv_bias, dtype, device
         )
         self.o_proj = RowParallelLinear(
-            hf.num_attention_heads * self.head_size, hf.hidden_size, tp, bias, dtype=dtype, device=device
+            hf.num_attention_heads * self.head_size, hf.hidden_size, tp, o_bias, dtype=dtype, device=device
         )
         self.qk_norm = config.architecture == "Qwen3ForCausalLM"
         if self.qk_norm:
@@ -33,6 +38,7 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_size, hf.rms_norm_eps, dtype, device)
         self.rotary = rotary
         self.scale = self.head_size**-0.5
+        self.sliding_window = sliding_window
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, kv_layer: torch.Tensor, attn: AttentionMetadata
@@ -46,7 +52,7 @@ class LlamaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         store_kv(kv_layer, k, v, attn.slot_mapping)
-        out = paged_attention(q, kv_layer, attn, self.scale)
+        out = paged_attention(q, kv_layer, attn, self.scale, sliding_window=self.sliding_window)
         return self.o_proj(out.reshape(num_tokens, -1))
 
     def load(self, ckpt, prefix: str) -> None:
@@ -58,11 +64,13 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(DecoderLayer):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, tp: TPInfo, dtype, device) -> None:
+    def __init__(
+        self, config: ModelConfig, rotary: RotaryEmbedding, tp: TPInfo, dtype, device, sliding_window: int | None
+    ) -> None:
         super().__init__()
         hf = config.hf_config
         self.input_layernorm = RMSNorm(hf.hidden_size, hf.rms_norm_eps, dtype, device)
-        self.self_attn = LlamaAttention(config, rotary, tp, dtype, device)
+        self.self_attn = LlamaAttention(config, rotary, tp, dtype, device, sliding_window)
         self.post_attention_layernorm = RMSNorm(hf.hidden_size, hf.rms_norm_eps, dtype, device)
         bias = bool(getattr(hf, "mlp_bias", False))
         self.mlp = GatedMLP(hf.hidden_size, hf.intermediate_size, tp, bias, dtype=dtype, device=device)
@@ -73,5 +81,5 @@ class LlamaForCausalLM(CausalLM):
         super().__init__(config, tp, dtype, device)
         self.rotary = RotaryEmbedding(config.hf_config, config.head_size, interleaved=False, device=device, dtype=dtype)
         self.layers.extend(
-            LlamaDecoderLayer(config, self.rotary, tp, dtype, device) for _ in range(config.num_layers)
+            LlamaDecoderLayer(config, self.rotary, tp, dtype, device, window) for window in config.sliding_windows
         )

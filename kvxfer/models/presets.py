@@ -112,6 +112,60 @@ PRESETS: dict[str, Preset] = {
         ),
         notes="DeepSeek-V3 shape: MLA with q LoRA, sigmoid group-limited routing with score bias",
     ),
+    # Hybrid attention: windows of 6 tokens (not a multiple of the tests' block sizes), shorter
+    # than the prompts the tests use.
+    "tiny-mistral-swa": Preset(
+        "MistralForCausalLM",
+        dict(
+            _TINY,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=16,
+            sliding_window=6,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        ),
+        notes="Mistral: sliding window of 6 tokens on every layer, 8q/4kv heads",
+    ),
+    "tiny-qwen3-hybrid": Preset(
+        "Qwen3ForCausalLM",
+        dict(
+            _TINY,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=32,
+            use_sliding_window=True,
+            sliding_window=6,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        ),
+        notes="Qwen3 with mixed layer_types (3 sliding layers of 6 tokens, 1 full), 8q/4kv heads",
+    ),
+    "tiny-gemma3": Preset(
+        "Gemma3ForCausalLM",
+        dict(
+            _TINY,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=24,
+            sliding_window=6,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+            final_logit_softcapping=30.0,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        ),
+        notes="Gemma 3 text: local (window 6) / global layers with their own rope, sandwich norms, "
+        "gelu-tanh MLP, query_pre_attn_scalar, logit soft-capping, 4q/2kv heads",
+    ),
     "qwen3-0.6b-shape": Preset(
         "Qwen3ForCausalLM",
         dict(
@@ -144,6 +198,9 @@ def weight_shapes(arch: str, c: dict) -> dict[str, tuple[int, ...]]:
         p = f"model.layers.{i}"
         shapes[f"{p}.input_layernorm.weight"] = (h,)
         shapes[f"{p}.post_attention_layernorm.weight"] = (h,)
+        if arch == "Gemma3ForCausalLM":
+            shapes[f"{p}.pre_feedforward_layernorm.weight"] = (h,)
+            shapes[f"{p}.post_feedforward_layernorm.weight"] = (h,)
         if arch.startswith("Deepseek"):
             shapes.update(_mla_shapes(f"{p}.self_attn", c))
             if i < c["first_k_dense_replace"]:
@@ -163,7 +220,7 @@ def _gqa_shapes(p: str, arch: str, c: dict) -> dict:
     if c.get("attention_bias"):
         out.update({f"{p}.q_proj.bias": (hq * d,), f"{p}.k_proj.bias": (hkv * d,), f"{p}.v_proj.bias": (hkv * d,)})
         out[f"{p}.o_proj.bias"] = (h,)
-    if arch == "Qwen3ForCausalLM":
+    if arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"):
         out.update({f"{p}.q_norm.weight": (d,), f"{p}.k_norm.weight": (d,)})
     return out
 
@@ -204,8 +261,22 @@ EMBED_STD = 0.1  # small next to the layers' outputs, so the residual stream is 
 LOGIT_STD = 4.0
 
 
-def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, config: dict) -> torch.Tensor:
+def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, config: dict, arch: str) -> torch.Tensor:
     """Scaled so each layer's output has unit-order variance and logits spread by a few units."""
+    x = _effective_tensor(name, shape, gen, config)
+    if arch != "Gemma3ForCausalLM":
+        return x
+    # Gemma multiplies norms by `1 + weight` and embeddings by sqrt(hidden): store the weights
+    # that give the same effective scales as the other families.
+    root = math.sqrt(config["hidden_size"])
+    if name == "model.embed_tokens.weight":
+        return x / root
+    if name == "model.norm.weight" and config["tie_word_embeddings"]:
+        x = x * root  # the tied LM head reads the stored (unscaled) embedding
+    return x - 1.0 if name.endswith("norm.weight") else x
+
+
+def _effective_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, config: dict) -> torch.Tensor:
     x = torch.randn(shape, generator=gen)
     if name == "model.norm.weight" and config["tie_word_embeddings"]:
         # The tied LM head has the embedding's small scale; the final norm brings logits up.
@@ -223,6 +294,17 @@ def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, confi
     return x / math.sqrt(shape[1])
 
 
+# HF model_type of each architecture a preset uses.
+MODEL_TYPES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3_text",
+    "DeepseekV2ForCausalLM": "deepseek_v2",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
+}
+
+
 def make_model(preset_name: str, out_dir: str, seed: int = 0) -> str:
     """Write config, generation config, sharded safetensors and tokenizer; return `out_dir`."""
     from transformers import AutoConfig
@@ -233,11 +315,8 @@ def make_model(preset_name: str, out_dir: str, seed: int = 0) -> str:
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = build_tokenizer(preset.tokenizer_vocab)
     eos = tokenizer.eos_token_id
-    model_type = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}.get(
-        preset.architecture, "deepseek_v2" if "V2" in preset.architecture else "deepseek_v3"
-    )
     config = AutoConfig.for_model(
-        model_type,
+        MODEL_TYPES[preset.architecture],
         architectures=[preset.architecture],
         bos_token_id=None,
         eos_token_id=eos,
@@ -270,7 +349,10 @@ def _write_weights(shapes: dict, preset: Preset, out_dir: str, seed: int) -> Non
     weight_map = {}
     for i, names in enumerate(groups):
         file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {n: random_tensor(n, shapes[n], gen, preset.config).to(preset.dtype).contiguous() for n in names}
+        tensors = {
+            n: random_tensor(n, shapes[n], gen, preset.config, preset.architecture).to(preset.dtype).contiguous()
+            for n in names
+        }
         save_file(tensors, os.path.join(out_dir, file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(names, file))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

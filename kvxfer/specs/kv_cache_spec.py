@@ -37,6 +37,11 @@ def _check_positive(owner: str, name: str, value: object) -> None:
         raise ValueError(f"{owner}.{name} must be a positive int, got {value!r}")
 
 
+def _check_non_negative(owner: str, name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{owner}.{name} must be a non-negative int, got {value!r}")
+
+
 @dataclass(frozen=True)
 class KVCacheSpec:
     """KV cache of one model, built from model totals (`num_kv_heads` over all ranks).
@@ -93,6 +98,23 @@ class KVCacheSpec:
         """One block of one rank for one layer."""
         return self.bytes_per_block(tp_size) // self.num_layers
 
+    def blocks_needed(self, num_tokens: int) -> int:
+        """Blocks a request with a context of `num_tokens` must hold while it computes its newest
+        token (position `num_tokens - 1`); full attention: every block of the context."""
+        _check_non_negative(type(self).__name__, "num_tokens", num_tokens)
+        return -(-num_tokens // self.block_size)
+
+    def max_blocks_needed(self, max_tokens: int) -> int:
+        """An upper bound of `blocks_needed(n)` over `n <= max_tokens` (what pools are sized by)."""
+        return KVCacheSpec.blocks_needed(self, max_tokens)  # the whole context, in any subclass
+
+    def blocks_to_read(self, num_received_tokens: int) -> range:
+        """Indexes into a request's block table that a decode side must read when positions
+        `0 .. num_received_tokens - 1` come from the prefill side and it computes the next
+        position itself (full attention: all of them)."""
+        _check_non_negative(type(self).__name__, "num_received_tokens", num_received_tokens)
+        return range(-(-num_received_tokens // self.block_size))
+
     def get_tp_transfer_slices(
         self, local_tp_rank: int, local_tp_size: int, remote_tp_size: int
     ) -> list[TPTransferSlice]:
@@ -136,6 +158,27 @@ class SlidingWindowSpec(KVCacheSpec):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_positive(type(self).__name__, "sliding_window", self.sliding_window)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        """The newest token (position `n - 1`) sees positions `max(0, n - W) .. n - 1`: the blocks
+        holding them; earlier blocks may be freed."""
+        full = super().blocks_needed(num_tokens)
+        return full - max(0, num_tokens - self.sliding_window) // self.block_size if num_tokens else 0
+
+    def max_blocks_needed(self, max_tokens: int) -> int:
+        """`W` positions span at most `ceil((W - 1) / block_size) + 1` blocks (when the window
+        starts mid-block), and never more than the whole context does."""
+        window_blocks = -(-(self.sliding_window - 1) // self.block_size) + 1
+        return min(super().max_blocks_needed(max_tokens), window_blocks)
+
+    def blocks_to_read(self, num_received_tokens: int) -> range:
+        """Position `n = num_received_tokens` sees keys in `(n - W, n]`: the received positions
+        `max(0, n - W + 1) .. n - 1`, so the blocks holding them and none before."""
+        full = super().blocks_to_read(num_received_tokens)
+        first = max(0, num_received_tokens - self.sliding_window + 1)
+        if first >= num_received_tokens:  # a window of 1 sees only the position being computed
+            return range(full.stop, full.stop)
+        return range(first // self.block_size, full.stop)
 
 
 @dataclass(frozen=True)

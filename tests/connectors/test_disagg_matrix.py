@@ -1,7 +1,8 @@
 """Prefill and decode `LLM`s with different TP sizes: received KV equals what the decode
 engine computes itself, and greedy continuations equal the colocated ones.
 
-Each model's six engines (prefill and decode at TP 1, 2, 4) are shared by its cases.
+Each model's six engines (prefill and decode at TP 1, 2, 4) are shared by its cases. Hybrid
+(sliding-window) models run a few layouts with their own engines.
 """
 
 import math
@@ -24,6 +25,11 @@ from kvxfer import SamplingParams
 PRESETS = ["tiny-qwen3", "tiny-llama-gqa2", "tiny-deepseek-mla"]
 PAIRS = [(1, 1), (1, 2), (2, 1), (2, 2), (2, 4), (4, 2), (1, 4), (4, 1)]
 PROMPT_LENGTHS = [29, 16, 9, 1]  # several blocks, an exact multiple, one block and a bit, one token
+# Sliding-window presets (window 6) at P2->D1, P1->D2 and P2->D4 (tiny-gemma3's 2 KV heads are
+# replicated at D4): prompts of about five windows, one window, less than one, and generations
+# that carry the short prompt across its window.
+HYBRID_CASES = [("tiny-mistral-swa", 2, 1), ("tiny-qwen3-hybrid", 1, 2), ("tiny-gemma3", 2, 4)]
+HYBRID_PROMPT_LENGTHS = [29, 6, 3]
 
 
 class Engines:
@@ -51,11 +57,27 @@ def engines(request, checkpoint):
 
 @pytest.mark.parametrize("p_tp,d_tp", PAIRS, ids=[f"P{p}-D{d}" for p, d in PAIRS])
 def test_received_kv_and_greedy_tokens_equal_local(engines, p_tp, d_tp):
-    prefill, decode = engines.prefill[p_tp], engines.decode[d_tp]
+    check_transfer(engines.prefill[p_tp], engines.decode[d_tp], p_tp, d_tp, PROMPT_LENGTHS, max_tokens=5)
+
+
+@pytest.mark.parametrize("name,p_tp,d_tp", HYBRID_CASES, ids=[f"{n}-P{p}-D{d}" for n, p, d in HYBRID_CASES])
+def test_hybrid_models_received_kv_and_greedy_tokens_equal_local(checkpoint, name, p_tp, d_tp):
+    prefill = decode = None
+    try:
+        prefill, decode = prefill_llm(checkpoint(name), p_tp), decode_llm(checkpoint(name), d_tp)
+        assert any(decode.engine.model_config.sliding_windows)
+        check_transfer(prefill, decode, p_tp, d_tp, HYBRID_PROMPT_LENGTHS, max_tokens=8)
+    finally:
+        for llm in (prefill, decode):
+            if llm is not None:
+                llm.shutdown()
+
+
+def check_transfer(prefill, decode, p_tp: int, d_tp: int, prompt_lengths: list[int], max_tokens: int) -> None:
     gen = torch.Generator().manual_seed(p_tp * 10 + d_tp)
     vocab = decode.engine.model_config.vocab_size
-    prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
-    sp = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in prompt_lengths]
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
     decode.engine.block_manager.reset_prefix_cache()  # compute everything here...
     local, local_kv = run_and_capture(decode.engine, prompts, sp, [None] * len(prompts))

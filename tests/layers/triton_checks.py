@@ -48,8 +48,9 @@ def _paged_cache(batch, heads, slots, block_size, dim, dtype, device, gen, layer
     return cache, cache[:, :, layer], tables
 
 
-def dense_reference(query, kv_layer, batch, tables, scale, v_dim=None):
-    """Causal softmax attention in float64, reading each context position straight from its page."""
+def dense_reference(query, kv_layer, batch, tables, scale, v_dim=None, window=None):
+    """Causal softmax attention in float64, reading each context position straight from its page;
+    with `window` W, query position p sees keys in (p - W, p] (transformers' sliding_window_overlay)."""
     heads, slots, block_size = kv_layer.shape[1], kv_layer.shape[2], kv_layer.shape[3]
     group = query.shape[1] // heads
     out_dim = v_dim if slots == 1 else kv_layer.shape[4]
@@ -65,7 +66,10 @@ def dense_reference(query, kv_layer, batch, tables, scale, v_dim=None):
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         q = q_all[start : start + q_len]
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale
-        visible = pos[None, :] <= (seq_len - q_len + torch.arange(q_len))[:, None]
+        q_pos = (seq_len - q_len + torch.arange(q_len))[:, None]
+        visible = pos[None, :] <= q_pos
+        if window is not None:
+            visible &= pos[None, :] > q_pos - window
         probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1)
         out[start : start + q_len] = torch.einsum("hqk,khd->qhd", probs, v)
         start += q_len
@@ -81,9 +85,9 @@ def _close(name, got, want, dtype):
     assert err <= tol * (1 + want.abs().max().item()), f"{name}: max abs error {err:.3g} > tolerance {tol}"
 
 
-def _attention_case(device, dtype, batch, hq, heads, dim, v_dim, block_size, seed, **decode_kwargs):
+def _attention_case(device, dtype, batch, hq, heads, dim, v_dim, block_size, seed, window=None, **decode_kwargs):
     """Run one batch through triton_ops (paged_attention, plus decode_attention when asked) and
-    compare with the dense reference and torch_ops."""
+    compare with the dense reference and torch_ops (both with the sliding `window` when given)."""
     from kvxfer.layers import torch_ops
 
     gen = torch.Generator().manual_seed(seed)
@@ -92,16 +96,21 @@ def _attention_case(device, dtype, batch, hq, heads, dim, v_dim, block_size, see
     meta = _meta(batch, tables, block_size, device)
     query = torch.randn(meta.num_tokens, hq, dim, generator=gen).to(dtype).to(device)
     scale = dim**-0.5
-    want = dense_reference(query, kv_layer, batch, tables, scale, v_dim)
-    got = _ops().paged_attention(query, kv_layer, meta, scale, v_dim)
+    want = dense_reference(query, kv_layer, batch, tables, scale, v_dim, window)
+    got = _ops().paged_attention(query, kv_layer, meta, scale, v_dim, window)
     _close("paged_attention vs dense", got, want, dtype)
-    _close("paged_attention vs torch_ops", got, torch_ops.paged_attention(query, kv_layer, meta, scale, v_dim), dtype)
+    reference = torch_ops.paged_attention(query, kv_layer, meta, scale, v_dim, window)
+    _close("torch_ops vs dense", reference, want, dtype)
+    _close("paged_attention vs torch_ops", got, reference, dtype)
     if meta.max_query_len <= 1:
         for splits in decode_kwargs.get("splits", ()):
-            split = _ops().decode_attention(query, kv_layer, meta, scale, v_dim, num_splits=splits)
+            split = _ops().decode_attention(
+                query, kv_layer, meta, scale, v_dim, num_splits=splits, sliding_window=window
+            )
             _close(f"decode_attention with {splits} splits vs dense", split, want, dtype)
         # The prefill kernel handles decode rows too (they occur in mixed batches).
-        _close("prefill_attention on decodes", _ops().prefill_attention(query, kv_layer, meta, scale, v_dim), want, dtype)
+        prefill = _ops().prefill_attention(query, kv_layer, meta, scale, v_dim, window)
+        _close("prefill_attention on decodes", prefill, want, dtype)
 
 
 def check_decode_gqa(device, dtype):
@@ -130,6 +139,19 @@ def check_mixed_gqa_head_per_kv(device, dtype):
 
 def check_mixed_mla(device, dtype):
     _attention_case(device, dtype, MIXED, hq=4, heads=1, dim=48, v_dim=40, block_size=16, seed=6)
+
+
+def check_decode_sliding_window(device, dtype):
+    # Windows shorter than, equal to and longer than contexts; not a multiple of the block size.
+    for window in (1, 7, 16, 37):
+        _attention_case(device, dtype, DECODE, hq=4, heads=2, dim=40, v_dim=None, block_size=16, seed=14,
+                        window=window, splits=(1, 3))
+
+
+def check_mixed_sliding_window(device, dtype):
+    # Prefill tiles, chunks over a cached prefix and decodes; windows cut mid-tile and mid-block.
+    for window in (5, 16, 33):
+        _attention_case(device, dtype, MIXED, hq=4, heads=2, dim=24, v_dim=None, block_size=4, seed=15, window=window)
 
 
 def check_model_shapes_gqa(device, dtype):
@@ -211,6 +233,11 @@ def _model_case(preset, device, dtype):
 
 def check_model_qwen3(device, dtype):
     _model_case("tiny-qwen3", device, dtype)
+
+
+def check_model_gemma3(device, dtype):
+    # Sliding-window layers (window 6) over contexts of up to 11 tokens, and global layers.
+    _model_case("tiny-gemma3", device, dtype)
 
 
 def check_model_deepseek_mla(device, dtype):
