@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from kvxfer.layers import torch_ops
 from kvxfer.layers.attention import AttentionMetadata
 from kvxfer.layers.moe import MoE
 from kvxfer.models import build_model, load_model_config
@@ -39,11 +40,18 @@ def config_only(name: str, out_dir: str, rope: str | None):
     return load_model_config(out_dir)
 
 
+def check_store_devices(kv_layer, key, value, slot_mapping):
+    devices = {t.device for t in (kv_layer, key, value, slot_mapping) if t is not None}
+    assert len(devices) == 1, devices
+
+
 @pytest.mark.parametrize("name,rope", CASES, ids=[f"{n}-{r or 'preset'}" for n, r in CASES])
 def test_build_and_forward_with_every_tensor_on_another_device(tmp_path, monkeypatch, name, rope):
     config = config_only(name, str(tmp_path), rope)
-    # A meta tensor has no values: MoE's one host transfer (pairs per expert) gets a fixed split.
+    # A meta tensor has no values: MoE's one host transfer (pairs per expert) gets a fixed split,
+    # and the cache write (which skips padding slots by value) only checks where its inputs live.
     monkeypatch.setattr(MoE, "_expert_counts", lambda self, ids: [ids.numel()] + [0] * (self.w13.shape[0] - 1))
+    monkeypatch.setattr(torch_ops, "store_kv", check_store_devices)
     device = torch.device("meta")
     model = build_model(config, 0, 1, device, torch.bfloat16)
     assert {p.device for p in model.parameters()} | {b.device for b in model.buffers()} == {device}
