@@ -5,7 +5,13 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test demo clean
+# `make gpu-check` runs on a GPU machine without a package index: no venv, the image's Python
+# (GPU_PYTHON) plus the wheels `make gpu-wheels` fetched into .whl (carried along).
+GPU_PYTHON ?= python3
+OUT ?= gpu-check-out
+GPU_CHECK_ARGS ?=
+
+.PHONY: install test demo clean gpu-check gpu-wheels
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +28,12 @@ test: install
 
 demo: install
 	$(PY) -m kvxfer.entrypoints.demo
+
+gpu-check:
+	$(GPU_PYTHON) -m kvxfer.bench.gpu_check --out "$(OUT)" $(GPU_CHECK_ARGS)
+
+gpu-wheels:
+	bash scripts/gpu-wheels.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -40,13 +40,14 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
 }
 
-# kvx_gpu_ids: the visible GPU ids, one per line (CUDA_VISIBLE_DEVICES order, else all).
-kvx_gpu_ids() {
-  if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES"; return; fi
-  local n
-  n=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
-  [[ "$n" -gt 0 ]] && seq 0 $((n - 1))
-  return 0
+# kvx_gpu_count: how many GPUs this process sees (CUDA_VISIBLE_DEVICES entries, else all;
+# NUM_GPUS overrides, e.g. for a DRY_RUN on a host without one). Instances are given
+# `--device-ids` indices into this list, never their own CUDA_VISIBLE_DEVICES: every instance
+# must see every GPU to open the others' CUDA IPC handles.
+kvx_gpu_count() {
+  if [[ -n "${NUM_GPUS:-}" ]]; then echo "$NUM_GPUS"; return; fi
+  if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .; return; fi
+  "$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0
 }
 
 # Background processes, each its own process group (its TP workers included).

@@ -2,6 +2,8 @@
 # Start a decode server: pulls prompts' KV cache from prefill servers and generates.
 #   integration/launch_decode.sh MODEL_DIR [more `kvxfer serve` options]
 # Environment: TP [1] DEVICE [cpu] HOST [127.0.0.1] PORT [8200] SIDE_CHANNEL_PORT [5700]
+#              DEVICE_IDS [0..TP-1] (cuda: GPU index per rank, e.g. 0,1; all GPUs stay visible)
+#              GPU_MEMORY_UTILIZATION [0.9] (cuda: share of each GPU's total memory)
 #              BLOCK_SIZE [16] (must equal the prefill servers') FAILURE_POLICY [fail|recompute]
 # Equivalent to:
 #   kvxfer serve MODEL_DIR --role decode --tp 1 --device cpu --port 8200 --side-channel-port 5700
@@ -11,4 +13,5 @@ MODEL_DIR=${1:?usage: $0 MODEL_DIR [kvxfer serve options]}
 shift
 exec "$PYTHON" -m kvxfer.entrypoints.serve "$MODEL_DIR" --role decode --tp "${TP:-1}" --device "${DEVICE:-cpu}" \
   --host "${HOST:-127.0.0.1}" --port "${PORT:-8200}" --side-channel-port "${SIDE_CHANNEL_PORT:-5700}" \
-  --block-size "${BLOCK_SIZE:-16}" --kv-failure-policy "${FAILURE_POLICY:-fail}" "$@"
+  --block-size "${BLOCK_SIZE:-16}" --kv-failure-policy "${FAILURE_POLICY:-fail}" \
+  ${DEVICE_IDS:+--device-ids "$DEVICE_IDS"} ${GPU_MEMORY_UTILIZATION:+--gpu-memory-utilization "$GPU_MEMORY_UTILIZATION"} "$@"

@@ -1,8 +1,12 @@
-"""`kvxfer bench engine`: kvxfer throughput against HF transformers `generate` on the same prompts.
+"""`kvxfer bench engine`: kvxfer throughput against HF transformers `generate`, and against
+vLLM (`--vllm-python`, the Python of a separate vLLM environment) on the same prompts.
 
-Both run greedy with EOS ignored, so every prompt yields exactly its output length; HF
+All run greedy with EOS ignored, so every prompt yields exactly its output length; HF
 runs batched with left padding. Throughput counts generated tokens (and, separately,
-prompt + generated tokens) over the wall time of the whole batch.
+prompt + generated tokens) over the wall time of the whole batch. With `--repeat N` kvxfer
+and vLLM alternate N times (the host may be shared) and the medians are compared; the CPU
+time of each batch (its process, all threads; TP 1) is reported too, as the figure that a
+busy shared host distorts least.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ import hashlib
 import json
 import os
 import random
+import statistics
+import subprocess
+import tempfile
 import time
 
 
@@ -34,11 +41,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", nargs="?", const="cuda", default="cpu", choices=["cpu", "cuda"],
                         help="--device alone means cuda")
     parser.add_argument("--model-dir", help="use this checkpoint instead of building the preset")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="kvxfer and vLLM dtype (auto: see EngineConfig.dtype)")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="cuda: decode steps in CUDA graphs (experimental, opt-in until run on a GPU)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None,
+                        help="cuda: share of the GPU's total memory the engine may use (default 0.9)")
     parser.add_argument("--hf-batch-size", type=int, default=0, help="HF generate batch (0: all prompts at once)")
-    parser.add_argument("--skip-hf", action="store_true", help="only run kvxfer")
+    parser.add_argument("--skip-hf", action="store_true", help="do not run HF generate")
+    parser.add_argument("--vllm-python", help="also run vLLM with this Python (a separate vLLM environment)")
+    parser.add_argument("--vllm-eager", action="store_true", help="vLLM with enforce_eager (default: compiled)")
+    parser.add_argument("--vllm-block-size", type=int, default=128,
+                        help="vLLM KV block size (its CPU attention needs a multiple of 32)")
+    parser.add_argument("--vllm-memory-fraction", type=float, default=0.3,
+                        help="share of host RAM vLLM may reserve on CPU (its gpu_memory_utilization)")
+    parser.add_argument("--repeat", type=int, default=1, help="alternate kvxfer and vLLM this many times")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON object")
 
@@ -66,17 +86,20 @@ def make_workload(args: argparse.Namespace, vocab: int) -> tuple[list[list[int]]
     return prompts, outputs
 
 
-def run_kvxfer(args, model_dir: str, prompts: list[list[int]], outputs: list[int]) -> float:
+def run_kvxfer(args, model_dir: str, prompts: list[list[int]], outputs: list[int]) -> tuple[float, float, list[list[int]]]:
     from kvxfer import LLM, SamplingParams
 
-    llm = LLM(model_dir, tensor_parallel_size=args.tp, device=args.device, block_size=args.block_size,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    cuda = {"enforce_eager": not args.cuda_graphs, "gpu_memory_utilization": args.gpu_memory_utilization}
+    llm = LLM(model_dir, tensor_parallel_size=args.tp, device=args.device, dtype=args.dtype,
+              block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens,
+              **{k: v for k, v in cuda.items() if v is not None})
     try:
-        llm.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+        warm_up(llm, prompts, outputs)
         params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in outputs]
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         results = llm.generate(prompts, params, use_tqdm=True)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         stats = llm.engine.stats()
     finally:
         llm.shutdown()
@@ -84,7 +107,59 @@ def run_kvxfer(args, model_dir: str, prompts: list[list[int]], outputs: list[int
     if produced != sum(outputs):
         raise RuntimeError(f"kvxfer produced {produced} tokens, expected {sum(outputs)}")
     print(f"kvxfer: {stats['num_blocks']} KV blocks, {stats['num_preemptions']} preemptions")
-    return seconds
+    return seconds, cpu_seconds, [r.output_token_ids for r in results]
+
+
+def run_vllm(args, model_dir: str, prompts: list[list[int]], outputs: list[int]) -> tuple[float, float, list[list[int]]]:
+    """One offline vLLM run in a child process of the vLLM environment; (seconds, CPU seconds, output ids)."""
+    from kvxfer.bench import vllm_peer
+    from kvxfer.engine.config import resolve_dtype
+    from kvxfer.models import load_model_config
+
+    # The dtype kvxfer runs in (vLLM's own "auto" may resolve differently on CPU).
+    dtype = resolve_dtype(args.dtype, args.device, load_model_config(model_dir).checkpoint_dtype)
+    job = {"model_dir": model_dir, "dtype": dtype, "prompts": prompts, "outputs": outputs,
+           "block_size": args.vllm_block_size, "max_num_seqs": args.max_num_seqs,
+           "max_num_batched_tokens": args.max_num_batched_tokens, "enforce_eager": args.vllm_eager,
+           "memory_fraction": args.vllm_memory_fraction,
+           "max_model_len": max(len(p) + n for p, n in zip(prompts, outputs))}
+    with tempfile.TemporaryDirectory() as tmp:
+        job_path, result_path = os.path.join(tmp, "job.json"), os.path.join(tmp, "result.json")
+        with open(job_path, "w") as f:
+            json.dump(job, f)
+        # The peer reads only its job file; PYTHONPATH must not put kvxfer's tree in front of vLLM's.
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        subprocess.run([args.vllm_python, vllm_peer.__file__, job_path, result_path], env=env, check=True,
+                       timeout=3600)
+        with open(result_path) as f:
+            result = json.load(f)
+    return result["seconds"], result["cpu_seconds"], result["tokens"]
+
+
+def token_agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
+    """(share of prompts whose outputs are equal, mean share of each output's equal leading tokens)."""
+    equal = sum(x == y for x, y in zip(a, b)) / len(a)
+    prefix = []
+    for x, y in zip(a, b):
+        n = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+        prefix.append(n / max(len(x), 1))
+    return equal, sum(prefix) / len(prefix)
+
+
+def warm_up(llm, prompts: list[list[int]], outputs: list[int]) -> None:
+    """Compile, before timing, every kernel variant the run meets: prefill (one variant for
+    any batch with a prompt token, mixed with decodes or not), non-split decode (short
+    contexts), and split decode with each split-count variant (one per power of two; contexts
+    of 512+ tokens split) up to the run's longest sequence."""
+    from kvxfer import SamplingParams
+
+    short = SamplingParams(max_tokens=4, ignore_eos=True)
+    llm.generate(prompts[:2], short)
+    longest = max(len(p) for p in prompts) + max(outputs)
+    length = 512
+    while length <= longest:  # one sequence decoding alone: as many splits as its length allows
+        llm.generate([(prompts[0] * (length // len(prompts[0]) + 1))[: length - 2]], short)
+        length *= 2
 
 
 def run_hf(args, model_dir: str, prompts: list[list[int]], outputs: list[int]) -> float:
@@ -92,7 +167,8 @@ def run_hf(args, model_dir: str, prompts: list[list[int]], outputs: list[int]) -
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
+        torch.float32 if args.device == "cpu" else torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(args.device).eval()
     pad = model.generation_config.pad_token_id or 0
     batch = args.hf_batch_size or len(prompts)
@@ -133,9 +209,32 @@ def main(args: argparse.Namespace) -> int:
           f"tp={args.tp}, device={args.device}")
     result = {"preset": args.preset, "num_prompts": len(prompts), "input_tokens": n_in, "output_tokens": n_out,
               "tp": args.tp, "device": args.device}
-    kv_s = run_kvxfer(args, model_dir, prompts, outputs)
-    result.update(kvxfer_seconds=kv_s, kvxfer_output_tok_s=n_out / kv_s, kvxfer_total_tok_s=(n_in + n_out) / kv_s)
-    print(f"kvxfer: {kv_s:.2f} s, {n_out / kv_s:.1f} output tok/s, {(n_in + n_out) / kv_s:.1f} total tok/s")
+    kv_runs, kv_cpu, vllm_runs, vllm_cpu = [], [], [], []
+    for i in range(max(args.repeat, 1)):
+        kv_s, cpu_s, kv_tokens = run_kvxfer(args, model_dir, prompts, outputs)
+        kv_runs.append(kv_s)
+        kv_cpu.append(cpu_s)
+        print(f"kvxfer: {kv_s:.2f} s ({cpu_s:.2f} CPU s), {n_out / kv_s:.1f} output tok/s, "
+              f"{(n_in + n_out) / kv_s:.1f} total tok/s")
+        if args.vllm_python:
+            vllm_s, cpu_s, vllm_tokens = run_vllm(args, model_dir, prompts, outputs)
+            vllm_runs.append(vllm_s)
+            vllm_cpu.append(cpu_s)
+            print(f"vllm: {vllm_s:.2f} s ({cpu_s:.2f} CPU s), {n_out / vllm_s:.1f} output tok/s; run {i + 1}: "
+                  f"ratio kvxfer / vllm {vllm_s / kv_s:.2f}x (CPU time {cpu_s / kv_cpu[-1]:.2f}x)")
+    kv_s, kv_c = statistics.median(kv_runs), statistics.median(kv_cpu)
+    result.update(kvxfer_seconds=kv_s, kvxfer_runs=kv_runs, kvxfer_cpu_runs=kv_cpu,
+                  kvxfer_output_tok_s=n_out / kv_s, kvxfer_total_tok_s=(n_in + n_out) / kv_s)
+    if args.vllm_python:
+        vllm_s, vllm_c = statistics.median(vllm_runs), statistics.median(vllm_cpu)
+        equal, prefix = token_agreement(kv_tokens, vllm_tokens)
+        result.update(vllm_seconds=vllm_s, vllm_runs=vllm_runs, vllm_cpu_runs=vllm_cpu,
+                      vllm_output_tok_s=n_out / vllm_s, vllm_ratio=vllm_s / kv_s, vllm_cpu_ratio=vllm_c / kv_c,
+                      vllm_equal_outputs=equal, vllm_equal_prefix=prefix)
+        print(f"medians over {len(kv_runs)} alternating runs: kvxfer {kv_s:.2f} s ({kv_c:.2f} CPU s), "
+              f"vllm {vllm_s:.2f} s ({vllm_c:.2f} CPU s); ratio kvxfer / vllm (throughput): "
+              f"{vllm_s / kv_s:.2f}x wall, {vllm_c / kv_c:.2f}x CPU time")
+        print(f"greedy outputs equal to vllm's: {equal:.0%} of prompts, {prefix:.0%} of tokens before a divergence")
     if not args.skip_hf:
         hf_s = run_hf(args, model_dir, prompts, outputs)
         result.update(hf_seconds=hf_s, hf_output_tok_s=n_out / hf_s, ratio=hf_s / kv_s)

@@ -80,9 +80,10 @@ def request_data(seed: int, num_blocks: int, num_heads: int, head_bytes: int):
     return base, pattern
 
 
-def expected_blocks(seed: int, n_blocks: int, num_heads: int, head_bytes: int, heads: range):
+def expected_blocks(seed: int, n_blocks: int, num_heads: int, head_bytes: int, heads: range, device="cpu"):
+    """Drawn on the host (deterministic), expanded on `device` (GBs at 32k tokens)."""
     base, pattern = request_data(seed, n_blocks, num_heads, head_bytes)
-    return base[:, heads.start : heads.stop, None] + pattern
+    return base[:, heads.start : heads.stop, None].to(device) + pattern.to(device)
 
 
 def fragmented_ids(n: int, pool: int, seed: int) -> list[int]:
@@ -104,7 +105,7 @@ def _rank_main(conn, role: str, rank: int, tp: int, shape: Shape, block_size: in
                device: str) -> None:
     import torch
 
-    from kvxfer.connectors.base import ConnectorMetadata, SendRequest
+    from kvxfer.connectors.base import ConnectorMetadata
     from kvxfer.connectors.nixl_worker import NixlConnectorWorker
 
     spec = make_spec(shape, block_size)
@@ -122,6 +123,12 @@ def _rank_main(conn, role: str, rank: int, tp: int, shape: Shape, block_size: in
                 time.sleep(sleep)
         raise TimeoutError(f"{role} rank {rank}: no result after {timeout}s")
 
+    def sync() -> None:
+        """Wait for the kernels writing the pool: CUDA runs them asynchronously, and another
+        process READs (or the connector overwrites) the bytes as soon as the parent hears back."""
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     def poll_read(handles) -> None:
         while any(worker.agent.check_xfer_state(h) == "PROC" for h in handles):
             pass
@@ -129,9 +136,15 @@ def _rank_main(conn, role: str, rank: int, tp: int, shape: Shape, block_size: in
             raise RuntimeError("raw READ failed")
 
     try:
-        worker = NixlConnectorWorker(config, spec, rank, tp, model_identity=f"bench:{shape}")
-        dev = torch.device("cuda", rank % torch.cuda.device_count()) if device == "cuda" else torch.device("cpu")
+        dev = torch.device("cpu")
+        if device == "cuda":
+            dev = torch.device("cuda", rank % torch.cuda.device_count())
+            torch.cuda.set_device(dev)
+        # The pool before the agent: on CUDA this creates the context UCX must find when the
+        # agent starts (it picks its CUDA transports then).
         kv = torch.zeros((num_blocks, *spec.block_shape(tp)), dtype=getattr(torch, shape.dtype), device=dev)
+        sync()
+        worker = NixlConnectorWorker(config, spec, rank, tp, model_identity=f"bench:{shape}")
         worker.register_kv_cache(kv)
         words = kv.view(torch.int64).view(num_blocks, spec.heads_per_rank(tp), -1)
         conn.send(("ready", None))
@@ -142,16 +155,18 @@ def _rank_main(conn, role: str, rank: int, tp: int, shape: Shape, block_size: in
             if cmd == "fill":  # prefill: request blocks get known data, the rest garbage
                 seed, ids = arg
                 words.fill_(-1)
-                words[ids] = expected_blocks(seed, len(ids), shape.num_kv_heads, head_bytes, heads).to(dev)
+                words[ids] = expected_blocks(seed, len(ids), shape.num_kv_heads, head_bytes, heads, dev)
+                sync()
                 conn.send(("ok", None))
-            elif cmd == "hold":  # prefill: serve one request until its readers notify
-                req_id, lease = arg
-                worker.start_load_kv(ConnectorMetadata(send=[SendRequest(req_id, time.monotonic() + lease)]))
-                out = wait_for(lambda o: o if req_id in o.finished_sending else None, lease + 5, sleep=0.001)
-                conn.send(("ok", req_id in out.expired_sending))
+            elif cmd == "hold":  # prefill: serve one request (the hold table's metadata) until its readers notify
+                meta, req_id, timeout = arg
+                worker.start_load_kv(meta)
+                wait_for(lambda o: o if req_id in o.finished_sending else None, timeout, sleep=0.001)
+                conn.send(("ok", None))
             elif cmd == "pull":  # decode: one request through the connector's worker path
                 req, start_at = arg
                 words.zero_()
+                sync()  # the zeroing must land before the READs, not race them
                 time.sleep(max(start_at - time.monotonic(), 0))
                 t0 = time.monotonic()
                 worker.start_load_kv(ConnectorMetadata(recv=[req]))
@@ -163,7 +178,7 @@ def _rank_main(conn, role: str, rank: int, tp: int, shape: Shape, block_size: in
                 conn.send(("ok", (t0, t1, stats.bytes, stats.descriptors)))
             elif cmd == "verify":  # decode: request blocks exact, every other block untouched
                 seed, ids = arg
-                expected = expected_blocks(seed, len(ids), shape.num_kv_heads, head_bytes, heads).to(dev)
+                expected = expected_blocks(seed, len(ids), shape.num_kv_heads, head_bytes, heads, dev)
                 others = torch.ones(num_blocks, dtype=torch.bool, device=dev)
                 others[ids] = False
                 ok = torch.equal(words[ids], expected) and not words[others].any()
@@ -210,10 +225,13 @@ class Ranks:
     def __init__(self, shape: Shape, block_size: int, num_blocks: int, p_tp: int, d_tp: int, lease: float,
                  device: str = "cpu") -> None:
         from kvxfer.connectors.config import KVTransferConfig
+        from kvxfer.connectors.nixl_scheduler import NixlConnectorScheduler
 
         ctx = mp.get_context("spawn")
         self.prefill_config = KVTransferConfig(role="prefill", side_channel_port=free_port(), lease_seconds=lease)
         decode_config = KVTransferConfig(role="decode")
+        # The prefill engine's scheduler side: its hold table and side channel, in this process.
+        self.table = NixlConnectorScheduler(self.prefill_config, make_spec(shape, block_size), p_tp, f"bench:{shape}")
         self.procs, self.prefill, self.decode = [], [], []
         for role, tp, config, conns in (("prefill", p_tp, self.prefill_config, self.prefill),
                                         ("decode", d_tp, decode_config, self.decode)):
@@ -256,11 +274,12 @@ class Ranks:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+        self.table.shutdown()
 
 
 def run(shape: Shape, tokens: int, p_tp: int, d_tp: int, block_size: int = 16, iterations: int = 5,
         seed: int = 0, device: str = "cpu") -> dict[str, Any]:
-    from kvxfer.connectors.base import RecvRequest
+    from kvxfer.connectors.base import KVConnectorOutput, RecvRequest
 
     spec = make_spec(shape, block_size)
     spec.validate_tp(p_tp)
@@ -279,13 +298,15 @@ def run(shape: Shape, tokens: int, p_tp: int, d_tp: int, block_size: int = 16, i
             data_seed = seed * 1000 + it
             ranks.call(ranks.prefill, "fill", [(data_seed, prefill_ids)] * p_tp)
             req_id = f"bench-{it}"
-            req = RecvRequest(req_id, req_id, cfg.engine_id, cfg.side_channel_host, cfg.side_channel_port, p_tp,
-                              decode_ids, prefill_ids)
-            ranks.send(ranks.prefill, "hold", [(req_id, REPLY_TIMEOUT_S)] * p_tp)
+            params = ranks.table.hold(req_id, prefill_ids, n * block_size)
+            req = RecvRequest(req_id, req_id, cfg.engine_id, cfg.instance_id, cfg.side_channel_host,
+                              cfg.side_channel_port, p_tp, params.transfer_token, prefill_ids, decode_ids, prefill_ids)
+            meta = ranks.table.build_connector_meta(None)
+            ranks.send(ranks.prefill, "hold", [(meta, req_id, REPLY_TIMEOUT_S)] * p_tp)
             start_at = time.monotonic() + REQUEST_START_DELAY_S
             pulls = ranks.call(ranks.decode, "pull", [(req, start_at)] * d_tp)
-            if any(ranks.collect(ranks.prefill)):
-                raise RuntimeError("a prefill rank's lease expired before its readers notified")
+            ranks.collect(ranks.prefill)
+            ranks.table.update_connector_output(KVConnectorOutput(finished_sending={req_id}))
             if not all(ranks.call(ranks.decode, "verify", [(data_seed, decode_ids)] * d_tp)):
                 raise RuntimeError("decode pools differ from the prefill data")
             nbytes, descriptors = sum(p[2] for p in pulls), sum(p[3] for p in pulls)

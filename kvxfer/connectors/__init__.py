@@ -14,10 +14,13 @@ from kvxfer.connectors.config import KVTransferConfig
 
 
 def create_scheduler_connector(config: KVTransferConfig, engine_config, spec) -> KVConnectorScheduler:
-    """The scheduler side, in the engine process."""
+    """The scheduler side, in the engine process (a prefill-capable one serves the side channel)."""
+    from kvxfer.connectors.metadata import model_identity
     from kvxfer.connectors.nixl_scheduler import NixlConnectorScheduler
 
-    return NixlConnectorScheduler(config, engine_config, spec)
+    return NixlConnectorScheduler(
+        config, spec, engine_config.tensor_parallel_size, model_identity(engine_config.model_dir)
+    )
 
 
 def create_worker_connector(

@@ -8,6 +8,7 @@ worker side (every TP rank) through `ConnectorMetadata` each step; the workers a
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -32,6 +33,11 @@ class KVPeerError(KVTransferError):
     kind = "peer"
 
 
+class KVConnectorBroken(RuntimeError):
+    """A rank's worker-side connector raised (e.g. its registration with the side channel
+    failed): its transfers can no longer be reported, so the engine stops (EngineDeadError)."""
+
+
 class TransferStats(msgspec.Struct, frozen=True):
     """One request's pull: summed over ranks, `seconds` is the slowest rank's."""
 
@@ -48,7 +54,8 @@ class TransferStats(msgspec.Struct, frozen=True):
 
 
 class RecvRequest(msgspec.Struct, frozen=True):
-    """A decode-side load: read `remote_block_ids[i]` into `local_block_ids[i]`.
+    """A decode-side load: read `remote_block_ids[i]` into `local_block_ids[i]`, once the
+    prefill side has confirmed (and pinned) its hold of `held_block_ids` under `transfer_token`.
 
     Empty block lists mean nothing is read (full local prefix hit) but the prefill side is
     still notified so that it frees its blocks.
@@ -57,27 +64,29 @@ class RecvRequest(msgspec.Struct, frozen=True):
     request_id: str
     remote_request_id: str
     remote_engine_id: str
+    remote_instance_id: str
     remote_host: str
     remote_port: int
     remote_tp_size: int
+    transfer_token: str
+    held_block_ids: list[int]  # every block the params name (the hold check compares them exactly)
     local_block_ids: list[int]
-    remote_block_ids: list[int]
-    # Set when the scheduler side already knows the load cannot happen (params that do not fit
-    # the request): every rank then reports this failure at once, so all ranks agree.
-    error: str = ""
+    remote_block_ids: list[int]  # the sub-range of held_block_ids this engine reads
 
 
 class SendRequest(msgspec.Struct, frozen=True):
-    """A prefill-side request whose blocks are held until its readers notify or `deadline`."""
+    """A prefill-side request whose blocks every rank holds until its readers notify (with
+    `transfer_token`) or the scheduler side ends it (`ConnectorMetadata.release` / `expire`)."""
 
     request_id: str
-    deadline: float  # time.monotonic() on the engine's host (TP ranks share one host)
+    transfer_token: str
 
 
 class ConnectorMetadata(msgspec.Struct):
     recv: list[RecvRequest] = []
     send: list[SendRequest] = []
     release: list[str] = []  # held requests to stop holding now (nobody will read them)
+    expire: list[str] = []  # held requests whose lease ran out (decided once, by the scheduler side)
 
 
 class KVConnectorOutput(msgspec.Struct):
@@ -95,64 +104,103 @@ class KVConnectorOutput(msgspec.Struct):
         return not (self.finished_sending or self.finished_recving or self.failed_recving)
 
 
+@dataclass
+class _RecvReports:
+    ranks: set[int] = field(default_factory=set)
+    reasons: list[str] = field(default_factory=list)
+    kinds: set[str] = field(default_factory=set)
+    stats: list[TransferStats] = field(default_factory=list)
+
+
+@dataclass
+class _SendReports:
+    ranks: set[int] = field(default_factory=set)
+    expired: bool = False
+    released: bool = False
+
+
 class KVOutputAggregator:
     """Combines the ranks' outputs: a request is reported once every rank has reported it.
 
     Waiting for every rank also on failure matters: a rank whose READ is still in flight may
-    not see its destination blocks reused by a recompute or by another request.
+    not see its destination blocks reused by a recompute or by another request. Ranks are
+    counted as a set (`outputs[i]` is rank i's), so a rank reporting twice cannot stand in
+    for a rank that has not reported; and only the loads and holds announced by `expect` are
+    counted, so a report repeated after its request completed cannot count towards a later
+    request of the same id.
     """
 
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
-        self._recv: dict[str, list] = {}  # request id -> [ranks seen, reasons, stats, failure kinds]
-        self._send: dict[str, list] = {}  # request id -> [ranks seen, expired, released]
+        self._recv: dict[str, _RecvReports] = {}
+        self._send: dict[str, _SendReports] = {}
 
-    def aggregate(self, outputs: list[KVConnectorOutput]) -> KVConnectorOutput:
+    def expect(self, meta: ConnectorMetadata) -> None:
+        """Count reports for the loads and holds this metadata starts on the ranks."""
+        for recv in meta.recv:
+            self._recv[recv.request_id] = _RecvReports()
+        for send in meta.send:
+            self._send[send.request_id] = _SendReports()
+
+    def aggregate(self, outputs: list[KVConnectorOutput | None]) -> KVConnectorOutput:
+        """`outputs[rank]` is that rank's output, None for a rank that reported nothing this step."""
         result = KVConnectorOutput()
-        for out in outputs:
+        for rank, out in enumerate(outputs):
+            if out is None:
+                continue
             for req_id in out.finished_recving | out.failed_recving.keys():
-                entry = self._recv.setdefault(req_id, [0, [], [], set()])
-                entry[0] += 1
+                recv = self._recv.get(req_id)
+                if recv is None:  # not a load in flight: a repeated report
+                    continue
+                recv.ranks.add(rank)
                 if req_id in out.failed_recving:
-                    entry[1].append(out.failed_recving[req_id])
-                    entry[3].add(out.failure_kinds.get(req_id, KVTransferError.kind))
+                    recv.reasons.append(out.failed_recving[req_id])
+                    recv.kinds.add(out.failure_kinds.get(req_id, KVTransferError.kind))
                 if req_id in out.recv_stats:
-                    entry[2].append(out.recv_stats[req_id])
+                    recv.stats.append(out.recv_stats[req_id])
             for req_id in out.finished_sending:
-                entry = self._send.setdefault(req_id, [0, False, False])
-                entry[0] += 1
-                entry[1] |= req_id in out.expired_sending
-                entry[2] |= req_id in out.released_sending
-        for req_id, (seen, reasons, stats, kinds) in list(self._recv.items()):
-            if seen < self.world_size:
+                send = self._send.get(req_id)
+                if send is None:  # not a hold in force: a repeated report
+                    continue
+                send.ranks.add(rank)
+                send.expired |= req_id in out.expired_sending
+                send.released |= req_id in out.released_sending
+        for req_id, recv in list(self._recv.items()):
+            if len(recv.ranks) < self.world_size:
                 continue
             del self._recv[req_id]
-            if reasons:
-                result.failed_recving[req_id] = "; ".join(dict.fromkeys(reasons))
+            if recv.reasons:
+                result.failed_recving[req_id] = "; ".join(dict.fromkeys(recv.reasons))
                 # A params fault on any rank is the request's fault, whatever else failed.
-                result.failure_kinds[req_id] = next(k for k in ("params", "peer", "transfer") if k in kinds)
+                result.failure_kinds[req_id] = next(k for k in ("params", "peer", "transfer") if k in recv.kinds)
             else:
                 result.finished_recving.add(req_id)
-                if stats:
+                if recv.stats:
                     result.recv_stats[req_id] = TransferStats(
-                        bytes=sum(s.bytes for s in stats),
-                        descriptors=sum(s.descriptors for s in stats),
-                        seconds=max(s.seconds for s in stats),
+                        bytes=sum(s.bytes for s in recv.stats),
+                        descriptors=sum(s.descriptors for s in recv.stats),
+                        seconds=max(s.seconds for s in recv.stats),
                     )
-        for req_id, (seen, expired, released) in list(self._send.items()):
-            if seen < self.world_size:
+        for req_id, send in list(self._send.items()):
+            if len(send.ranks) < self.world_size:
                 continue
             del self._send[req_id]
             result.finished_sending.add(req_id)
-            if released:  # the caller gave it up, whatever else some rank saw
+            if send.released:  # the caller gave it up, whatever else some rank saw
                 result.released_sending.add(req_id)
-            elif expired:
+            elif send.expired:
                 result.expired_sending.add(req_id)
         return result
 
 
 class KVConnectorScheduler(ABC):
     """Scheduler side, in the engine process."""
+
+    @abstractmethod
+    def check_new_request(self, request: Any) -> None:
+        """Raise KVParamsError (naming the field) unless this engine can serve the request's
+        parsed `kv_transfer_params` (its role, the prompt length, the block count). Called
+        synchronously when the engine accepts the request, so nothing is queued on error."""
 
     @abstractmethod
     def get_num_new_matched_tokens(self, request: Any, num_local_computed_tokens: int) -> int:
@@ -171,15 +219,19 @@ class KVConnectorScheduler(ABC):
         """(delay freeing the blocks?, kv_transfer_params for the output)."""
 
     @abstractmethod
-    def release_request(self, request_id: str) -> bool:
+    def release_request(self, request_id: str, transfer_token: str | None) -> bool:
         """Stop holding a finished request's blocks for a remote reader (through the next
-        metadata); False when the connector does not hold it."""
+        metadata); False (counted as a refused release, nothing changes) unless the
+        connector holds it and `transfer_token` is the token issued for it."""
 
     @abstractmethod
     def update_connector_output(self, output: KVConnectorOutput) -> None: ...
 
     @abstractmethod
     def stats(self) -> dict[str, float]: ...
+
+    def shutdown(self) -> None:
+        """Stop what the scheduler side serves (e.g. a side channel)."""
 
 
 class KVConnectorWorker(ABC):
@@ -192,7 +244,9 @@ class KVConnectorWorker(ABC):
     def start_load_kv(self, meta: ConnectorMetadata) -> None: ...
 
     @abstractmethod
-    def get_finished(self) -> KVConnectorOutput: ...
+    def get_finished(self) -> KVConnectorOutput:
+        """What finished since the last call. A request's failure is reported in the output;
+        raising (here or in `start_load_kv`) means this rank's connector cannot go on."""
 
     @abstractmethod
     def shutdown(self) -> None: ...

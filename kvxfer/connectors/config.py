@@ -5,12 +5,28 @@ Validated on construction: a bad value raises `ValueError` naming the field.
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import uuid
 from dataclasses import dataclass, field
 
 ROLES = ("prefill", "decode", "both")
 FAILURE_POLICIES = ("fail", "recompute")
 CONNECTORS = ("nixl",)
+# A decode rank's READs must end this long before the prefill side's pin on them lapses
+# (message latency, clock-rate differences, a cancelled READ still landing).
+PIN_MARGIN_S = 2.0
+MIN_AUTH_KEY_BYTES = 16
+
+
+def lease_fit_error(transfer_timeout_s: float, lease_seconds: float) -> str | None:
+    """Why a decode with this transfer time-out cannot read from a prefill with this lease, or None."""
+    if transfer_timeout_s + PIN_MARGIN_S <= lease_seconds:
+        return None
+    return (
+        f"the decode's transfer_timeout_s ({transfer_timeout_s:g}s) + {PIN_MARGIN_S:g}s margin does not fit "
+        f"inside the prefill's lease_seconds ({lease_seconds:g}s)"
+    )
 
 
 @dataclass(frozen=True)
@@ -32,6 +48,15 @@ class KVTransferConfig:
     # report). Must stay below the prefill side's lease.
     transfer_timeout_s: float = 30.0
     backends: tuple[str, ...] = ("UCX",)
+    # Shared secret of all instances (`--kv-auth-key-file`): every side-channel message between
+    # instances is authenticated with it. None: unauthenticated (keep the side channel private).
+    auth_key: bytes | None = field(default=None, repr=False)
+    # Drawn once per instance (the config is pickled to its ranks): a rank must present it to
+    # register its KV region, and its hash is the instance id bound into kv_transfer_params.
+    instance_secret: bytes = field(default_factory=lambda: secrets.token_bytes(16), repr=False)
+    # Decode: prefill side channels ("host:port") to handshake with at start, so an incompatible
+    # peer or a lease that the transfer time-out does not fit fails the start, not a request.
+    peers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.connector not in CONNECTORS:
@@ -61,6 +86,27 @@ class KVTransferConfig:
         object.__setattr__(self, "backends", tuple(self.backends))
         if not self.backends or not all(isinstance(b, str) and b for b in self.backends):
             raise ValueError(f"KVTransferConfig.backends must name at least one NIXL backend, got {self.backends!r}")
+        key = self.auth_key
+        if key is not None and (not isinstance(key, bytes) or len(key) < MIN_AUTH_KEY_BYTES):
+            raise ValueError(f"KVTransferConfig.auth_key must be at least {MIN_AUTH_KEY_BYTES} bytes (or None)")
+        object.__setattr__(self, "peers", tuple(self.peers))
+        for peer in self.peers:
+            host, _, port = peer.rpartition(":") if isinstance(peer, str) else ("", "", "")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"KVTransferConfig.peers must be HOST:PORT side-channel addresses, got {peer!r}")
+        if self.peers and not self.is_consumer:
+            raise ValueError(f"KVTransferConfig.peers is for engines that load KV; role is {self.role!r}")
+        if not isinstance(self.instance_secret, bytes) or len(self.instance_secret) < 16:
+            raise ValueError("KVTransferConfig.instance_secret must be at least 16 random bytes")
+
+    @property
+    def instance_id(self) -> str:
+        """Public id of this instance (a hash of its secret): peers tell two starts apart by it."""
+        return hashlib.sha256(b"kvxfer-instance:" + self.instance_secret).hexdigest()[:16]
+
+    @property
+    def peer_addresses(self) -> list[tuple[str, int]]:
+        return [(host, int(port)) for host, _, port in (p.rpartition(":") for p in self.peers)]
 
     @property
     def is_producer(self) -> bool:

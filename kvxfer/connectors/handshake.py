@@ -1,13 +1,18 @@
-"""Handshake side channel: one zmq ROUTER per engine serving all of its ranks' metadata.
+"""Side channel: one zmq ROUTER per instance serving its ranks' metadata and its hold checks.
 
-Rank 0 hosts the ROUTER at the engine's side-channel port; the other ranks register there;
-peers ask with a REQ socket. It also tells a decode rank whether a request's blocks were given
-up (released or lease expired) before that rank's READs were done. Every wait has a deadline: a client uses a fresh REQ socket per
+The scheduler side of a prefill-capable instance hosts the ROUTER at the side-channel port;
+every rank registers there, proving with the instance secret that it belongs to this start of
+the engine; decode ranks fetch the metadata (`Query`) and, before each pull, ask whether the
+request is held under its token with exactly the named blocks (`Held`, answered and pinned by
+the hold table). With an auth key every frame is signed (`auth.FrameAuth`). A request that is
+malformed, unknown, unauthenticated or out of range gets an error reply; nothing a peer sends
+stops the serving thread. Every wait has a deadline: a client uses a fresh REQ socket per
 attempt (a REQ that missed its reply cannot be reused) and gives up at its timeout.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 import time
@@ -16,6 +21,7 @@ from collections.abc import Callable
 import msgspec
 import zmq
 
+from kvxfer.connectors.auth import AuthError, FrameAuth
 from kvxfer.connectors.base import KVParamsError, KVPeerError
 from kvxfer.connectors.metadata import (
     PROTOCOL_VERSION,
@@ -41,14 +47,17 @@ class HandshakeError(KVPeerError):
 
 
 class HandshakeServer:
-    """Serves `EngineMetadata` once all `tp_size` ranks have registered."""
+    """Serves `EngineMetadata` once all `tp_size` ranks have registered, and hold checks."""
 
     def __init__(
-        self, host: str, port: int, engine_id: str, tp_size: int, compat: Compat,
-        given_up: Callable[[str], bool] = lambda request_id: False,
+        self, host: str, port: int, engine_id: str, instance_id: str, secret: bytes, tp_size: int,
+        compat: Compat, lease_seconds: float, auth: FrameAuth,
+        check_hold: Callable[[Held], Reply] = lambda msg: Reply(ok=False, error="this engine holds no requests"),
     ) -> None:
-        self.engine_id, self.tp_size, self.compat = engine_id, tp_size, compat
-        self.given_up = given_up  # called from the server thread
+        self.engine_id, self.instance_id, self.tp_size, self.compat = engine_id, instance_id, tp_size, compat
+        self.lease_seconds = lease_seconds
+        self._secret, self._auth = secret, auth
+        self.check_hold = check_hold  # called from the server thread
         self._ranks: dict[int, RankMetadata] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -65,10 +74,6 @@ class HandshakeServer:
         self._thread = threading.Thread(target=self._serve, name=f"kv-handshake-{port}", daemon=True)
         self._thread.start()
 
-    def add_rank(self, rank: RankMetadata) -> None:
-        with self._lock:
-            self._ranks[rank.tp_rank] = rank
-
     def metadata(self) -> EngineMetadata | None:
         with self._lock:
             if len(self._ranks) < self.tp_size:
@@ -77,6 +82,8 @@ class HandshakeServer:
         return EngineMetadata(
             version=PROTOCOL_VERSION,
             engine_id=self.engine_id,
+            instance_id=self.instance_id,
+            lease_seconds=self.lease_seconds,
             tp_size=self.tp_size,
             block_size=self.compat.block_size,
             num_blocks=min(r.num_blocks for r in ranks),
@@ -90,36 +97,59 @@ class HandshakeServer:
             msg = self._decoder.decode(payload)
         except msgspec.DecodeError as e:
             return Reply(ok=False, error=f"malformed side-channel request: {e}")
-        if msg.engine_id != self.engine_id:
+        if msg.engine_id != self.engine_id and not (isinstance(msg, Query) and msg.engine_id == ""):
             error = f"unknown remote engine {msg.engine_id!r}: this side channel serves {self.engine_id!r}"
             return Reply(ok=False, error=error)
         if isinstance(msg, Held):
-            if self.given_up(msg.request_id):
-                error = f"request {msg.request_id!r} is no longer held by engine {self.engine_id!r} (released or lease expired)"
-                return Reply(ok=False, error=error)
-            return Reply(ok=True)
+            return self.check_hold(msg)
         if isinstance(msg, Register):
-            if msg.compat_hash != self.compat.hash() or msg.tp_size != self.tp_size:
-                return Reply(ok=False, error=f"rank {msg.rank.tp_rank} does not match rank 0's model or TP size")
-            self.add_rank(msg.rank)
-            return Reply(ok=True)
+            return self._register(msg)
         meta = self.metadata()
         if meta is None:
             return Reply(ok=False, error=f"not ready: {len(self._ranks)} of {self.tp_size} ranks registered")
         return Reply(ok=True, metadata=meta)
 
+    def _register(self, msg: Register) -> Reply:
+        if not hmac.compare_digest(msg.secret, self._secret):
+            return Reply(ok=False, error="registration refused: not a rank of this instance")
+        if not 0 <= msg.rank.tp_rank < self.tp_size or msg.tp_size != self.tp_size:
+            return Reply(ok=False, error=f"registration refused: rank {msg.rank.tp_rank} of TP {msg.tp_size}, "
+                                         f"this instance runs TP {self.tp_size}")
+        if msg.compat_hash != self.compat.hash():
+            return Reply(ok=False, error=f"rank {msg.rank.tp_rank} does not match the instance's model")
+        with self._lock:
+            self._ranks[msg.rank.tp_rank] = msg.rank
+        return Reply(ok=True)
+
+    def _handle(self, frame: bytes) -> bytes:
+        nonce = b""
+        try:
+            payload, nonce = self._auth.open_request(frame)
+            reply = self._answer(payload)
+        except AuthError as e:
+            return self._encoder.encode(Reply(ok=False, error=str(e)))  # unsigned: the caller has no key
+        except Exception as e:  # a bug must not stop the side channel: answer it instead
+            logger.exception("side-channel request failed")
+            reply = Reply(ok=False, error=f"side-channel error: {type(e).__name__}: {e}")
+        return self._auth.seal_reply(self._encoder.encode(reply), nonce)
+
     def _serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
         while not self._stop.is_set():
-            if not poller.poll(100):
-                continue
-            frames = self._socket.recv_multipart()
-            if len(frames) != 3:
-                continue  # not a REQ envelope: ignore rather than crash the server
-            identity, _, payload = frames
-            reply = self._answer(payload)
-            self._socket.send_multipart([identity, b"", self._encoder.encode(reply)])
+            try:
+                if not poller.poll(100):
+                    continue
+                frames = self._socket.recv_multipart()
+                if len(frames) < 2:
+                    continue  # no routing identity: nobody to answer
+                if len(frames) != 3 or frames[1]:
+                    reply = self._encoder.encode(Reply(ok=False, error="not a REQ envelope"))
+                else:
+                    reply = self._handle(frames[2])
+                self._socket.send_multipart([frames[0], b"", reply])
+            except zmq.ZMQError as e:  # e.g. the peer went away before its reply
+                logger.warning("side channel: %s", e)
         self._socket.close()
 
     def close(self) -> None:
@@ -127,7 +157,7 @@ class HandshakeServer:
         self._thread.join(timeout=5)
 
 
-def _request(host: str, port: int, msg: Register | Query, timeout_s: float) -> Reply:
+def _request(host: str, port: int, msg: Register | Query | Held, timeout_s: float, auth: FrameAuth) -> Reply:
     """Send `msg` until a reply other than "not ready" arrives or `timeout_s` passes."""
     deadline = time.monotonic() + timeout_s
     payload = msgspec.msgpack.encode(msg)
@@ -143,9 +173,17 @@ def _request(host: str, port: int, msg: Register | Query, timeout_s: float) -> R
         sock.setsockopt(zmq.LINGER, 0)
         try:
             sock.connect(f"tcp://{host}:{port}")
-            sock.send(payload)
+            frame, nonce = auth.seal_request(payload)
+            sock.send(frame)
             if sock.poll(int(min(remaining, _ATTEMPT_S) * 1000), zmq.POLLIN):
-                reply = decode_reply(sock.recv())
+                raw = sock.recv()
+                try:
+                    opened = auth.open_reply(raw, nonce)
+                    reply = decode_reply(raw if opened is None else opened)
+                except ValueError as e:  # AuthError, a malformed or other-version reply
+                    raise KVParamsError(f"KV side channel {host}:{port}: {e}") from None
+                if opened is None and reply.ok:  # only a refusal may come unsigned
+                    raise KVParamsError(f"KV side channel {host}:{port}: unauthenticated reply")
                 if reply.ok or not reply.error.startswith("not ready"):
                     return reply
                 last_error = reply.error
@@ -154,30 +192,35 @@ def _request(host: str, port: int, msg: Register | Query, timeout_s: float) -> R
             sock.close()
 
 
-def register_rank(host: str, port: int, msg: Register, timeout_s: float) -> None:
-    reply = _request(host, port, msg, timeout_s)
+def register_rank(host: str, port: int, msg: Register, timeout_s: float, auth: FrameAuth) -> None:
+    reply = _request(host, port, msg, timeout_s, auth)
     if not reply.ok:
         raise HandshakeError(f"KV side channel {host}:{port} refused rank {msg.rank.tp_rank}: {reply.error}")
 
 
-def check_held(host: str, port: int, engine_id: str, request_id: str, timeout_s: float) -> None:
-    """KVPeerError unless the engine still holds `request_id`'s blocks (or has not heard of it yet)."""
-    reply = _request(host, port, Held(engine_id=engine_id, request_id=request_id), timeout_s)
+def check_held(host: str, port: int, msg: Held, timeout_s: float, auth: FrameAuth) -> float:
+    """Seconds the prefill side pins the hold from receipt; KVParamsError when it refuses
+    (not held: made up, finished, released, expired; another token, blocks or instance)."""
+    reply = _request(host, port, msg, timeout_s, auth)
     if not reply.ok:
-        raise KVPeerError(f"KV side channel {host}:{port}: {reply.error}")
+        raise KVParamsError(f"KV side channel {host}:{port}: {reply.error}")
+    return reply.pin_seconds
 
 
-def fetch_engine_metadata(host: str, port: int, engine_id: str, local: Compat, timeout_s: float) -> EngineMetadata:
+def fetch_engine_metadata(
+    host: str, port: int, engine_id: str, local: Compat, timeout_s: float, auth: FrameAuth
+) -> EngineMetadata:
     """The remote engine's metadata, checked against what this engine needs.
 
     HandshakeError when unreachable; KVParamsError when the side channel serves another
     engine (the params name one that is not there) or an incompatible one (naming the field).
+    An empty `engine_id` takes whichever engine serves there (a configured peer).
     """
-    reply = _request(host, port, Query(engine_id=engine_id), timeout_s)
+    reply = _request(host, port, Query(engine_id=engine_id), timeout_s, auth)
     if not reply.ok or reply.metadata is None:
         raise KVParamsError(f"KV side channel {host}:{port}: {reply.error}")
     meta = reply.metadata
-    if meta.engine_id != engine_id:
+    if engine_id and meta.engine_id != engine_id:
         raise KVParamsError(f"KV side channel {host}:{port} answered for engine {meta.engine_id!r}, not {engine_id!r}")
     try:
         meta.check_compatible(local)

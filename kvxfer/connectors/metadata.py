@@ -2,26 +2,30 @@
 
 The handshake payload is versioned and carries a compatibility hash over everything two
 engines must agree on before one reads the other's KV blocks; a mismatch names the field.
-`kv_transfer_params` come from clients and proxies, so they are validated strictly.
+`kv_transfer_params` come from clients and proxies, so they are parsed once, strictly, into
+frozen structs (`parse_kv_transfer_params`); what depends on the engine (role, prompt length,
+block size) is checked by the connector's `check_new_request`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
 
-PROTOCOL_VERSION = 1
+from kvxfer.connectors.base import KVParamsError
+
+PROTOCOL_VERSION = 2
 
 NonNegInt = Annotated[int, Meta(ge=0)]
 PosInt = Annotated[int, Meta(ge=1)]
 Port = Annotated[int, Meta(ge=1, le=65535)]
 Name = Annotated[str, Meta(min_length=1, max_length=256)]
+Token = Annotated[str, Meta(min_length=32, max_length=128)]  # >= 128 random bits, hex
 
 
 class Compat(msgspec.Struct, frozen=True):
@@ -95,6 +99,8 @@ class RankMetadata(msgspec.Struct, frozen=True):
 class EngineMetadata(msgspec.Struct, frozen=True):
     version: int
     engine_id: str
+    instance_id: str  # this start of the engine; kv_transfer_params name it
+    lease_seconds: float  # how long it holds a finished request: a reader's time-out must fit
     tp_size: int
     block_size: int
     num_blocks: int  # MIN over ranks: a block id below it is valid on every rank
@@ -112,26 +118,35 @@ class EngineMetadata(msgspec.Struct, frozen=True):
 # Side-channel messages (tagged union, so both ends reject anything else).
 class Register(msgspec.Struct, frozen=True, tag=True):
     engine_id: str
+    secret: bytes  # the instance's `instance_secret`: only its own ranks know it
     compat_hash: str
     tp_size: int
     rank: RankMetadata
 
 
 class Query(msgspec.Struct, frozen=True, tag=True):
-    engine_id: str  # the engine the caller expects to reach
+    engine_id: str  # the engine the caller expects to reach; "" (a configured peer): whichever serves
 
 
 class Held(msgspec.Struct, frozen=True, tag=True):
-    """Asked by a decode rank after its READs: does the engine still hold `request_id`'s blocks?"""
+    """Asked by a decode rank before its READs: is `request_id` held with exactly these blocks
+    under this token? A yes pins the hold for `reader` for `Reply.pin_seconds`."""
 
     engine_id: str
+    instance_id: str
     request_id: str
+    transfer_token: str
+    block_ids: list[int]  # all the blocks the params name, as issued
+    reader: str  # decode engine id
+    reader_rank: int
+    transfer_timeout_s: float  # the reader abandons its READs after this long
 
 
 class Reply(msgspec.Struct, frozen=True, tag=True):
     ok: bool
     error: str = ""
     metadata: EngineMetadata | None = None
+    pin_seconds: float = 0.0  # Held: the hold stays pinned this long from receipt
 
 
 SideChannelRequest = Register | Query | Held
@@ -141,6 +156,7 @@ class ReadDone(msgspec.Struct, frozen=True, array_like=True):
     """NIXL notification from a decode rank: it is done with `request_id`'s blocks."""
 
     request_id: str
+    transfer_token: str
     decode_engine_id: str
     decode_rank: int
     decode_tp_size: int
@@ -149,67 +165,58 @@ class ReadDone(msgspec.Struct, frozen=True, array_like=True):
 # --- kv_transfer_params --------------------------------------------------------------------
 
 
-class RemoteDecodeParams(msgspec.Struct, frozen=True):
+class RemoteDecodeParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Prefill-side request params: finish after one token and hold the blocks."""
 
     do_remote_decode: bool
 
 
-class RemotePrefillParams(msgspec.Struct, frozen=True):
-    """Decode-side request params, as returned by the prefill engine."""
+class RemotePrefillParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Decode-side request params, as returned by the prefill engine. `transfer_token` is the
+    prefill's proof of issue: its side channel accepts checks, ReadDone and release only with
+    it, for exactly these blocks of this request of this instance."""
 
     do_remote_prefill: bool
     remote_engine_id: Name
+    remote_instance_id: Name
     remote_host: Name
     remote_port: Port
     remote_block_ids: list[NonNegInt]
     remote_request_id: Name
     remote_tp_size: PosInt
     remote_num_tokens: PosInt
-
-    def check_shape(self, block_size: int, num_blocks: int) -> None:
-        """Raise ValueError unless the block ids cover the tokens and exist in a pool of `num_blocks`."""
-        needed = math.ceil(self.remote_num_tokens / block_size)
-        if len(self.remote_block_ids) != needed:
-            raise ValueError(
-                f"kv_transfer_params: {len(self.remote_block_ids)} remote_block_ids for "
-                f"{self.remote_num_tokens} tokens (block size {block_size} needs {needed})"
-            )
-        bad = [b for b in self.remote_block_ids if b >= num_blocks]
-        if bad:
-            raise ValueError(
-                f"kv_transfer_params: remote_block_ids {bad[:8]} out of range for the peer's "
-                f"pool of {num_blocks} blocks"
-            )
-        if len(set(self.remote_block_ids)) != len(self.remote_block_ids):
-            raise ValueError("kv_transfer_params: remote_block_ids repeat a block")
+    transfer_token: Token
 
 
-def parse_kv_transfer_params(params: Any) -> RemotePrefillParams | RemoteDecodeParams | None:
-    """Validate a request's `kv_transfer_params`; ValueError says what is wrong and where."""
-    if params is None:
-        return None
+KVTransferParams = RemotePrefillParams | RemoteDecodeParams
+
+
+def parse_kv_transfer_params(params: Any) -> KVTransferParams | None:
+    """The one parse of a request's `kv_transfer_params` (a JSON object or None); KVParamsError
+    names the field. An already parsed struct is returned as is."""
+    if params is None or isinstance(params, (RemotePrefillParams, RemoteDecodeParams)):
+        return params
     if not isinstance(params, dict):
-        raise ValueError(f"kv_transfer_params must be an object, got {type(params).__name__}")
+        raise KVParamsError(f"kv_transfer_params must be an object, got {type(params).__name__}")
     prefill, decode = bool(params.get("do_remote_prefill")), bool(params.get("do_remote_decode"))
     if prefill and decode:
-        raise ValueError("kv_transfer_params: do_remote_prefill and do_remote_decode are exclusive")
+        raise KVParamsError("kv_transfer_params: do_remote_prefill and do_remote_decode are exclusive")
     if not (prefill or decode):
+        extra = sorted(k for k in params if k not in ("do_remote_prefill", "do_remote_decode"))
+        if extra:
+            raise KVParamsError(f"kv_transfer_params: {', '.join(map(str, extra))} only valid with do_remote_prefill")
         return None
     kind = RemotePrefillParams if prefill else RemoteDecodeParams
+    other = "do_remote_decode" if prefill else "do_remote_prefill"
+    if params.get(other, None) is False:  # an explicit "no" for the other leg says nothing
+        params = {k: v for k, v in params.items() if k != other}
     try:
-        return msgspec.convert(params, kind, strict=True)
+        parsed = msgspec.convert(params, kind, strict=True)
     except msgspec.ValidationError as e:
-        raise ValueError(f"invalid kv_transfer_params: {e}") from None
-
-
-def remote_prefill_params(
-    engine_id: str, host: str, port: int, block_ids: list[int], request_id: str, tp_size: int, num_tokens: int
-) -> dict[str, Any]:
-    """The params a prefill engine returns for its decode side."""
-    return msgspec.to_builtins(
-        RemotePrefillParams(True, engine_id, host, port, list(block_ids), request_id, tp_size, num_tokens)
-    )
+        raise KVParamsError(f"invalid kv_transfer_params: {e}") from None
+    if prefill and len(set(parsed.remote_block_ids)) != len(parsed.remote_block_ids):
+        raise KVParamsError("kv_transfer_params: remote_block_ids repeat a block")
+    return parsed
 
 
 def decode_reply(raw: bytes) -> Reply:

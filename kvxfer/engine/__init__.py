@@ -2,9 +2,9 @@
 
 from kvxfer.engine.config import EngineConfig
 from kvxfer.engine.engine import LLMEngine
-from kvxfer.engine.executor import EngineDeadError, WorkerError
+from kvxfer.engine.executor import EngineDeadError, RankBrokenError, WorkerError
 from kvxfer.engine.llm import LLM
-from kvxfer.engine.request import RequestOutput, RequestStatus
+from kvxfer.engine.request import RequestIdInUse, RequestOutput, RequestStatus
 from kvxfer.engine.sampling_params import SamplingParams
 
 __all__ = [
@@ -12,6 +12,8 @@ __all__ = [
     "EngineDeadError",
     "LLMEngine",
     "LLM",
+    "RankBrokenError",
+    "RequestIdInUse",
     "RequestOutput",
     "RequestStatus",
     "SamplingParams",

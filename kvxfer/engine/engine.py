@@ -1,10 +1,12 @@
 """`LLMEngine`: requests in, one scheduled model step per `step()`, outputs out.
 
 `add_request` and `abort_request` may be called from any thread: they validate at once
-and queue; `step()` applies the queue, schedules, runs every rank, and returns the
-outputs of the requests that advanced. With a connector, every step also carries the
-connector metadata to the ranks and collects their finished transfers, even when no
-model work is scheduled, so requests waiting for remote KV never stall the loop.
+and queue (releasing a held request waits for a running step to end); `step()` applies
+the queue, schedules, runs every rank, and returns the outputs of the requests that
+advanced. With a connector, every step also carries the connector metadata to the ranks
+and collects their finished transfers, even when no model work is scheduled, so requests
+waiting for remote KV never stall the loop. A dead rank or a broken KV connector ends the
+engine: EngineDeadError from then on.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import threading
 import weakref
 from typing import Any
 
+from kvxfer.connectors.metadata import RemoteDecodeParams, RemotePrefillParams, parse_kv_transfer_params
 from kvxfer.engine.block_manager import BlockManager
 from kvxfer.engine.config import EngineConfig
-from kvxfer.engine.executor import Executor, WorkerError
+from kvxfer.engine.detokenizer import text_delta
+from kvxfer.engine.executor import EngineDeadError, Executor, RankBrokenError
 from kvxfer.engine.model_runner import StepInput
-from kvxfer.engine.request import Request, RequestOutput
+from kvxfer.engine.request import KVTransferParams, Request, RequestIdInUse, RequestOutput
 from kvxfer.engine.sampling_params import SamplingParams
 from kvxfer.engine.scheduler import Scheduler
 
@@ -70,6 +74,7 @@ class LLMEngine:
         self._known_ids: set[str] = set()
         self.last_step_num_tokens = 0
         self._closed = False
+        self._dead: str | None = None
 
     # -------------------------------------------------------------------- input
     def add_request(
@@ -77,14 +82,20 @@ class LLMEngine:
         request_id: str,
         prompt_token_ids: list[int],
         sampling_params: SamplingParams | None = None,
-        kv_transfer_params: dict[str, Any] | None = None,
+        kv_transfer_params: KVTransferParams | dict[str, Any] | None = None,
     ) -> None:
-        """Queue a request; raises ValueError (and keeps nothing) when it cannot be served."""
-        request = self.make_request(request_id, prompt_token_ids, sampling_params, kv_transfer_params)
+        """Queue a request; raises ValueError (RequestIdInUse for an id in use, KVParamsError for
+        params this engine cannot serve) and keeps nothing when it cannot be served."""
+        self.enqueue(self.make_request(request_id, prompt_token_ids, sampling_params, kv_transfer_params))
+
+    def enqueue(self, request: Request) -> None:
+        """Queue a request built by `make_request`; RequestIdInUse when its id is in use."""
         with self._queue_lock:
-            if request_id in self._known_ids:
-                raise ValueError(f"request id {request_id!r} is already in use")
-            self._known_ids.add(request_id)
+            # A finished request's id stays in use while it holds blocks: its remote reader,
+            # its READs and its release all name it by id.
+            if request.request_id in self._known_ids or self.scheduler.holds(request.request_id):
+                raise RequestIdInUse(f"request id {request.request_id!r} is already in use")
+            self._known_ids.add(request.request_id)
             self._new_requests.append(request)
 
     def make_request(
@@ -92,9 +103,10 @@ class LLMEngine:
         request_id: str,
         prompt_token_ids: list[int],
         sampling_params: SamplingParams | None = None,
-        kv_transfer_params: dict[str, Any] | None = None,
+        kv_transfer_params: KVTransferParams | dict[str, Any] | None = None,
     ) -> Request:
-        """Validate one request without queuing it."""
+        """Validate one request without queuing it. `kv_transfer_params` come parsed (the HTTP
+        server parses them once) or as a plain object, parsed here."""
         self._check_open()
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
@@ -114,32 +126,29 @@ class LLMEngine:
                 f"{self.config.block_size} tokens, max_position_embeddings "
                 f"{getattr(self.model_config.hf_config, 'max_position_embeddings', None)})"
             )
-        if kv_transfer_params is not None:
-            if self.connector is None:
-                if any(kv_transfer_params.get(k) for k in ("do_remote_prefill", "do_remote_decode")):
-                    raise ValueError(
-                        f"request {request_id!r}: kv_transfer_params given, but the engine has no kv_transfer_config"
-                    )
-            else:
-                from kvxfer.connectors.metadata import parse_kv_transfer_params
+        if not isinstance(kv_transfer_params, (RemotePrefillParams, RemoteDecodeParams, type(None))):
+            kv_transfer_params = parse_kv_transfer_params(kv_transfer_params)
+        if kv_transfer_params is not None and self.connector is None:
+            raise ValueError(f"request {request_id!r}: kv_transfer_params given, but the engine has no kv_transfer_config")
+        request = Request(request_id, tokens, sampling_params, kv_transfer_params, self.model_config.eos_token_ids)
+        if self.connector is not None:
+            self.connector.check_new_request(request)
+        return request
 
-                parse_kv_transfer_params(kv_transfer_params)
-        return Request(request_id, tokens, sampling_params, kv_transfer_params, self.model_config.eos_token_ids)
-
-    def abort_request(self, request_id: str) -> str:
+    def abort_request(self, request_id: str, transfer_token: str | None = None) -> str:
         """End a request. Returns "aborted" (unfinished: its output, finish_reason "abort", comes
         with the next step), "released" (finished, its blocks held by the connector for a remote
-        reader: the next step tells the ranks to stop holding them, and they are freed once every
-        rank has) or "unknown" (nothing to do)."""
+        reader under `transfer_token`: the next step tells the ranks to stop holding them, and
+        they are freed once every rank has) or "unknown" (nothing done: no such request, or a
+        held one whose token was not given)."""
+        self._check_open()
         with self._queue_lock:
             if request_id in self._known_ids:
-                outcome = "aborted"
-            elif request_id in self.scheduler.pending_free:
-                outcome = "released"
-            else:
-                return "unknown"
-            self._aborts.append(request_id)
-        return outcome
+                self._aborts.append(request_id)
+                return "aborted"
+        # The token check and the release change the connector's state: not during a step.
+        with self._step_lock:
+            return "released" if self.scheduler.release(request_id, transfer_token) else "unknown"
 
     def has_unfinished_requests(self) -> bool:
         with self._queue_lock:
@@ -147,6 +156,8 @@ class LLMEngine:
 
     # --------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
+        """Run one step; EngineDeadError (also on every later call) once a rank died or its
+        KV connector broke."""
         with self._step_lock:
             self._check_open()
             self._apply_queue()
@@ -154,16 +165,27 @@ class LLMEngine:
             self.last_step_num_tokens = out.num_scheduled_tokens
             advanced: list[Request] = []
             if out.scheduled or self.connector is not None:
-                meta = self.connector.build_connector_meta(out) if self.connector is not None else None
+                meta = None
+                if self.connector is not None:
+                    meta = self.connector.build_connector_meta(out)
+                    self.aggregator.expect(meta)
                 step = StepInput.from_scheduler_output(out, self.config.block_size, meta)
                 try:
-                    results = self.executor.collective_rpc("execute_step", step)
-                except WorkerError as e:
-                    advanced = self.scheduler.fail_scheduled(out, f"model step failed: {e}")
+                    results, error = self.executor.collective_rpc_each("execute_step", step)
+                except EngineDeadError as e:
+                    self._dead = str(e)
+                    raise
+                if self.connector is not None:
+                    # The ranks that finished the step report their transfers even when another
+                    # rank failed: their connectors have handed these over and will not again.
+                    kv_outs = [r[1] if r is not None else None for r in results]
+                    self.scheduler.update_connector_output(self.aggregator.aggregate(kv_outs))
+                if isinstance(error, RankBrokenError):
+                    self._dead = f"{error} (the engine stopped: restart it)"
+                    raise EngineDeadError(self._dead) from error
+                if error is not None:
+                    self.scheduler.fail_scheduled(out, f"model step failed: {error}")
                 else:
-                    if self.connector is not None:
-                        combined = self.aggregator.aggregate([kv_out for _, kv_out in results])
-                        self.scheduler.update_connector_output(combined)
                     sampled_iter = iter(results[0][0])
                     sampled = [next(sampled_iter) if s.samples else None for s in out.scheduled]
                     advanced = self.scheduler.update_from_output(out, sampled)
@@ -209,14 +231,10 @@ class LLMEngine:
         if request.is_finished:
             request.text = decode(ids, skip_special_tokens=True)
             return
-        # Decode only a short window: the text of the tokens since the last emitted boundary,
-        # held back while it ends in an incomplete character.
-        start, read = request.detok_offsets
-        before = decode(ids[start:read], skip_special_tokens=True)
-        after = decode(ids[start:], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            request.text += after[len(before) :]
-            request.detok_offsets = (read, len(ids))
+        delta, request.detok_offsets = text_delta(
+            lambda window: decode(window, skip_special_tokens=True), ids, request.detok_offsets
+        )
+        request.text += delta
 
     # ---------------------------------------------------------------- utilities
     def collective_rpc(self, method: str, *args: Any) -> list:
@@ -245,7 +263,7 @@ class LLMEngine:
             "num_aborted_loads": len(sched.aborted_loads),
         }
         if self.connector is not None:
-            stats["connector"] = self.connector.stats()
+            stats["connector"] = {**self.connector.stats(), "recomputed": sched.num_recomputed}
         return stats
 
     def worker_pids(self) -> list[int]:
@@ -256,11 +274,20 @@ class LLMEngine:
             if self._closed:
                 return
             self._closed = True
+            if self.connector is not None:
+                self.connector.shutdown()
             self._finalizer()
+
+    @property
+    def dead(self) -> str | None:
+        """Why the engine cannot go on (a rank died or its KV connector broke), else None."""
+        return self._dead
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the engine is shut down")
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
 
     def __enter__(self) -> LLMEngine:
         return self
@@ -276,11 +303,7 @@ def _check_device(config: EngineConfig) -> None:
 
     if not torch.cuda.is_available():
         raise ValueError("device='cuda' but torch.cuda.is_available() is false")
-    if torch.cuda.device_count() < config.tensor_parallel_size:
-        raise ValueError(
-            f"tensor_parallel_size={config.tensor_parallel_size} needs as many GPUs; "
-            f"{torch.cuda.device_count()} visible"
-        )
+    config.check_cuda_devices(torch.cuda.device_count())
 
 
 def _load_tokenizer(model_dir: str):

@@ -21,12 +21,18 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+from kvxfer.connectors.base import KVConnectorBroken
 from kvxfer.engine.config import EngineConfig
 from kvxfer.ports import free_port
 
 
 class WorkerError(RuntimeError):
     """A method raised on a rank; the rank is still alive."""
+
+
+class RankBrokenError(WorkerError):
+    """A rank's KV connector is broken (e.g. its registration failed): the rank answers, but
+    no later step can be trusted to report its transfers, so the engine cannot go on."""
 
 
 class EngineDeadError(RuntimeError):
@@ -49,6 +55,8 @@ class _LocalRank:
         self._call = None
         try:
             return getattr(self.worker, method)(*args)
+        except KVConnectorBroken as e:
+            raise RankBrokenError(f"rank 0: {e}") from e
         except Exception as e:
             raise WorkerError(f"rank 0: {type(e).__name__}: {e}") from e
 
@@ -93,6 +101,8 @@ class _ProcessRank:
             raise EngineDeadError(f"TP rank {self.rank} closed its pipe ({self._exit_text()})") from e
         if status == "err":
             raise WorkerError(f"rank {self.rank}: {value}")
+        if status == "broken":
+            raise RankBrokenError(f"rank {self.rank}: {value}")
         return value
 
     def stop(self, timeout: float) -> None:
@@ -142,7 +152,7 @@ class Executor:
                 self.ranks.append(_ProcessRank(config, rank, tp))
             # Load first, then join the group: a rank failing to load is reported as such
             # instead of leaving the others waiting in a rendezvous.
-            self.proposed_num_blocks = self.collective_rpc("load_model")
+            self.collective_rpc("load_model")
             self.num_blocks = self.collective_rpc("init_kv_cache", free_port())[0]
         except BaseException:
             self.shutdown()
@@ -150,20 +160,32 @@ class Executor:
 
     def collective_rpc(self, method: str, *args: Any, timeout: float | None = None) -> list:
         """Call `method(*args)` on every rank's worker; results in rank order."""
+        results, error = self.collective_rpc_each(method, *args, timeout=timeout)
+        if error is not None:
+            raise error
+        return results
+
+    def collective_rpc_each(
+        self, method: str, *args: Any, timeout: float | None = None
+    ) -> tuple[list, WorkerError | None]:
+        """Like `collective_rpc`, but a rank whose method raised does not hide the others'
+        results: (results in rank order, None for a rank that raised; the error, a
+        RankBrokenError first). EngineDeadError is raised."""
         for rank in self.ranks:
             rank.send(method, args)
-        results, error = [], None
+        results: list = []
+        error: WorkerError | EngineDeadError | None = None
         for rank in self.ranks:
             try:
                 results.append(rank.recv(timeout or self.timeout))
             except (WorkerError, EngineDeadError) as e:
                 # Keep draining the other ranks so the pipes stay in step.
-                if error is None or isinstance(e, EngineDeadError):
+                if error is None or _severity(e) > _severity(error):
                     error = e
                 results.append(None)
-        if error is not None:
+        if isinstance(error, EngineDeadError):
             raise error
-        return results
+        return results, error
 
     def shutdown(self) -> None:
         ranks, self.ranks = self.ranks, []
@@ -181,3 +203,6 @@ class Executor:
     def worker_pids(self) -> list[int]:
         return [r.process.pid for r in self.ranks if isinstance(r, _ProcessRank)]
 
+
+def _severity(error: Exception) -> int:
+    return 2 if isinstance(error, EngineDeadError) else 1 if isinstance(error, RankBrokenError) else 0

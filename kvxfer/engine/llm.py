@@ -59,9 +59,7 @@ class LLM:
             for p, sp, kv in zip(prompts, params_list, kv_list)
         ]
         for request in requests:
-            self.engine.add_request(
-                request.request_id, request.prompt_token_ids, request.sampling_params, request.kv_transfer_params
-            )
+            self.engine.enqueue(request)
         order = {r.request_id: i for i, r in enumerate(requests)}
         results: list[RequestOutput | None] = [None] * n
         bar = _progress(n, use_tqdm)

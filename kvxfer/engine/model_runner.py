@@ -4,13 +4,16 @@ metadata, runs the model over the rank's paged KV cache, and samples on rank 0."
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kvxfer.engine.sampler import Sampler, SamplingInfo
 from kvxfer.engine.scheduler import SchedulerOutput
 from kvxfer.layers.attention import AttentionMetadata
+
+if TYPE_CHECKING:
+    from kvxfer.engine.cuda_graphs import DecodeGraphs
 
 
 @dataclass
@@ -56,6 +59,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = kv_cache.device
         self.sampler = sampler  # rank 0 only
+        self.decode_graphs: DecodeGraphs | None = None  # set by the worker with --cuda-graphs
 
     @torch.inference_mode()
     def run(self, step: StepInput) -> list[tuple[int, dict[int, float] | None]] | None:
@@ -64,15 +68,20 @@ class ModelRunner:
             self.sampler.forget(step.finished_request_ids)
         if not step.query_lens:
             return [] if self.sampler is not None else None
-        attn = AttentionMetadata.build(
-            step.query_lens, step.seq_lens, step.block_tables, self.block_size, self.device
-        )
-        input_ids = torch.tensor(step.input_ids, dtype=torch.long, device=self.device)
-        positions = torch.tensor(step.positions, dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, positions, self.kv_cache, attn)
+        # --- CUDA graphs hook (engine/cuda_graphs.py): decode-only steps replay a graph ---
+        if self.decode_graphs is not None and self.decode_graphs.can_run(step):
+            hidden = self.decode_graphs.run(step)
+            starts = list(range(len(step.query_lens) + 1))
+        else:  # --- end of the CUDA graphs hook; the eager path ---
+            attn = AttentionMetadata.build(
+                step.query_lens, step.seq_lens, step.block_tables, self.block_size, self.device
+            )
+            input_ids = torch.tensor(step.input_ids, dtype=torch.long, device=self.device)
+            positions = torch.tensor(step.positions, dtype=torch.long, device=self.device)
+            hidden = self.model(input_ids, positions, self.kv_cache, attn)
+            starts = attn.query_start_loc_host
         if not step.sample_rows:
             return [] if self.sampler is not None else None
-        starts = attn.query_start_loc_host
         last = torch.tensor([starts[row + 1] - 1 for row in step.sample_rows], device=self.device)
         # Every rank joins: the logits are gathered from the vocab shards onto rank 0.
         logits = self.model.compute_logits(hidden[last])

@@ -44,6 +44,8 @@ def main(fd: int, parent_pid: int, pdeathsig: bool) -> None:
         return
     import torch
 
+    from kvxfer.connectors.base import KVConnectorBroken
+
     # Ranks share the host's cores; oversubscribed intra-op threads only slow every rank down.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp_size))
     from kvxfer.engine.worker import Worker
@@ -59,6 +61,8 @@ def main(fd: int, parent_pid: int, pdeathsig: bool) -> None:
                 break
             try:
                 payload = pickle.dumps(("ok", getattr(worker, method)(*args)), protocol=pickle.HIGHEST_PROTOCOL)
+            except KVConnectorBroken as e:
+                payload = pickle.dumps(("broken", str(e)))
             except Exception as e:
                 payload = pickle.dumps(("err", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-4)}"))
             conn.send_bytes(payload)

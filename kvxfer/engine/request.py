@@ -6,7 +6,16 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+from kvxfer.connectors.metadata import RemoteDecodeParams, RemotePrefillParams
 from kvxfer.engine.sampling_params import SamplingParams
+
+# The parsed `kv_transfer_params` a request carries (parsed once, where it enters).
+KVTransferParams = RemotePrefillParams | RemoteDecodeParams
+
+
+class RequestIdInUse(ValueError):
+    """The id names a request that is still unfinished, or finished but still holding KV
+    blocks (for a remote reader, or while its own READs may land): ids are never shared."""
 
 
 class RequestStatus(enum.Enum):
@@ -25,7 +34,7 @@ class Request:
         request_id: str,
         prompt_token_ids: list[int],
         sampling_params: SamplingParams,
-        kv_transfer_params: dict[str, Any] | None = None,
+        kv_transfer_params: KVTransferParams | None = None,
         eos_token_ids: tuple[int, ...] = (),
     ) -> None:
         self.request_id = request_id
@@ -34,7 +43,7 @@ class Request:
         self.kv_transfer_params = kv_transfer_params
         self.eos_token_ids = () if sampling_params.ignore_eos else tuple(eos_token_ids)
         # A prefill leg of a disaggregated request stops after its first token.
-        self.max_tokens = 1 if (kv_transfer_params or {}).get("do_remote_decode") else sampling_params.max_tokens
+        self.max_tokens = 1 if isinstance(kv_transfer_params, RemoteDecodeParams) else sampling_params.max_tokens
         self.output_token_ids: list[int] = []
         self.logprobs: list[dict[int, float]] = []  # per output token, when asked
         self.status = RequestStatus.WAITING

@@ -1,8 +1,11 @@
 """Token sampling from the last-position logits: greedy, temperature, top-p, per-request seeds.
 
-Greedy rows take the argmax; random rows draw from their own `torch.Generator` when the
-request has a seed (so a seeded request gives the same tokens whatever it is batched with)
-and from the worker's generator otherwise. Log-probs are those of the model's distribution
+Greedy rows take the argmax. Random rows are sampled together: temperature, top-p and the
+draw run on all of them at once (exponential race: the argmax of `probs / E`, `E ~ Exp(1)`
+per token, is a draw from `probs`), and one host transfer returns every row's token. Only
+the noise is drawn per row where the request has a seed, from its own `torch.Generator` (so
+a seeded request gives the same tokens whatever it is batched with); the other rows share
+one draw from the worker's generator. Log-probs are those of the model's distribution
 (before temperature and top-p): per sampled row that asks for them, a {token id: log-prob}
 map of the chosen token and the row's top-k tokens, from one log_softmax and one topk over
 the rows that ask.
@@ -39,9 +42,10 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, infos: list[SamplingInfo]) -> list[tuple[int, dict[int, float] | None]]:
         logits = logits.float()
         tokens = logits.argmax(dim=-1)
-        for row, info in enumerate(infos):
-            if info.temperature > 0.0:
-                tokens[row] = self._draw(logits[row], info)
+        random_rows = [row for row, info in enumerate(infos) if info.temperature > 0.0]
+        if random_rows:
+            index = torch.tensor(random_rows, device=logits.device)
+            tokens.index_copy_(0, index, self._draw(logits.index_select(0, index), [infos[r] for r in random_rows]))
         token_list = tokens.tolist()
         return list(zip(token_list, self._logprobs(logits, tokens, token_list, infos)))
 
@@ -68,19 +72,26 @@ class Sampler:
             result[row] = entry
         return result
 
-    def _draw(self, logits: torch.Tensor, info: SamplingInfo) -> torch.Tensor:
-        probs = torch.softmax(logits / info.temperature, dim=-1)
-        if info.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
+    def _draw(self, logits: torch.Tensor, infos: list[SamplingInfo]) -> torch.Tensor:
+        """One token per row of `logits` `[R, vocab]`, by each row's temperature and top-p."""
+        temperatures = torch.tensor([info.temperature for info in infos], device=logits.device)
+        probs = torch.softmax(logits / temperatures[:, None], dim=-1)
+        top_p = [info.top_p for info in infos]
+        if min(top_p) < 1.0:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
             # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-            drop = sorted_probs.cumsum(0) - sorted_probs >= info.top_p
-            sorted_probs[drop] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        return torch.multinomial(probs, 1, generator=self._generator(info)).squeeze(0)
+            limit = torch.tensor(top_p, device=logits.device)[:, None]
+            sorted_probs.masked_fill_(sorted_probs.cumsum(-1) - sorted_probs >= limit, 0.0)
+            probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
+        noise = torch.empty_like(probs)
+        noise.exponential_(generator=self.generator)
+        for row, info in enumerate(infos):
+            if info.seed is not None:
+                noise[row].exponential_(generator=self._generator(info))
+        # An exact zero draw would turn a removed token's 0 / 0 into NaN, which argmax picks.
+        return (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
 
     def _generator(self, info: SamplingInfo) -> torch.Generator:
-        if info.seed is None:
-            return self.generator
         gen = self._request_generators.get(info.request_id)
         if gen is None:
             gen = torch.Generator(device=self.device).manual_seed(info.seed)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
+from kvxfer.connectors.base import KVConnectorOutput, KVConnectorScheduler
 from kvxfer.engine.block_manager import BlockManager
 from kvxfer.engine.request import Request, RequestStatus
 
@@ -47,7 +47,7 @@ class Scheduler:
         block_manager: BlockManager,
         max_num_seqs: int,
         max_num_batched_tokens: int,
-        connector: Any = None,
+        connector: KVConnectorScheduler | None = None,
         failure_policy: str = "fail",
     ) -> None:
         self.bm = block_manager
@@ -61,11 +61,10 @@ class Scheduler:
         self.pending_free: dict[str, Request] = {}  # finished; the connector holds the blocks
         self.aborted_loads: dict[str, Request] = {}  # aborted while their KV was arriving
         self.requests: dict[str, Request] = {}  # unfinished, by id
-        self._recv_done: set[str] = set()
-        self._recv_failed: dict[str, tuple[str, str]] = {}  # request id -> (reason, failure kind)
         self._finished_since_step: list[str] = []
         self.finished: list[Request] = []  # finished outside a model step, to report next
         self.num_preemptions = 0
+        self.num_recomputed = 0  # loads that failed and fell back to local prefill
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -74,12 +73,23 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
+    def holds(self, request_id: str) -> bool:
+        """Whether a finished request of this id still holds blocks (for a remote reader, or
+        while its own READs may land): the id may not be reused yet. Safe from any thread."""
+        return request_id in self.pending_free or request_id in self.aborted_loads
+
+    def release(self, request_id: str, transfer_token: str | None) -> bool:
+        """Ask the connector to stop holding a finished request's blocks for its remote reader;
+        they are freed once every rank has. False (nothing changes) unless the connector holds
+        the request under that token."""
+        held = request_id in self.pending_free and self.connector is not None
+        return held and self.connector.release_request(request_id, transfer_token)
+
     def abort(self, request_id: str) -> bool:
+        """End an unfinished request; False when there is none of this id."""
         request = self.requests.get(request_id)
         if request is None:
-            # Finished, its blocks held for a remote reader that will not come: release them.
-            held = request_id in self.pending_free and self.connector is not None
-            return held and self.connector.release_request(request_id)
+            return False
         if request.status == RequestStatus.WAITING_FOR_REMOTE_KV:
             # READs may still be writing into its blocks: they are freed once every rank has
             # reported the receive finished or failed.
@@ -95,7 +105,6 @@ class Scheduler:
     # ----------------------------------------------------------------- schedule
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        self._collect_remote_results()
         budget = self.max_num_batched_tokens
         i = 0
         while i < len(self.running) and budget > 0:
@@ -186,31 +195,6 @@ class Scheduler:
                 request, list(request.block_ids), num_local, request.num_external_tokens
             )
 
-    def _collect_remote_results(self) -> None:
-        for request_id in sorted(self._recv_done):
-            request = self.remote.pop(request_id, None)
-            if request is None:
-                continue
-            # The last prompt token is always computed here: its logits give the first token.
-            total = request.num_computed_tokens + request.num_external_tokens
-            request.num_computed_tokens = min(total, request.num_tokens - 1)
-            request.status = RequestStatus.WAITING
-            self.waiting.appendleft(request)
-        self._recv_done.clear()
-        for request_id, (reason, kind) in sorted(self._recv_failed.items()):
-            request = self.remote.pop(request_id, None)
-            if request is None:
-                continue
-            request.num_external_tokens = 0
-            if self.failure_policy == "recompute":
-                request.status = RequestStatus.WAITING
-                self.waiting.appendleft(request)
-            else:
-                request.error = f"KV transfer failed: {reason}"
-                request.error_kind = kind
-                self._finish(request, "error")
-        self._recv_failed.clear()
-
     # ------------------------------------------------------------------ results
     def update_from_output(
         self, out: SchedulerOutput, sampled: list[tuple[int, dict[int, float] | None] | None]
@@ -234,9 +218,9 @@ class Scheduler:
                 self._finish(request, request.finish_reason)
         return touched
 
-    def fail_scheduled(self, out: SchedulerOutput, message: str) -> list[Request]:
-        """The step failed: its requests end with an error, the engine goes on."""
-        failed = []
+    def fail_scheduled(self, out: SchedulerOutput, message: str) -> None:
+        """The step failed: its requests end with an error (reported by `pop_finished`), the
+        engine goes on."""
         for sched in out.scheduled:
             request = sched.request
             if request.is_finished or request not in self.running:
@@ -244,33 +228,62 @@ class Scheduler:
             self.running.remove(request)
             request.error = message
             self._finish(request, "error")
-        return failed
 
     def pop_finished(self) -> list[Request]:
         """Requests ended outside the model step (abort, error) since the last call."""
         finished, self.finished = self.finished, []
         return finished
 
-    def update_connector_output(self, output: Any) -> None:
-        for request_id in output.finished_recving | output.failed_recving.keys():
+    def update_connector_output(self, output: KVConnectorOutput) -> None:
+        # A load's report (every rank finished or failed it) is applied at once: a request is
+        # in `remote` exactly while its READs may still land, so an abort that comes later
+        # finds it already loaded (freed by the normal path) and never waits for a report
+        # that already came.
+        for request_id, stats in output.recv_stats.items():
+            request = self.requests.get(request_id)  # also a running one's notify-only load
+            if request is not None:
+                request.kv_transfer_stats = stats.as_dict()
+        for request_id in sorted(output.finished_recving | output.failed_recving.keys()):
             aborted = self.aborted_loads.pop(request_id, None)
             if aborted is not None:
                 self.bm.free(aborted)
-        for request_id in output.finished_recving:
-            if request_id in self.remote:
-                self._recv_done.add(request_id)
-        for request_id, reason in output.failed_recving.items():
-            if request_id in self.remote:
-                self._recv_failed[request_id] = (reason, output.failure_kinds.get(request_id, "transfer"))
+                continue
+            request = self.remote.pop(request_id, None)
+            if request is None:
+                continue
+            if request_id in output.finished_recving:
+                self._load_done(request)
+            else:
+                kind = output.failure_kinds.get(request_id, "transfer")
+                self._load_failed(request, output.failed_recving[request_id], kind)
         for request_id in output.finished_sending:
             request = self.pending_free.pop(request_id, None)
             if request is not None:
                 self.bm.free(request)
-        for request_id, stats in output.recv_stats.items():
-            request = self.requests.get(request_id)
-            if request is not None:
-                request.kv_transfer_stats = stats.as_dict()
         self.connector.update_connector_output(output)
+
+    def _load_done(self, request: Request) -> None:
+        # The last prompt token is always computed here: its logits give the first token.
+        total = request.num_computed_tokens + request.num_external_tokens
+        request.num_computed_tokens = min(total, request.num_tokens - 1)
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+
+    def _load_failed(self, request: Request, reason: str, kind: str) -> None:
+        request.num_external_tokens = 0
+        if self.failure_policy == "recompute":
+            # Said in the output and counted, so a broken transfer path never passes as healthy.
+            self.num_recomputed += 1
+            request.kv_transfer_stats = {
+                "recomputed": True, "error_kind": kind, "reason": reason,
+                "bytes": 0, "descriptors": 0, "seconds": 0.0, "gbps": 0.0,
+            }
+            request.status = RequestStatus.WAITING
+            self.waiting.appendleft(request)
+        else:
+            request.error = f"KV transfer failed: {reason}"
+            request.error_kind = kind
+            self._finish(request, "error")
 
     def _finish(self, request: Request, reason: str) -> None:
         request.status = RequestStatus.FINISHED

@@ -1,17 +1,22 @@
-"""One TP rank: the model shard, the rank's KV cache tensor, the worker side of the
-connector, and the memory probe that sizes the rank's KV pool."""
+"""One TP rank: its device, the model shard, the rank's KV cache tensor, the worker side of
+the connector, and the memory probe that sizes the rank's KV pool (on CUDA, a profiling
+forward at the longest batch; the math is in engine/memory.py)."""
 
 from __future__ import annotations
 
 import datetime
-import os
 
 import torch
 import torch.distributed as dist
 
 from kvxfer.engine.config import EngineConfig
+from kvxfer.engine.cuda_graphs import DecodeGraphs
+from kvxfer.engine.memory import CudaMemoryPlan, available_ram_bytes, cpu_kv_budget_bytes
 from kvxfer.engine.model_runner import ModelRunner, StepInput
-from kvxfer.engine.sampler import Sampler
+from kvxfer.engine.sampler import Sampler, SamplingInfo
+
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+DEFAULT_CPU_KV_FRACTION = 0.2
 
 
 class Worker:
@@ -19,17 +24,21 @@ class Worker:
         self.config = config
         self.rank = rank
         self.tp_size = tp_size
-        self.device = torch.device("cuda", rank) if config.device == "cuda" else torch.device("cpu")
+        if config.device == "cuda":
+            self.device = torch.device("cuda", config.cuda_device_index(rank))
+        else:
+            self.device = torch.device("cpu")
         self.dtype = getattr(torch, config.torch_dtype_name)
         self.proposed_num_blocks = 0
         self.num_blocks = 0
         self.kv_cache: torch.Tensor | None = None
         self.connector = None
         self.runner: ModelRunner | None = None
+        self.memory_plan: CudaMemoryPlan | None = None
         self._owns_process_group = False
 
-    def load_model(self) -> int:
-        """Load this rank's shard; returns the number of KV blocks this rank could hold."""
+    def load_model(self) -> None:
+        """Load this rank's shard (the pool is sized once the ranks have joined their group)."""
         from kvxfer.models import build_model, load_model_config
 
         if self.device.type == "cuda":
@@ -38,8 +47,6 @@ class Worker:
         self.model = build_model(self.model_config, self.rank, self.tp_size, self.device, self.dtype)
         self.model.load_weights(self.config.model_dir)
         self.spec = self.model_config.kv_cache_spec(self.config.block_size, self.config.torch_dtype_name)
-        self.proposed_num_blocks = self._propose_num_blocks()
-        return self.proposed_num_blocks
 
     def _propose_num_blocks(self) -> int:
         from kvxfer.specs import num_blocks_for
@@ -52,34 +59,80 @@ class Worker:
         return num_blocks_for(self.spec, budget, self.tp_size)
 
     def _probe_kv_memory(self) -> int:
-        fraction = self.config.kv_cache_memory_fraction
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return int(free * (fraction or 0.8))
-        # The ranks share one host's RAM (and zeroing a CPU pool touches every page).
-        share = min(int(_available_ram_bytes() * (fraction or 0.2)), self.config.cpu_kv_cache_max_bytes)
-        return share // self.tp_size
+            self.memory_plan = self._cuda_memory_plan()
+            return max(self.memory_plan.kv_bytes, 0)
+        fraction = self.config.kv_cache_memory_fraction or DEFAULT_CPU_KV_FRACTION
+        return cpu_kv_budget_bytes(available_ram_bytes(), fraction, self.config.cpu_kv_cache_max_bytes, self.tp_size)
+
+    def _cuda_memory_plan(self) -> CudaMemoryPlan:
+        """Weights as allocated now, peak activations from a forward (every rank at once: TP
+        collectives) at the longest batch the scheduler may send; the device's total memory."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        weights = torch.cuda.memory_allocated(self.device)
+        activations, graphs = self._profile_activation_bytes()
+        torch.cuda.empty_cache()
+        _, total = torch.cuda.mem_get_info(self.device)
+        fraction = self.config.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
+        return CudaMemoryPlan(total, fraction, weights, activations, graphs)
+
+    def _profile_activation_bytes(self) -> tuple[int, int]:
+        """Peak bytes a step of max_num_batched_tokens tokens (in as many sequences as the
+        scheduler allows, every one sampled with top-p and log-probs) allocates beyond what is
+        allocated before it, not counting the scratch KV cache it writes; and, with CUDA
+        graphs, what the largest decode graph's pool and the static buffers will keep."""
+        step, blocks = profile_step(self.config.max_num_batched_tokens, self.config.max_num_seqs, self.config.block_size)
+        cache = torch.zeros((blocks, *self.spec.block_shape(self.tp_size)), dtype=self.dtype, device=self.device)
+        sampler = Sampler(self.device, 0) if self.rank == 0 else None
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        ModelRunner(self.model, cache, self.config.block_size, sampler).run(step)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        graphs = 0
+        if not self.config.enforce_eager:
+            # The largest bucket's eager forward over the static buffers: what its graph holds.
+            torch.cuda.reset_peak_memory_stats(self.device)
+            decode = self._decode_graphs(cache, capture=False)
+            decode.largest_forward()
+            torch.cuda.synchronize(self.device)
+            graphs = torch.cuda.max_memory_allocated(self.device) - before
+            del decode
+        del cache
+        return peak, graphs
+
+    def _decode_graphs(self, cache: torch.Tensor, capture: bool) -> DecodeGraphs:
+        # Block tables as wide as the longest sequence the pool and the model's positions allow
+        # (a wider step falls back to the eager path).
+        max_positions = getattr(self.model_config.hf_config, "max_position_embeddings", None) or 1 << 62
+        max_model_len = min(cache.shape[0] * self.config.block_size, max_positions)
+        return DecodeGraphs(self.model, cache, self.config.block_size, self.config.max_num_seqs, max_model_len, capture)
 
     def init_kv_cache(self, dist_port: int) -> int:
-        """Join the TP group, agree on the pool size (MIN over ranks), allocate the KV cache."""
-        num_blocks = self.proposed_num_blocks
+        """Join the TP group, size this rank's pool, agree on the size (MIN over ranks), allocate."""
+        if self.tp_size > 1 and not dist.is_initialized():
+            dist.init_process_group(
+                "nccl" if self.device.type == "cuda" else "gloo",
+                init_method=f"tcp://127.0.0.1:{dist_port}",
+                rank=self.rank,
+                world_size=self.tp_size,
+                timeout=datetime.timedelta(seconds=self.config.worker_timeout_s),
+            )
+            self._owns_process_group = True
+        # Sized only now: the profiling forward needs the group. A rank short of memory
+        # proposes 0 rather than raising, so every rank reaches the all-reduce and fails alike.
+        num_blocks = self.proposed_num_blocks = self._propose_num_blocks()
         if self.tp_size > 1:
-            if not dist.is_initialized():
-                dist.init_process_group(
-                    "nccl" if self.device.type == "cuda" else "gloo",
-                    init_method=f"tcp://127.0.0.1:{dist_port}",
-                    rank=self.rank,
-                    world_size=self.tp_size,
-                    timeout=datetime.timedelta(seconds=self.config.worker_timeout_s),
-                )
-                self._owns_process_group = True
             agreed = torch.tensor([num_blocks], dtype=torch.int64, device=self.device)
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
             num_blocks = int(agreed.item())
         if num_blocks < 1:
+            plan = f" ({self.memory_plan.describe()})" if self.memory_plan is not None else ""
             raise ValueError(
                 f"no room for a single KV block of {self.spec.bytes_per_block(self.tp_size)} bytes "
-                f"on some rank; set num_kv_blocks or kv_cache_memory_bytes"
+                f"on some rank{plan}; raise gpu_memory_utilization or set num_kv_blocks or kv_cache_memory_bytes"
             )
         self.num_blocks = num_blocks
         self.kv_cache = torch.zeros(
@@ -87,6 +140,8 @@ class Worker:
         )
         sampler = Sampler(self.device, self.config.seed) if self.rank == 0 else None
         self.runner = ModelRunner(self.model, self.kv_cache, self.config.block_size, sampler)
+        if self.device.type == "cuda" and not self.config.enforce_eager:
+            self.runner.decode_graphs = self._decode_graphs(self.kv_cache, capture=True)
         if self.config.kv_transfer_config is not None:
             from kvxfer.connectors import create_worker_connector
 
@@ -97,15 +152,37 @@ class Worker:
         return num_blocks
 
     def execute_step(self, step: StepInput):
-        """(sampled tokens on rank 0 else None, this rank's connector output or None)."""
+        """(sampled tokens on rank 0 else None, this rank's connector output or None).
+
+        A connector error raises KVConnectorBroken, after the model step: the other ranks'
+        collectives still meet this rank's. A model error raises before `get_finished`, so
+        this rank's finished transfers are reported with its next step."""
+        from kvxfer.connectors.base import KVConnectorBroken
+
+        broken: Exception | None = None
         if self.connector is not None and step.connector_meta is not None:
-            self.connector.start_load_kv(step.connector_meta)
+            try:
+                self.connector.start_load_kv(step.connector_meta)
+            except Exception as e:
+                broken = e
         sampled = self.runner.run(step)
-        finished = self.connector.get_finished() if self.connector is not None else None
+        finished = None
+        if self.connector is not None and broken is None:
+            try:
+                finished = self.connector.get_finished()
+            except Exception as e:
+                broken = e
+        if broken is not None:
+            raise KVConnectorBroken(f"KV connector failed: {type(broken).__name__}: {broken}") from broken
         return sampled, finished
 
     def kv_pool_info(self) -> dict[str, int]:
         return {"rank": self.rank, "proposed_num_blocks": self.proposed_num_blocks, "num_blocks": self.num_blocks}
+
+    def decode_graph_count(self) -> int:
+        """CUDA graphs captured on this rank (0: eager)."""
+        graphs = self.runner.decode_graphs if self.runner is not None else None
+        return len(graphs.graphs) if graphs is not None else 0
 
     def read_kv_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """CPU copy of the given blocks of this rank's cache, shape [len(ids), *block_shape]."""
@@ -121,12 +198,18 @@ class Worker:
             self._owns_process_group = False
 
 
-def _available_ram_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+def profile_step(max_tokens: int, max_seqs: int, block_size: int) -> tuple[StepInput, int]:
+    """The largest step the scheduler may send, for measuring peak memory: max_tokens prompt
+    tokens over as many sequences as allowed (short ones keep positions in range), every one
+    sampled with top-p and 20 log-probs (the sampler's largest temporaries); and the number of
+    KV blocks its block tables use."""
+    seqs = min(max_seqs, max_tokens)
+    lens = [max_tokens // seqs + (i < max_tokens % seqs) for i in range(seqs)]
+    tables, blocks = [], 0
+    for n in lens:
+        tables.append(list(range(blocks, blocks + -(-n // block_size))))
+        blocks += len(tables[-1])
+    infos = [SamplingInfo(f"profile-{i}", 1.0, 0.9, None, 20) for i in range(seqs)]
+    positions = [p for n in lens for p in range(n)]
+    return StepInput([0] * max_tokens, positions, lens, lens, tables, list(range(seqs)), infos, []), blocks
+

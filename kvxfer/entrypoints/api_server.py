@@ -1,10 +1,12 @@
 """OpenAI-compatible HTTP API of one kvxfer engine (role prefill, decode or both).
 
 Routes: /v1/completions, /v1/chat/completions (JSON or server-sent events), /v1/models,
-/v1/abort/{request_id} (used by the proxy to release a prefill's held blocks), /health,
-/metrics. A request is validated completely before it reaches the engine; the response
-status is sent only once the first output exists, so a failed KV pull is an HTTP error
-rather than a broken stream.
+/v1/abort/{request_id} (used by the proxy to release a prefill's held blocks; the optional JSON
+body `{"transfer_token": ...}` names the hold), /health, /metrics. `kv_transfer_params` are
+parsed once here (`parse_kv_transfer_params`) and checked by the engine when it takes the
+request, so a bad request is a 4xx that changes nothing (an id in use: 409). The response
+status is sent only once the first output exists, so a failed KV pull is an HTTP error rather
+than a broken stream.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvxfer.connectors.base import KVParamsError
+from kvxfer.connectors.metadata import parse_kv_transfer_params
+from kvxfer.engine.request import RequestIdInUse
 from kvxfer.entrypoints.async_engine import AsyncEngine, EngineDead, RequestStream
 from kvxfer.entrypoints.metrics import ServerMetrics
 from kvxfer.entrypoints.protocol import (
     REQUEST_ID_RE,
+    AbortRequest,
     BadRequest,
     ChatCompletionRequest,
     CompletionRequest,
-    KVTransferParams,
     parse_body,
     parse_request_id,
 )
@@ -45,11 +49,9 @@ class ServerContext:
     model_name: str
     role: str  # "prefill" | "decode" | "both"
     sampling_params: Callable[..., Any]  # kvxfer's SamplingParams
-    kv_connector: bool  # whether the engine has a KV connector at all
-    block_size: int
     max_model_len: int  # prompt + generated tokens one sequence may reach
-    ranks_alive: Callable[[Any], bool]  # runs on the engine thread
-    abort: Callable[[Any, str], str]  # LLMEngine.abort_request; runs on the engine thread
+    ranks_problem: Callable[[], str | None]  # any thread, never waits for the engine thread
+    abort: Callable[[Any, str, str | None], str]  # LLMEngine.abort_request; runs on the engine thread
     engine_stats: Callable[[Any], dict]  # runs on the engine thread
     side_channel_problem: Callable[[], str | None] | None = None  # blocking; None: nothing to check
 
@@ -85,10 +87,11 @@ def build_app(ctx: ServerContext) -> FastAPI:
         return await _generate(ctx, request, req, prompt_ids, max_tokens, top, chat=True)
 
     @app.post("/v1/abort/{request_id}")
-    async def abort(request_id: str) -> dict:
+    async def abort(request_id: str, request: Request) -> dict:
         if not REQUEST_ID_RE.match(request_id):
             raise BadRequest("request id must be 1-128 characters of [A-Za-z0-9._:-]")
-        outcome = await ctx.engine.call(lambda e: ctx.abort(e, request_id), timeout_s=10)
+        token = parse_body(AbortRequest, await request.body() or b"{}").transfer_token
+        outcome = await ctx.engine.call(lambda e: ctx.abort(e, request_id, token), timeout_s=10)
         return {"request_id": request_id, "outcome": outcome}
 
     @app.get("/v1/models")
@@ -100,9 +103,11 @@ def build_app(ctx: ServerContext) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         problems = await _health_problems(ctx)
+        # The step time is information (load), never a reason to be unhealthy.
+        busy = {"step_seconds": round(ctx.engine.step_seconds, 3)}
         if problems:
-            return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
-        return JSONResponse({"status": "ok", "role": ctx.role})
+            return JSONResponse({"status": "unavailable", "problems": problems} | busy, status_code=503)
+        return JSONResponse({"status": "ok", "role": ctx.role} | busy)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -113,45 +118,16 @@ def build_app(ctx: ServerContext) -> FastAPI:
 
 
 async def _health_problems(ctx: ServerContext) -> list[str]:
+    """Whether the server can serve, from state that does not wait for a running step: the
+    engine thread, the TP rank processes, the side channel."""
     if not ctx.engine.alive:
         return [f"engine is not running: {ctx.engine.error!r}"]
-    problems = []
-    try:
-        if not await ctx.engine.call(ctx.ranks_alive, timeout_s=5):
-            problems.append("a tensor-parallel rank is down")
-    except EngineDead:
-        return [f"engine is not running: {ctx.engine.error!r}"]
-    except Exception as exc:  # a dead rank makes the call raise (and the engine loop stop)
-        problems.append(f"a tensor-parallel rank does not answer: {exc}")
+    problems = [p for p in (ctx.ranks_problem(),) if p]
     if ctx.side_channel_problem is not None:
         problem = await asyncio.to_thread(ctx.side_channel_problem)
         if problem:
             problems.append(problem)
     return problems
-
-
-def _check_kv_params(ctx: ServerContext, kv: KVTransferParams | None, prompt_len: int) -> dict | None:
-    if kv is None:
-        return None
-    if kv.do_remote_prefill:
-        if ctx.role == "prefill":
-            raise BadRequest("kv_transfer_params: a prefill server does not take do_remote_prefill")
-        if kv.remote_num_tokens != prompt_len:
-            raise BadRequest(
-                f"kv_transfer_params: remote_num_tokens ({kv.remote_num_tokens}) differs from the prompt "
-                f"length ({prompt_len}); these params belong to another prompt"
-            )
-        needed = -(-prompt_len // ctx.block_size)  # both engines have one block size (handshake-checked)
-        if len(kv.remote_block_ids) != needed:
-            raise BadRequest(
-                f"kv_transfer_params: {len(kv.remote_block_ids)} remote_block_ids for {prompt_len} tokens "
-                f"(block size {ctx.block_size} needs {needed})"
-            )
-    if kv.do_remote_decode and ctx.role == "decode":
-        raise BadRequest("kv_transfer_params: a decode server does not take do_remote_decode")
-    if not ctx.kv_connector and (kv.do_remote_prefill or kv.do_remote_decode):
-        raise BadRequest("kv_transfer_params: this server runs without a KV connector")
-    return kv.to_engine() or None
 
 
 async def _generate(
@@ -166,16 +142,19 @@ async def _generate(
             f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds this server's "
             f"context length ({ctx.max_model_len} tokens: the model's positions or the KV pool, the smaller)"
         )
-    kv = _check_kv_params(ctx, req.kv_transfer_params, len(prompt_ids))
+    try:
+        kv = parse_kv_transfer_params(req.kv_transfer_params)
+    except ValueError as exc:  # KVParamsError: the message names the field
+        raise BadRequest(str(exc)) from None
     params = ctx.sampling_params(
         max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
         ignore_eos=req.ignore_eos, logprobs=top_logprobs,
     )
     try:
         stream = await ctx.engine.add_request(request_id, prompt_ids, params, kv)
-    except KeyError:
-        raise BadRequest(f"request id {request_id!r} is already in flight", status=409) from None
-    except ValueError as exc:
+    except (KeyError, RequestIdInUse):  # in flight here, or still held for a remote reader
+        raise BadRequest(f"request id {request_id!r} is in use", status=409) from None
+    except ValueError as exc:  # incl. KVParamsError from the engine's check of the params
         raise BadRequest(str(exc)) from None
 
     view = _ResponseView(ctx, request_id, req, chat, top_logprobs)

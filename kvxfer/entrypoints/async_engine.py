@@ -13,7 +13,10 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from kvxfer.connectors.metadata import RemoteDecodeParams, RemotePrefillParams
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvxfer-engine", daemon=True)
         self.error: BaseException | None = None
+        self._step_started: float | None = None  # published by the engine thread for /health
 
     # --- lifecycle (any thread) ---
 
@@ -76,6 +80,12 @@ class AsyncEngine:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None and not self._stop.is_set()
+
+    @property
+    def step_seconds(self) -> float:
+        """How long the engine thread has been inside its current step (0 between steps)."""
+        started = self._step_started
+        return time.monotonic() - started if started is not None else 0.0
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Stop the loop; the engine (and its TP workers) is shut down on its thread."""
@@ -88,10 +98,18 @@ class AsyncEngine:
 
     async def call(self, fn: Callable[[Any], Any], timeout_s: float = 60.0) -> Any:
         """Run `fn(engine)` on the engine thread between steps and return its result. The
-        time-out also covers a command queued just as the engine thread stopped."""
+        time-out also covers a command queued just as the engine thread stopped; a command
+        still queued when its caller gives up is skipped."""
+        return await self._wait(self._submit(fn), timeout_s)
+
+    def _submit(self, fn: Callable[[Any], Any]) -> concurrent.futures.Future:
         self._check_alive()
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put((fn, future))
+        return future
+
+    @staticmethod
+    async def _wait(future: concurrent.futures.Future, timeout_s: float) -> Any:
         return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
 
     def submit_nowait(self, fn: Callable[[Any], Any]) -> None:
@@ -99,7 +117,8 @@ class AsyncEngine:
             self._commands.put((fn, None))
 
     async def add_request(
-        self, request_id: str, prompt_token_ids: list[int], sampling_params: Any, kv_transfer_params: dict | None
+        self, request_id: str, prompt_token_ids: list[int], sampling_params: Any,
+        kv_transfer_params: RemotePrefillParams | RemoteDecodeParams | None,
     ) -> RequestStream:
         """Register the stream first, so no output can be missed, then add the request.
         Errors from `add_request` (e.g. ValueError) propagate and leave nothing behind."""
@@ -108,12 +127,16 @@ class AsyncEngine:
             raise KeyError(request_id)  # in flight here; the engine would refuse it too
         stream = RequestStream(self, request_id)
         self._streams[request_id] = stream
+        future = None
         try:
-            await self.call(
-                lambda e: e.add_request(request_id, prompt_token_ids, sampling_params, kv_transfer_params)
-            )
-        except BaseException:
-            stream.finished = True  # nothing to abort: the engine never took it
+            future = self._submit(
+                lambda e: e.add_request(request_id, prompt_token_ids, sampling_params, kv_transfer_params))
+            await self._wait(future, 60.0)
+        except BaseException as exc:
+            # The engine took the request when the command ran and the caller gave up while it
+            # ran or after (a time-out, a cancelled handler): abort it, queued behind the add.
+            gave_up = isinstance(exc, (asyncio.TimeoutError, asyncio.CancelledError))
+            stream.finished = not (gave_up and future is not None and not future.cancelled())
             stream.close()
             raise
         return stream
@@ -166,8 +189,11 @@ class AsyncEngine:
             self._run_commands(engine, wait_s)
             now = time.monotonic()
             if engine.has_unfinished_requests() or now - last_step >= self._idle_step_s:
-                last_step = now
-                outputs = engine.step()
+                last_step = self._step_started = now
+                try:
+                    outputs = engine.step()
+                finally:
+                    self._step_started = None
                 stalled = not outputs and engine.last_step_num_tokens == 0
                 if outputs and self._loop is not None:
                     self._loop.call_soon_threadsafe(self._dispatch, outputs)
@@ -178,21 +204,28 @@ class AsyncEngine:
         except queue.Empty:
             return
         while item is not None:
-            fn, future = item
-            try:
-                result = fn(engine)
-            except Exception as exc:
-                if future is not None:
-                    future.set_exception(exc)
-                else:
-                    logger.warning("engine command failed: %r", exc)
-            else:
-                if future is not None:
-                    future.set_result(result)
+            self._run_command(engine, *item)
             try:
                 item = self._commands.get_nowait()
             except queue.Empty:
                 return
+
+    @staticmethod
+    def _run_command(engine: Any, fn: Callable[[Any], Any], future: concurrent.futures.Future | None) -> None:
+        """Run one command. Its caller may have timed out (cancelling the future) while a long
+        step ran: such a command is skipped, and no completion error may reach the loop."""
+        if future is not None and not future.set_running_or_notify_cancel():
+            return  # cancelled while queued: nobody waits for it
+        try:
+            result = fn(engine)
+        except Exception as exc:
+            if future is None:
+                logger.warning("engine command failed: %r", exc)
+            else:
+                _settle(future, exc=exc)
+        else:
+            if future is not None:
+                _settle(future, result=result)
 
     def _drain_commands(self, error: BaseException) -> None:
         while True:
@@ -201,4 +234,15 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if item is not None and item[1] is not None:
-                item[1].set_exception(error)
+                _settle(item[1], exc=error)
+
+
+def _settle(future: concurrent.futures.Future, result: Any = None, exc: BaseException | None = None) -> None:
+    """Complete `future` unless it is already done (cancelled by its caller's time-out)."""
+    try:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass

@@ -22,7 +22,7 @@ def serve_argv(model_dir: str, role: str, tp: int, port: int, side_channel_port:
 
 
 def proxy_argv(prefill: list[str], decode: list[str], port: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "kvxfer.entrypoints.proxy", "--prefill", *prefill, "--decode", *decode,
+    return [sys.executable, "-m", "kvxfer.entrypoints.cli", "proxy", "--prefill", *prefill, "--decode", *decode,
             "--host", "127.0.0.1", "--port", str(port), *extra]
 
 

@@ -1,4 +1,5 @@
-"""Prometheus metrics of one server: request counters kept here, engine gauges read at scrape."""
+"""Prometheus metrics of one server (request counters kept here, engine gauges read at scrape)
+and of the proxy."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ ENGINE_STATS = {
     "num_blocks": ("kvxfer_kv_blocks", "KV cache blocks in the pool", "gauge"),
     "num_running": ("kvxfer_running_requests", "Requests being computed", "gauge"),
     "num_waiting": ("kvxfer_waiting_requests", "Requests waiting to be scheduled", "gauge"),
+    "num_aborted_loads": ("kvxfer_aborted_loads_requests", "Aborted requests whose KV pull is still in flight", "gauge"),
     "num_waiting_for_remote_kv": ("kvxfer_waiting_for_remote_kv_requests", "Requests waiting for remote KV", "gauge"),
     "kv_held_requests": ("kvxfer_kv_held_requests", "Finished prefill requests whose blocks wait for a decode engine", "gauge"),
     "kv_failures": ("kvxfer_kv_transfer_failures", "KV pulls that failed", "counter"),
     "kv_expired_leases": ("kvxfer_kv_expired_leases", "Held prefill blocks freed by lease expiry", "counter"),
     "kv_released": ("kvxfer_kv_released", "Held prefill blocks released early (no decode side will read them)", "counter"),
     "kv_sends_completed": ("kvxfer_kv_sends_completed", "Held prefill blocks freed after their decode side read them", "counter"),
+    "kv_recomputed": ("kvxfer_kv_recomputed", "Requests whose KV pull failed and were prefilled locally instead", "counter"),
     "num_preemptions": ("kvxfer_preemptions", "Requests preempted for lack of blocks", "counter"),
     "prefix_hit_blocks": ("kvxfer_prefix_cache_hit_blocks", "Blocks served from the prefix cache", "counter"),
 }
@@ -57,7 +60,7 @@ class ServerMetrics:
         self.prompt_tokens.inc(len(output.prompt_token_ids))
         self.generation_tokens.inc(len(output.output_token_ids))
         stats = output.kv_transfer_stats
-        if stats:
+        if stats and not stats.get("recomputed"):  # a recompute moved nothing (counted by the engine)
             self.transfers.inc()
             self.transfer_bytes.inc(stats.get("bytes", 0))
             self.transfer_seconds.inc(stats.get("seconds", 0.0))
@@ -65,4 +68,22 @@ class ServerMetrics:
 
     def render(self, engine_stats: dict[str, Any]) -> bytes:
         self._engine.stats = engine_stats
+        return generate_latest(self.registry)
+
+
+class ProxyMetrics:
+    """Counters of the P/D proxy: answers by status, decode answers that recomputed their KV
+    locally (a broken transfer path must show), and prefill aborts sent (by token or id)."""
+
+    def __init__(self):
+        disable_created_metrics()
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("kvxfer_proxy_requests", "Requests answered by the proxy", ["status"], registry=r)
+        self.recomputed = Counter("kvxfer_proxy_kv_recomputed",
+                                  "Decode answers whose KV was recomputed locally, not pulled", registry=r)
+        self.prefill_aborts = Counter("kvxfer_proxy_prefill_aborts", "Aborts sent to prefill servers", ["by"],
+                                      registry=r)
+
+    def render(self) -> bytes:
         return generate_latest(self.registry)

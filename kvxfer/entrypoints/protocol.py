@@ -1,9 +1,9 @@
-"""Request bodies of the OpenAI-compatible API and of `kv_transfer_params`, validated strictly.
+"""Request bodies of the OpenAI-compatible API, validated strictly.
 
 Validation happens before anything reaches the engine, so a bad request is rejected with a
 clear message and changes nothing. Unknown top-level fields are ignored (OpenAI clients send
-extras); unknown keys inside `kv_transfer_params` are rejected, since that dict drives reads
-from another engine's memory.
+extras). `kv_transfer_params` is only required to be an object here: its shape has one parser,
+`kvxfer.connectors.metadata.parse_kv_transfer_params`, which the server calls.
 """
 
 from __future__ import annotations
@@ -11,48 +11,12 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 MAX_TOP_LOGPROBS = 20
 
 NonNegInt = Annotated[int, Field(ge=0)]
-Name = Annotated[str, Field(min_length=1, max_length=256)]
-
-
-class KVTransferParams(BaseModel):
-    """What a proxy passes between the legs; see docs/architecture.md, "Request flow"."""
-
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
-
-    do_remote_decode: bool = False
-    do_remote_prefill: bool = False
-    remote_engine_id: Name | None = None
-    remote_host: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9.:_\[\]-]+$")] | None = None
-    remote_port: Annotated[int, Field(ge=1, le=65535)] | None = None
-    remote_block_ids: Annotated[list[NonNegInt], Field(min_length=1, max_length=1 << 20)] | None = None
-    remote_request_id: Name | None = None
-    remote_tp_size: Annotated[int, Field(ge=1, le=1024)] | None = None
-    remote_num_tokens: Annotated[int, Field(ge=1)] | None = None
-
-    @model_validator(mode="after")
-    def _consistent(self) -> KVTransferParams:
-        remote = {k: v for k, v in self.model_dump().items() if k.startswith("remote_")}
-        if self.do_remote_decode and self.do_remote_prefill:
-            raise ValueError("do_remote_decode and do_remote_prefill are mutually exclusive")
-        if self.do_remote_prefill:
-            missing = [k for k, v in remote.items() if v is None]
-            if missing:
-                raise ValueError(f"do_remote_prefill needs {', '.join(missing)}")
-            if len(set(self.remote_block_ids)) != len(self.remote_block_ids):
-                raise ValueError("remote_block_ids contains duplicates")
-        elif any(v is not None for v in remote.values()):
-            raise ValueError("remote_* fields are only valid with do_remote_prefill=true")
-        return self
-
-    def to_engine(self) -> dict:
-        # Only what is set: unset flags and fields stay absent, as the connector expects.
-        return {k: v for k, v in self.model_dump().items() if v is not None and v is not False}
 
 
 class _Sampling(BaseModel):
@@ -68,7 +32,7 @@ class _Sampling(BaseModel):
     n: Literal[1] = 1
     ignore_eos: bool = False
     return_token_ids: bool = False
-    kv_transfer_params: KVTransferParams | None = None
+    kv_transfer_params: dict | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -104,6 +68,14 @@ class ChatCompletionRequest(_Sampling):
 
     def token_limit(self, default: int) -> int:
         return self.max_completion_tokens or self.max_tokens or default
+
+
+class AbortRequest(BaseModel):
+    """Optional body of /v1/abort/{request_id}: the token of the hold to release."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    transfer_token: Annotated[str, Field(min_length=1, max_length=256)] | None = None
 
 
 class BadRequest(Exception):

@@ -4,6 +4,10 @@ For each request: the prefill leg (max_tokens=1, not streamed, `do_remote_decode
 `kv_transfer_params` the decode leg needs; both legs carry one X-Request-Id. Backends are
 health-checked in the background and on every failed connection; a failure after a successful
 prefill aborts the prefill request on its server so its held blocks are freed at once.
+
+Health is whether a backend can serve, not how busy it is: a refused connection or a 503 marks
+it down at once, a slow /health answer only after several in a row (a server's /health does not
+wait for its engine, so slowness means a starved host, not a long step).
 """
 
 from __future__ import annotations
@@ -22,11 +26,13 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from kvxfer.entrypoints.metrics import ProxyMetrics
 from kvxfer.entrypoints.protocol import REQUEST_ID_RE
 
 logger = logging.getLogger("kvxfer.proxy")
 
 DISCONNECT_POLL_S = 1.0
+SLOW_CHECKS_TO_FAIL = 3  # consecutive timed-out /health checks before a backend is marked down
 
 
 @dataclass
@@ -35,6 +41,7 @@ class Backend:
     healthy: bool = False
     in_flight: int = 0
     problem: str = "not checked yet"
+    slow_checks: int = 0  # consecutive /health checks that timed out
 
 
 @dataclass
@@ -74,23 +81,39 @@ def error_json(status: int, message: str, kind: str = "proxy_error") -> JSONResp
 
 class Router:
     def __init__(self, prefill: list[str], decode: list[str], policy: str, request_timeout_s: float,
-                 health_interval_s: float):
+                 health_interval_s: float, health_timeout_s: float):
         self.prefill = Pool("prefill", [Backend(u.rstrip("/")) for u in prefill], policy)
         self.decode = Pool("decode", [Backend(u.rstrip("/")) for u in decode], policy)
         self.health_interval_s = health_interval_s
+        self.health_timeout_s = health_timeout_s
+        self.health_rounds = 0  # completed rounds of checks, shown in /health
         timeout = httpx.Timeout(connect=5.0, read=request_timeout_s, write=30.0, pool=30.0)
         self.client = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=1000))
+        self.metrics = ProxyMetrics()
+        self._cleanups: set[asyncio.Future] = set()
 
     async def check_health(self) -> None:
         async def one(backend: Backend) -> None:
             try:
-                r = await self.client.get(f"{backend.url}/health", timeout=3.0)
-                backend.healthy = r.status_code == 200
-                backend.problem = "ok" if backend.healthy else f"/health returned {r.status_code}: {r.text[:200]}"
+                r = await self.client.get(f"{backend.url}/health", timeout=self.health_timeout_s)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                backend.healthy, backend.problem = False, f"unreachable ({type(exc).__name__})"
+            except httpx.TimeoutException:
+                backend.slow_checks += 1
+                if backend.slow_checks >= SLOW_CHECKS_TO_FAIL:
+                    backend.healthy = False
+                    backend.problem = (f"/health did not answer within {self.health_timeout_s:g}s "
+                                       f"{backend.slow_checks} times in a row")
+                return
             except httpx.HTTPError as exc:
                 backend.healthy, backend.problem = False, f"unreachable ({type(exc).__name__})"
+            else:
+                backend.healthy = r.status_code == 200
+                backend.problem = "ok" if backend.healthy else f"/health returned {r.status_code}: {r.text[:200]}"
+            backend.slow_checks = 0
 
         await asyncio.gather(*(one(b) for b in self.prefill.backends + self.decode.backends))
+        self.health_rounds += 1
 
     async def health_loop(self) -> None:
         while True:
@@ -120,25 +143,58 @@ class Router:
         raise UpstreamError(503, f"no healthy {pool.role} server ({pool.describe()})")
 
     @staticmethod
-    async def _unless_gone(request: Request, leg):
-        """Await `leg`, polling the client; if it disconnects, cancel the leg (closing the
-        connection, which the server answers by aborting the request) and raise ClientGone."""
-        task = asyncio.ensure_future(leg)
+    async def _unless_gone(request: Request, task: asyncio.Future, cancel: bool = True):
+        """Await `task`, polling the client; if it disconnects raise ClientGone, cancelling the
+        task first when `cancel` (closing the connection, which the server answers by aborting
+        the request)."""
         while True:
             done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
             if done:
                 return task.result()
             if await request.is_disconnected():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
-                    await task
+                if cancel:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
+                        await task
                 raise ClientGone
 
-    async def abort(self, backend: Backend, request_id: str) -> None:
+    async def abort(self, backend: Backend, request_id: str, transfer_token: str | None = None) -> None:
+        """Ask `backend` to end `request_id`: with the token the prefill issued, its hold is
+        released; by id alone, an unfinished request is aborted (a finished hold is not)."""
+        body = {"transfer_token": transfer_token} if transfer_token else None
         with contextlib.suppress(httpx.HTTPError):
-            await self.client.post(f"{backend.url}/v1/abort/{request_id}", timeout=5.0)
+            await self.client.post(f"{backend.url}/v1/abort/{request_id}", json=body, timeout=5.0)
+        self.metrics.prefill_aborts.labels("token" if transfer_token else "id").inc()
+
+    def _spawn(self, coro) -> None:
+        """Run a clean-up that must finish even though its request handler returns now."""
+        task = asyncio.ensure_future(coro)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _release_abandoned_prefill(self, leg: asyncio.Future, request_id: str) -> None:
+        """The client left during the prefill leg. Cancelling the leg could lose the params
+        (and token) of a prefill that had just finished, leaving its blocks held until the
+        lease, and an abort by id could end another client's request that uses the same id
+        (ours may be the one refused with a 409): read the leg's answer (one token, or the
+        leg's time-out) and release exactly the hold it reports."""
+        try:
+            prefill, resp = await leg
+        except UpstreamError as exc:
+            if exc.backend is not None:  # timed out: as in `_route`
+                await self.abort(exc.backend, request_id)
+            return
+        prefill.in_flight -= 1
+        params = _prefill_params(resp) if resp.status_code == 200 else None
+        if params is not None:
+            await self.abort(prefill, request_id, _token(params))
 
     async def route(self, request: Request, path: str) -> Response:
+        response = await self._route(request, path)
+        self.metrics.requests.labels(str(response.status_code)).inc()
+        return response
+
+    async def _route(self, request: Request, path: str) -> Response:
         try:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -156,48 +212,74 @@ class Router:
         prefill_body.pop("stream_options", None)
         if "max_completion_tokens" in body:
             prefill_body["max_completion_tokens"] = 1
+        leg = asyncio.ensure_future(self._send(self.prefill, path, prefill_body, headers, stream=False))
         try:
-            prefill, resp = await self._unless_gone(
-                request, self._send(self.prefill, path, prefill_body, headers, stream=False))
+            prefill, resp = await self._unless_gone(request, leg, cancel=False)
         except UpstreamError as exc:
-            if exc.backend is not None:  # e.g. timed out: the prefill may still hold blocks
+            if exc.backend is not None:  # e.g. timed out: the prefill may still run or hold blocks
                 await self.abort(exc.backend, request_id)
             return error_json(exc.status, exc.message)
         except ClientGone:
+            self._spawn(self._release_abandoned_prefill(leg, request_id))
             return Response(status_code=499)
         prefill.in_flight -= 1
-        if resp.status_code != 200:
+        if resp.status_code != 200:  # it holds nothing for us (and a 409 names another client's request)
             return _passthrough_error(resp, f"prefill server {prefill.url}")
-        params = resp.json().get("kv_transfer_params")
-        if not isinstance(params, dict):
-            return error_json(502, f"prefill server {prefill.url} returned no kv_transfer_params")
+        params = _prefill_params(resp)
+        if params is None:
+            await self.abort(prefill, request_id)  # its answer is unreadable: end what may still run
+            return error_json(502, f"prefill server {prefill.url} returned no readable kv_transfer_params "
+                                   f"({resp.text[:200]!r})")
+        token = _token(params)
 
         decode_body = body | {"kv_transfer_params": params}
         stream = bool(body.get("stream"))
         try:
             decode, resp = await self._unless_gone(
-                request, self._send(self.decode, path, decode_body, headers, stream=stream))
+                request, asyncio.ensure_future(self._send(self.decode, path, decode_body, headers, stream)))
         except (UpstreamError, ClientGone) as exc:
             # Nobody will read the prefill's blocks now (or the decode side already did).
-            await self.abort(prefill, request_id)
+            await self.abort(prefill, request_id, token)
             if isinstance(exc, ClientGone):
                 return Response(status_code=499)
             return error_json(exc.status, exc.message)
         if resp.status_code != 200 or not stream:
             decode.in_flight -= 1
+            await resp.aread()
             if resp.status_code != 200:
-                await resp.aread()
-                await self.abort(prefill, request_id)
+                await self.abort(prefill, request_id, token)
                 return _passthrough_error(resp, f"decode server {decode.url}")
+            if self._recomputed(resp.content):  # nobody read the prefill's blocks
+                await self.abort(prefill, request_id, token)
             return Response(resp.content, media_type="application/json", headers=headers)
-        return StreamingResponse(self._relay(resp, prefill, decode, request_id),
+        return StreamingResponse(self._relay(resp, prefill, decode, request_id, token),
                                  media_type="text/event-stream", headers=headers)
 
-    async def _relay(self, resp: httpx.Response, prefill: Backend, decode: Backend, request_id: str):
-        completed = False
+    def _recomputed(self, payload: bytes) -> bool:
+        """Whether a decode answer (or its final event) says its KV was recomputed locally
+        instead of pulled (`kv_transfer_stats.recomputed`); counted, so a broken transfer
+        path never passes as healthy."""
+        if b'"recomputed"' not in payload:
+            return False
+        try:
+            recomputed = (json.loads(payload).get("kv_transfer_stats") or {}).get("recomputed") is True
+        except (ValueError, AttributeError):
+            return False
+        if recomputed:
+            self.metrics.recomputed.inc()
+        return recomputed
+
+    async def _relay(self, resp: httpx.Response, prefill: Backend, decode: Backend, request_id: str,
+                     token: str | None):
+        completed, recomputed, pending = False, False, b""
         try:
             async for chunk in resp.aiter_raw():
                 yield chunk
+                # Scan whole events for the final one's kv_transfer_stats; chunks may split them.
+                *events, pending = (pending + chunk).split(b"\n\n")
+                for event in events:
+                    if event.startswith(b"data: {"):
+                        recomputed |= self._recomputed(event[6:])
             completed = True
         except httpx.HTTPError as exc:
             decode.healthy, decode.problem = False, f"failed mid-stream ({type(exc).__name__})"
@@ -210,8 +292,8 @@ class Router:
             # Also runs when the client disconnected (cancellation): shield the clean-up.
             with anyio.CancelScope(shield=True):
                 await resp.aclose()
-                if not completed:
-                    await self.abort(prefill, request_id)
+                if recomputed or not completed:  # nobody read (or will read) the prefill's blocks
+                    await self.abort(prefill, request_id, token)
 
     async def models(self) -> Response:
         pool = self.decode if any(b.healthy for b in self.decode.backends) else self.prefill
@@ -228,7 +310,24 @@ class Router:
         pools = {p.role: [{"url": b.url, "healthy": b.healthy, "in_flight": b.in_flight, "status": b.problem}
                           for b in p.backends] for p in (self.prefill, self.decode)}
         ok = all(any(b.healthy for b in p.backends) for p in (self.prefill, self.decode))
-        return JSONResponse({"status": "ok" if ok else "unavailable"} | pools, status_code=200 if ok else 503)
+        body = {"status": "ok" if ok else "unavailable", "health_rounds": self.health_rounds,
+                "kv_recomputed": int(self.metrics.recomputed._value.get())} | pools
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+
+def _prefill_params(resp: httpx.Response) -> dict | None:
+    """The `kv_transfer_params` object of a prefill answer, or None when there is none or the
+    body is not a JSON object."""
+    try:
+        params = resp.json().get("kv_transfer_params")
+    except (ValueError, AttributeError):
+        return None
+    return params if isinstance(params, dict) else None
+
+
+def _token(params: dict) -> str | None:
+    token = params.get("transfer_token")
+    return token if isinstance(token, str) else None
 
 
 def _passthrough_error(resp: httpx.Response, who: str) -> Response:
@@ -268,6 +367,10 @@ def build_app(router: Router) -> FastAPI:
     async def health() -> Response:
         return router.status()
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(router.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
     return app
 
 
@@ -280,6 +383,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-timeout", type=float, default=300.0,
                         help="seconds a backend may stay silent before the request fails")
     parser.add_argument("--health-interval", type=float, default=2.0, help="seconds between backend health checks")
+    parser.add_argument("--health-timeout", type=float, default=10.0,
+                        help=f"seconds a /health check may take; {SLOW_CHECKS_TO_FAIL} slow checks in a row mark "
+                             "a backend down (a refused connection or a 503 does at once)")
     parser.add_argument("--log-level", default="info")
 
 
@@ -287,13 +393,8 @@ def main(args: argparse.Namespace) -> int:
     import uvicorn
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    router = Router(args.prefill, args.decode, args.policy, args.request_timeout, args.health_interval)
+    router = Router(args.prefill, args.decode, args.policy, args.request_timeout, args.health_interval,
+                    args.health_timeout)
     uvicorn.run(build_app(router), host=args.host, port=args.port, log_level=args.log_level.lower(),
                 timeout_graceful_shutdown=5)
     return 0
-
-
-if __name__ == "__main__":
-    cli = argparse.ArgumentParser(prog="kvxfer-proxy", description=__doc__.splitlines()[0])
-    add_arguments(cli)
-    raise SystemExit(main(cli.parse_args()))

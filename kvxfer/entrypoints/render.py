@@ -7,6 +7,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from kvxfer.engine.detokenizer import Offsets, text_delta
 from kvxfer.entrypoints.protocol import BadRequest, ChatMessage
 
 # Used when the tokenizer config has no chat template.
@@ -60,18 +61,13 @@ class Renderer:
 
 
 class IncrementalText:
-    """Text deltas for streaming: the decoded text grows; a trailing incomplete UTF-8
-    sequence (shown as U+FFFD) is held back until the next token completes it."""
+    """Text deltas for streaming one output (`kvxfer.engine.detokenizer`: a short window per
+    token, a trailing incomplete UTF-8 sequence held back until the next token completes it)."""
 
     def __init__(self, renderer: Renderer):
         self.renderer = renderer
-        self.sent = ""
+        self.offsets: Offsets = (0, 0)
 
     def delta(self, token_ids: list[int], final: bool) -> str:
-        text = self.renderer.decode(token_ids)
-        if not final:
-            text = text.rstrip("\ufffd")
-        # Sent text cannot be taken back: emit only what extends it.
-        new = text[len(self.sent) :]
-        self.sent += new
+        new, self.offsets = text_delta(self.renderer.decode, token_ids, self.offsets, final)
         return new

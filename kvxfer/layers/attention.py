@@ -6,7 +6,7 @@ The torch ops (`kvxfer.layers.torch_ops`) run everywhere; on CUDA the Triton ops
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,6 +37,21 @@ class AttentionMetadata:
     block_tables_host: list[list[int]]
     max_query_len: int
     max_seq_len: int
+    # Backend work derived from the above that every layer of the step shares (the torch ops'
+    # decode gather plans), built on first use and dropped with the metadata.
+    plan_cache: dict[tuple, list] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def single_token_seqs(self) -> list[int]:
+        """Sequences adding exactly one token (decodes), batched together by the torch ops."""
+        starts = self.query_start_loc_host
+        return [b for b in range(self.num_seqs) if starts[b + 1] - starts[b] == 1]
+
+    @property
+    def multi_token_seqs(self) -> list[int]:
+        """Sequences adding more than one token (prefills), attended one by one."""
+        starts = self.query_start_loc_host
+        return [b for b in range(self.num_seqs) if starts[b + 1] - starts[b] > 1]
 
     @property
     def num_seqs(self) -> int:

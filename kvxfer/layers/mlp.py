@@ -29,7 +29,7 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate).mul_(up))
 
     def load(self, ckpt, prefix: str) -> None:
         self.gate_up_proj.load(ckpt, f"{prefix}.gate_proj", f"{prefix}.up_proj")

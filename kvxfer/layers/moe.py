@@ -87,16 +87,30 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
-        out = torch.zeros_like(x)
-        # A simple loop over the experts some token chose; each gathers its tokens.
-        for expert in ids.unique().tolist():
-            tokens, slot = torch.where(ids == expert)
-            gate, up = F.linear(x[tokens], self.w13[expert]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.w2[expert])
-            out.index_add_(0, tokens, (y * weights[tokens, slot, None]).to(out.dtype))
+        # The (token, choice) pairs grouped by expert (stable: tokens ascending within each).
+        flat_ids = ids.flatten()
+        order = flat_ids.argsort(stable=True)
+        tokens = order // ids.shape[1]
+        counts = self._expert_counts(flat_ids)
+        routed = x.index_select(0, tokens)
+        ys = torch.empty_like(routed)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                rows = slice(start, start + count)
+                gate, up = F.linear(routed[rows], self.w13[expert]).chunk(2, dim=-1)
+                ys[rows] = F.linear(F.silu(gate).mul_(up), self.w2[expert])
+                start += count
+        # One scatter in expert order: each token sums its experts in the order the per-expert
+        # reference loop does.
+        out = torch.zeros_like(x).index_add_(0, tokens, (ys * weights.flatten()[order, None]).to(x.dtype))
         if self.shared_experts is not None:
             out += self.shared_experts(x)
         return all_reduce(out, self.tp)
+
+    def _expert_counts(self, flat_ids: torch.Tensor) -> list[int]:
+        """Pairs per expert: the layer's one host transfer (the experts' row ranges)."""
+        return torch.bincount(flat_ids, minlength=self.w13.shape[0]).tolist()
 
     def load(self, ckpt, prefix: str) -> None:
         self.gate.load(ckpt, f"{prefix}.gate")

@@ -3,11 +3,14 @@
 `kv_layer` is one layer's strided view of the rank's cache, `[num_blocks, heads, 2 | 1,
 block_size, head_size]`; nothing here copies the cache beyond gathering a sequence's blocks.
 With a sliding window `W` (HF's convention) a query at position `p` sees keys in `(p - W, p]`,
-and blocks wholly before the earliest visible key are not gathered.
+and blocks wholly before the earliest visible key are not gathered. Prefills run one SDPA call
+each (mask-free causal when the sequence has no cached prefix); decodes run batched in chunks,
+from gather plans built once per step (figures: docs/benchmarks.md, "Attention (CPU)").
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,19 +19,27 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from kvxfer.layers.attention import AttentionMetadata
 
-# Upper bound on gathered context elements per batched-decode chunk (bounds temporary memory).
-_DECODE_CHUNK_ELEMENTS = 1 << 26
+# Upper bound on gathered context elements per batched-decode chunk (8 MB of float32 K and V).
+# Measured on CPU (`python -m kvxfer.bench.attention`, docs/benchmarks.md): chunks of 64M elements,
+# one huge fresh buffer per layer, are 2-4x slower at qwen3-0.6b's shape; chunks of 256K pay a
+# per-chunk overhead at tiny shapes; 2M is at or near the best for both.
+_DECODE_CHUNK_ELEMENTS = 1 << 21
 
 
 def store_kv(
     kv_layer: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None, slot_mapping: torch.Tensor
 ) -> None:
-    """Write `key`/`value` `[T, heads, head_size]` at `slot_mapping` `[T]`; MLA passes `value=None`."""
+    """Write `key`/`value` `[T, heads, head_size]` at `slot_mapping` `[T]`; MLA passes `value=None`.
+    A negative slot marks a padding token and is skipped."""
     if (value is None) != (kv_layer.shape[2] == 1):
         raise ValueError(
             f"store_kv: a cache with {kv_layer.shape[2]} slot(s) per token needs "
             f"{'no value (MLA latent only)' if kv_layer.shape[2] == 1 else 'a value tensor'}"
         )
+    if (slot_mapping < 0).any():  # padding tokens (CUDA-graph batches): nothing to store
+        keep = slot_mapping >= 0
+        slot_mapping, key = slot_mapping[keep], key[keep]
+        value = None if value is None else value[keep]
     block_size = kv_layer.shape[3]
     blocks = slot_mapping // block_size
     offsets = slot_mapping % block_size
@@ -57,18 +68,16 @@ def paged_attention(
     out_dim = v_dim if num_slots == 1 else kv_layer.shape[4]
     out = query.new_empty(query.shape[0], query.shape[1], out_dim)
     starts = attn.query_start_loc_host
-    decodes, others = [], []
-    for b in range(len(attn.seq_lens_host)):
-        q_len = starts[b + 1] - starts[b]
-        if q_len == 1:
-            decodes.append(b)
-        elif q_len > 1:
-            others.append(b)
-    for b in others:
+    for b in attn.multi_token_seqs:
         start, end = starts[b], starts[b + 1]
         out[start:end] = _attend_one(query[start:end], kv_layer, attn, b, scale, out_dim, sliding_window)
-    if decodes:
-        _attend_decodes(query, kv_layer, attn, decodes, scale, out_dim, out, sliding_window)
+    for plan in _decode_plans(attn, kv_layer, sliding_window):
+        keys, values = _gather_rows(kv_layer, plan.rows, plan.shape, out_dim)
+        if isinstance(plan.tokens, slice):
+            out[plan.tokens] = _attend(query[plan.tokens].unsqueeze(2), keys, values, plan.mask, scale).squeeze(2)
+        else:
+            rows = query.index_select(0, plan.tokens).unsqueeze(2)
+            out.index_copy_(0, plan.tokens, _attend(rows, keys, values, plan.mask, scale).squeeze(2))
     return out
 
 
@@ -79,8 +88,87 @@ def first_visible_block(seq_len: int, q_len: int, block_size: int, sliding_windo
     return max(0, seq_len - q_len - sliding_window + 1) // block_size
 
 
-def _gather_context(kv_layer: torch.Tensor, block_ids: torch.Tensor, out_dim: int):
-    """K and V of `block_ids` (`[nb]` or `[B, nb]`) as `[(B,) H, nb * block_size, D]`.
+@dataclass(frozen=True)
+class _DecodePlan:
+    """One chunk of one-token sequences: which query rows, which cache tiles, which keys count.
+
+    Identical for every layer of a step (same block tables, same KV-head count), so it is built
+    once per step and kept on the metadata instead of being rebuilt with a dozen small tensor
+    ops in each layer.
+    """
+
+    tokens: slice | torch.Tensor  # query rows: a slice when the chunk's tokens are contiguous
+    rows: torch.Tensor  # [B * H * nb] tile rows `block * H + head`, see `_gather_rows`
+    shape: tuple[int, int, int]  # (B, H, nb * block_size)
+    mask: torch.Tensor  # [B, 1, L] bool: key visible (inside the context and the window)
+
+
+def _decode_plans(
+    attn: AttentionMetadata, kv_layer: torch.Tensor, sliding_window: int | None
+) -> list[_DecodePlan]:
+    _, heads, num_slots, block_size, head_size = kv_layer.shape
+    key = (heads, num_slots * head_size, block_size, sliding_window)
+    plans = attn.plan_cache.get(key)
+    if plans is None:
+        plans = attn.plan_cache[key] = _build_decode_plans(attn, kv_layer, sliding_window)
+    return plans
+
+
+def _build_decode_plans(
+    attn: AttentionMetadata, kv_layer: torch.Tensor, sliding_window: int | None
+) -> list[_DecodePlan]:
+    """One-token sequences, batched: contexts padded to the longest in a chunk, padding masked.
+
+    With a window each sequence gathers only its blocks from `first_visible_block` on, so the
+    gathered width is bounded by the window, not by the longest context. Chunks bound the
+    gathered bytes (temporary memory).
+    """
+    seqs = attn.single_token_seqs
+    if not seqs:
+        return []
+    _, heads, num_slots, block_size, head_size = kv_layer.shape
+    device = kv_layer.device
+    lens, starts, tables = attn.seq_lens_host, attn.query_start_loc_host, attn.block_tables_host
+    firsts = [first_visible_block(lens[b], 1, block_size, sliding_window) for b in seqs]
+    spans = [-(-lens[b] // block_size) - f for b, f in zip(seqs, firsts)]
+    per_seq = max(spans) * block_size * heads * num_slots * head_size
+    chunk = max(1, _DECODE_CHUNK_ELEMENTS // per_seq)
+    plans = []
+    for i in range(0, len(seqs), chunk):
+        group, group_firsts = seqs[i : i + chunk], firsts[i : i + chunk]
+        num_blocks = max(spans[i : i + chunk])
+        # Built on the host from the host tables (no device syncs); columns past a sequence's
+        # table reuse its first block, the mask hides them.
+        blocks = []
+        for b, first in zip(group, group_firsts):
+            table = tables[b][first : first + num_blocks]
+            blocks.append(table + [table[0]] * (num_blocks - len(table)))
+        tokens_host = [starts[b] for b in group]
+        if tokens_host == list(range(tokens_host[0], tokens_host[0] + len(group))):
+            tokens: slice | torch.Tensor = slice(tokens_host[0], tokens_host[0] + len(group))
+        else:
+            tokens = torch.tensor(tokens_host, device=device)
+        block_ids = torch.tensor(blocks, dtype=torch.long, device=device)
+        pos = torch.tensor([f * block_size for f in group_firsts], device=device)[:, None] + torch.arange(
+            num_blocks * block_size, device=device
+        )
+        seq_lens = torch.tensor([lens[b] for b in group], device=device)[:, None]
+        mask = pos < seq_lens
+        if sliding_window is not None:
+            mask &= pos >= seq_lens - sliding_window
+        shape = (len(group), heads, num_blocks * block_size)
+        plans.append(_DecodePlan(tokens, _tile_rows(block_ids, heads), shape, mask[:, None, :]))
+    return plans
+
+
+def _tile_rows(block_ids: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows `block * H + head` of `block_ids` (`[nb]` or `[B, nb]`), head-major per sequence."""
+    heads_axis = torch.arange(heads, device=block_ids.device).unsqueeze(-1)
+    return (block_ids.long().unsqueeze(-2) * heads + heads_axis).reshape(-1)
+
+
+def _gather_rows(kv_layer: torch.Tensor, rows: torch.Tensor, shape: tuple[int, ...], out_dim: int):
+    """K and V of the tiles `rows` (see `_tile_rows`) as `[*shape, D]`.
 
     The cache is block-major then head-major, so a layer view's (block, head) axes merge into
     one strided axis of whole `[block_size, D]` tiles (a view, no copy). One `index_select` of the
@@ -88,14 +176,10 @@ def _gather_context(kv_layer: torch.Tensor, block_ids: torch.Tensor, out_dim: in
     copy per slot (none for MLA's V, a view of K), where advanced indexing is several times slower.
     """
     num_blocks, heads, _, block_size, head_size = kv_layer.shape
-    lead = block_ids.shape[:-1]
-    heads_axis = torch.arange(heads, device=block_ids.device).unsqueeze(-1)
-    rows = (block_ids.long().unsqueeze(-2) * heads + heads_axis).reshape(-1)  # [(B,) H, nb] flattened
-    shape = (*lead, heads, block_ids.shape[-1] * block_size, head_size)
 
     def flat(slot: int) -> torch.Tensor:
         tiles = kv_layer[:, :, slot].reshape(num_blocks * heads, block_size * head_size)
-        return tiles.index_select(0, rows).view(shape)
+        return tiles.index_select(0, rows).view(*shape, head_size)
 
     keys = flat(0)
     values = keys[..., :out_dim] if kv_layer.shape[2] == 1 else flat(1)
@@ -126,58 +210,35 @@ def _attend_one(
     out_dim: int,
     sliding_window: int | None,
 ) -> torch.Tensor:
+    """A multi-token sequence (prefill, chunked prefill) over its visible blocks."""
     q_len = query.shape[0]
     seq_len = attn.seq_lens_host[b]
-    block_size = kv_layer.shape[3]
-    num_blocks = -(-seq_len // block_size)
+    block_size, heads = kv_layer.shape[3], kv_layer.shape[1]
+    if sliding_window is not None and sliding_window >= seq_len:
+        sliding_window = None  # the window hides nothing: take the unmasked path when it applies
     first = first_visible_block(seq_len, q_len, block_size, sliding_window)
-    keys, values = _gather_context(kv_layer, attn.block_tables[b, first:num_blocks], out_dim)
+    num_blocks = -(-seq_len // block_size)
+    block_ids = torch.tensor(attn.block_tables_host[b][first:num_blocks], device=query.device)
+    shape = (heads, (num_blocks - first) * block_size)
+    keys, values = _gather_rows(kv_layer, _tile_rows(block_ids, heads), shape, out_dim)
     offset = first * block_size  # position of the first gathered key
     keys, values = keys[:, : seq_len - offset], values[:, : seq_len - offset]
-    # Query i sits at position seq_len - q_len + i and sees every key up to it (within the window).
-    rows = torch.arange(q_len, device=query.device)[:, None] + (seq_len - q_len)
-    pos = torch.arange(offset, seq_len, device=query.device)[None, :]
-    mask = pos <= rows
-    if sliding_window is not None:
-        mask &= pos > rows - sliding_window
-    return _attend(query.transpose(0, 1), keys, values, mask, scale).transpose(0, 1)
-
-
-def _attend_decodes(
-    query: torch.Tensor,
-    kv_layer: torch.Tensor,
-    attn: AttentionMetadata,
-    seqs: list[int],
-    scale: float,
-    out_dim: int,
-    out: torch.Tensor,
-    sliding_window: int | None,
-) -> None:
-    """One-token sequences, batched: gather contexts padded to the longest and mask the padding.
-
-    With a window each sequence gathers only its blocks from `first_visible_block` on, so the
-    gathered width is bounded by the window, not by the longest context.
-    """
-    block_size = kv_layer.shape[3]
-    lens_host = attn.seq_lens_host  # host side: no sync
-    firsts = {b: first_visible_block(lens_host[b], 1, block_size, sliding_window) for b in seqs}
-    spans = {b: -(-lens_host[b] // block_size) - firsts[b] for b in seqs}
-    per_seq = max(spans.values()) * block_size * kv_layer[0, :, :, 0].numel()
-    chunk = max(1, _DECODE_CHUNK_ELEMENTS // max(per_seq, 1))
-    width = attn.block_tables.shape[1]
-    for i in range(0, len(seqs), chunk):
-        group = seqs[i : i + chunk]
-        num_blocks = max(spans[b] for b in group)
-        index = torch.tensor(group, device=query.device)
-        lens = attn.seq_lens[index]
-        tokens = attn.query_start_loc[index].long()
-        first = torch.tensor([firsts[b] for b in group], device=query.device)
-        # Columns past a sequence's table are clamped to a valid index; the mask hides them.
-        columns = (first[:, None] + torch.arange(num_blocks, device=query.device)).clamp_(max=width - 1)
-        keys, values = _gather_context(kv_layer, attn.block_tables[index[:, None], columns], out_dim)
-        pos = (first * block_size)[:, None] + torch.arange(num_blocks * block_size, device=query.device)
-        mask = pos < lens[:, None]
+    # SDPA gets 4-D tensors (a batch of one): torch's CPU flash kernel takes only those, 3-D
+    # inputs fall back to the math path, about 10x slower on a 1024-token prefill. GQA through
+    # `enable_gqa`: the kernel shares each KV head among its query heads, nothing is copied.
+    query, keys, values = query.transpose(0, 1)[None], keys[None], values[None]
+    if q_len == seq_len and sliding_window is None:
+        # Only its own tokens, no window: the plain causal triangle, which the flash kernel
+        # takes without a mask and skips the masked half of.
+        mask = None
+    else:
+        # Query i sits at position seq_len - q_len + i and sees every key up to it (within the window).
+        rows = torch.arange(q_len, device=query.device)[:, None] + (seq_len - q_len)
+        pos = torch.arange(offset, seq_len, device=query.device)[None, :]
+        mask = pos <= rows
         if sliding_window is not None:
-            mask &= pos >= lens[:, None] - sliding_window
-        result = _attend(query.index_select(0, tokens).unsqueeze(2), keys, values, mask[:, None, :], scale)
-        out.index_copy_(0, tokens, result.squeeze(2))
+            mask &= pos > rows - sliding_window
+    out = F.scaled_dot_product_attention(
+        query, keys, values, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
+    )
+    return out[0].transpose(0, 1)

@@ -4,6 +4,10 @@ context splits (and their log-sum-exp merge), and causal paged prefill for any b
 Every kernel reads the paged cache through one layer's strides (`c_sb` block, `c_sh` head,
 `c_ss` K/V slot, `c_sp` position in block; features contiguous). Scores are in the log2
 domain (`qk_scale` includes log2(e)) so the online softmax uses exp2.
+
+Integers that change from step to step or layer to layer (the block-table row stride, the
+split length, the split count, the window) are `do_not_specialize`: Triton would otherwise
+compile a variant per value class (1, a multiple of 16, other) and recompile inside timed runs.
 """
 
 import triton
@@ -68,9 +72,9 @@ def _attend_tile(
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
-# `window` is never specialised (Triton would make a window of 1 a constant): one compiled kernel
+# `window` in particular: Triton would make a window of 1 a constant; one compiled kernel
 # serves every window, and its code is the one the sm_90 compile check sees.
-@triton.jit(do_not_specialize=["window"])
+@triton.jit(do_not_specialize=["bt_sb", "tokens_per_split", "window"])
 def decode_kernel(
     q_ptr, q_st, q_sh,
     kv_ptr, c_sb, c_sh, c_ss, c_sp,
@@ -138,7 +142,7 @@ def decode_kernel(
         tl.store(o_row[:, None] + dv[None, :], out.to(out_ptr.dtype.element_ty), mask=omask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_splits"])
 def merge_splits_kernel(
     part_ptr, lse_ptr, qsl_ptr, out_ptr, o_st, o_sh, Hq, n_splits, DV,
     BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -159,7 +163,7 @@ def merge_splits_kernel(
     tl.store(out_ptr + q_tok.to(tl.int64) * o_st + head * o_sh + dv, out.to(out_ptr.dtype.element_ty), mask=dv < DV)
 
 
-@triton.jit(do_not_specialize=["window"])
+@triton.jit(do_not_specialize=["bt_sb", "window"])
 def prefill_kernel(
     q_ptr, q_st, q_sh,
     kv_ptr, c_sb, c_sh, c_ss, c_sp,

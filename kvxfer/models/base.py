@@ -21,8 +21,10 @@ class DecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, kv_layer: torch.Tensor, attn: AttentionMetadata
     ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), kv_layer, attn)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        # The residual stream is this step's own tensor: both adds update it in place.
+        attn_out = self.self_attn(positions, self.input_layernorm(hidden), kv_layer, attn)
+        normed, hidden = self.post_attention_layernorm(attn_out, hidden)
+        return hidden.add_(self.mlp(normed))
 
     def load(self, ckpt: Checkpoint, prefix: str) -> None:
         self.input_layernorm.load(ckpt, f"{prefix}.input_layernorm")

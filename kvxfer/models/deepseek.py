@@ -114,7 +114,7 @@ class DeepseekForCausalLM(CausalLM):
         c = config.hf_config
         # V2 always rotates interleaved pairs; V3 says so in its config.
         interleaved = bool(getattr(c, "rope_interleave", True))
-        self.rotary = RotaryEmbedding(c, c.qk_rope_head_dim, interleaved, device)
+        self.rotary = RotaryEmbedding(c, c.qk_rope_head_dim, interleaved, device, dtype)
         self.layers.extend(
             DeepseekDecoderLayer(config, i, self.rotary, tp, dtype, device) for i in range(config.num_layers)
         )

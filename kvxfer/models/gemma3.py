@@ -121,7 +121,7 @@ class Gemma3ForCausalLM(CausalLM):
         self.softcap = hf.final_logit_softcapping
         # One rotary table per layer kind: local and global layers use different RoPE bases.
         kinds = ("full_attention", "sliding_attention")
-        rotaries = {kind: _rotary(hf, kind, config.head_size, device) for kind in kinds}
+        rotaries = {kind: _rotary(hf, kind, config.head_size, device, dtype) for kind in kinds}
         self.rotaries = nn.ModuleDict(rotaries)
         self.layers.extend(
             Gemma3DecoderLayer(
@@ -145,9 +145,9 @@ class Gemma3ForCausalLM(CausalLM):
         return torch.tanh(logits / self.softcap) * self.softcap
 
 
-def _rotary(hf, kind: str, head_size: int, device) -> RotaryEmbedding:
+def _rotary(hf, kind: str, head_size: int, device, dtype) -> RotaryEmbedding:
     """A rotary table from the `kind` entry of Gemma's per-layer-kind `rope_parameters`: a shallow
     config copy carrying that entry alone reads like any single-rope config."""
     single = copy.copy(hf)
     single.rope_parameters = dict(hf.rope_parameters[kind])
-    return RotaryEmbedding(single, head_size, interleaved=False, device=device)
+    return RotaryEmbedding(single, head_size, interleaved=False, device=device, dtype=dtype)

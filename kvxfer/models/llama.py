@@ -79,7 +79,7 @@ class LlamaDecoderLayer(DecoderLayer):
 class LlamaForCausalLM(CausalLM):
     def __init__(self, config: ModelConfig, tp: TPInfo, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__(config, tp, dtype, device)
-        self.rotary = RotaryEmbedding(config.hf_config, config.head_size, interleaved=False, device=device)
+        self.rotary = RotaryEmbedding(config.hf_config, config.head_size, interleaved=False, device=device, dtype=dtype)
         self.layers.extend(
             LlamaDecoderLayer(config, self.rotary, tp, dtype, device, window) for window in config.sliding_windows
         )

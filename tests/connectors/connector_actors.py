@@ -2,7 +2,8 @@
 
 A test drives an `Actor` (a spawned process) by commands run on its `RankHost`; one process
 may host ranks of several engines (one worker, agent and pool each), so a handful of
-processes serve every (prefill TP, decode TP) pair.
+processes serve every (prefill TP, decode TP) pair. A prefill engine's scheduler side (its
+hold table and side channel) runs in the test process, as it runs in the engine process.
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ class RankHost:
 
         if key in self.workers:
             return
-        worker = NixlConnectorWorker(config, spec, rank, tp, model_identity=identity)
+        # The pool first: on CUDA this creates the context, which UCX must find when the
+        # agent starts (it picks its CUDA transports then).
         kv = torch.zeros((num_blocks, *spec.block_shape(tp)), dtype=getattr(torch, spec.dtype), device=device)
+        _sync(kv)
+        worker = NixlConnectorWorker(config, spec, rank, tp, model_identity=identity)
         try:
             worker.register_kv_cache(kv)
         except BaseException:
@@ -47,18 +51,24 @@ class RankHost:
         pool = self._bytes(key)
         pool.fill_(0xAB)  # blocks outside the request hold junk a wrong read would copy
         pool[block_ids] = torch.from_numpy(data).to(pool.device)
+        _sync(pool)  # another process READs these bytes as soon as this returns
 
     def clear(self, key) -> None:
-        self._bytes(key).zero_()
+        _sync(self._bytes(key).zero_())
 
     def dump(self, key) -> np.ndarray:
         return self._bytes(key).cpu().numpy()
 
-    def hold(self, key, request_id: str, lease_s: float) -> None:
-        from kvxfer.connectors.base import ConnectorMetadata, SendRequest
+    def apply(self, key, meta) -> None:
+        """Hand the scheduler side's metadata (holds, releases, expiries) to this rank."""
+        self.workers[key][0].start_load_kv(meta)
 
-        send = SendRequest(request_id, time.monotonic() + lease_s)
-        self.workers[key][0].start_load_kv(ConnectorMetadata(send=[send]))
+    def notify(self, key, peer_engine_id: str, remote_rank: int, done) -> None:
+        """Send a raw `ReadDone` to a prefill rank this rank knows (a forged or stale one in tests)."""
+        import msgspec
+
+        worker = self.workers[key][0]
+        worker.agent.send_notif(worker.peers[peer_engine_id].agents[remote_rank], msgspec.msgpack.encode(done))
 
     def load(self, key, requests) -> None:
         from kvxfer.connectors.base import ConnectorMetadata
@@ -68,15 +78,17 @@ class RankHost:
     def poll(self, key, timeout: float, recv_ids=(), send_ids=()):
         """Accumulate outputs until every id is reported (or `timeout`); returns plain dicts."""
         worker = self.workers[key][0]
-        acc = {"finished_recving": set(), "failed_recving": {}, "finished_sending": set(), "expired_sending": set(),
-               "recv_stats": {}}
+        acc = {"finished_recving": set(), "failed_recving": {}, "failure_kinds": {}, "finished_sending": set(),
+               "expired_sending": set(), "released_sending": set(), "recv_stats": {}}
         deadline = time.monotonic() + timeout
         while True:
             out = worker.get_finished()
             acc["finished_recving"] |= out.finished_recving
             acc["failed_recving"].update(out.failed_recving)
+            acc["failure_kinds"].update(out.failure_kinds)
             acc["finished_sending"] |= out.finished_sending
             acc["expired_sending"] |= out.expired_sending
+            acc["released_sending"] |= out.released_sending
             acc["recv_stats"].update({k: v.as_dict() for k, v in out.recv_stats.items()})
             recv_done = all(r in acc["finished_recving"] or r in acc["failed_recving"] for r in recv_ids)
             if (recv_done and all(s in acc["finished_sending"] for s in send_ids)) or time.monotonic() > deadline:
@@ -86,6 +98,10 @@ class RankHost:
 
     def counters(self, key) -> dict:
         return dict(self.workers[key][0].counters)
+
+    def peers(self, key) -> dict:
+        """engine id -> (host, port) of the peers this rank knows."""
+        return {engine_id: peer.address for engine_id, peer in self.workers[key][0].peers.items()}
 
     def has_pending(self, key) -> bool:
         return self.workers[key][0].has_pending()
@@ -97,6 +113,14 @@ class RankHost:
     def shutdown(self) -> None:
         for key in list(self.workers):
             self.drop(key)
+
+
+def _sync(tensor) -> None:
+    """Wait for the kernels writing `tensor` (CUDA runs them asynchronously; NIXL does not wait)."""
+    if tensor.is_cuda:
+        import torch
+
+        torch.cuda.synchronize(tensor.device)
 
 
 def _serve(conn) -> None:

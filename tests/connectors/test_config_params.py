@@ -2,14 +2,11 @@
 
 import pytest
 
+import msgspec
+
+from kvxfer.connectors.base import KVParamsError
 from kvxfer.connectors.config import KVTransferConfig
-from kvxfer.connectors.metadata import (
-    RemoteDecodeParams,
-    RemotePrefillParams,
-    compat_of,
-    parse_kv_transfer_params,
-    remote_prefill_params,
-)
+from kvxfer.connectors.metadata import RemoteDecodeParams, RemotePrefillParams, compat_of, parse_kv_transfer_params
 from kvxfer.specs import FullAttentionSpec
 
 
@@ -19,6 +16,9 @@ def test_config_defaults_and_roles():
     prefill = KVTransferConfig(role="prefill", side_channel_port=5600, backends=["UCX"])
     assert prefill.is_producer and prefill.backends == ("UCX",)
     assert KVTransferConfig(role="decode").engine_id != decode.engine_id
+    assert KVTransferConfig(role="decode").instance_id != decode.instance_id and len(decode.instance_id) == 16
+    keyed = KVTransferConfig(role="decode", auth_key=b"k" * 32)
+    assert "auth_key" not in repr(keyed) and "instance_secret" not in repr(keyed) and "kkkk" not in repr(keyed)
 
 
 @pytest.mark.parametrize(
@@ -35,6 +35,8 @@ def test_config_defaults_and_roles():
         ({"handshake_timeout_s": -1}, "handshake_timeout_s"),
         ({"transfer_timeout_s": "5"}, "transfer_timeout_s"),
         ({"backends": ()}, "backends"),
+        ({"auth_key": b"short"}, "auth_key"),
+        ({"auth_key": "a-str-not-bytes-0123456789"}, "auth_key"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(kwargs, field):
@@ -43,8 +45,13 @@ def test_config_rejects_bad_values_naming_the_field(kwargs, field):
         KVTransferConfig(**kwargs)
 
 
+TOKEN = "ab" * 16
+
+
 def good_params(**override):
-    params = remote_prefill_params("eng-1", "127.0.0.1", 5600, [4, 9, 2], "req-1", 2, 40)
+    params = msgspec.to_builtins(
+        RemotePrefillParams(True, "eng-1", "inst-1", "127.0.0.1", 5600, [4, 9, 2], "req-1", 2, 40, TOKEN)
+    )
     params.update(override)
     return params
 
@@ -52,7 +59,8 @@ def good_params(**override):
 def test_params_round_trip():
     parsed = parse_kv_transfer_params(good_params())
     assert isinstance(parsed, RemotePrefillParams)
-    assert parsed.remote_block_ids == [4, 9, 2] and parsed.remote_tp_size == 2
+    assert parsed.remote_block_ids == [4, 9, 2] and parsed.remote_tp_size == 2 and parsed.transfer_token == TOKEN
+    assert parse_kv_transfer_params(parsed) is parsed  # parsed once; a struct passes through
     assert isinstance(parse_kv_transfer_params({"do_remote_decode": True}), RemoteDecodeParams)
     assert parse_kv_transfer_params(None) is None
     assert parse_kv_transfer_params({"do_remote_prefill": False}) is None
@@ -69,23 +77,16 @@ def test_params_round_trip():
         (good_params(remote_block_ids="1,2"), "remote_block_ids"),
         ({k: v for k, v in good_params().items() if k != "remote_host"}, "remote_host"),
         (good_params(do_remote_decode=True), "exclusive"),
+        (good_params(remote_block_ids=[1, 1, 2]), "repeat"),
+        (good_params(transfer_token="guess"), "transfer_token"),
+        ({k: v for k, v in good_params().items() if k != "transfer_token"}, "transfer_token"),
+        ({k: v for k, v in good_params().items() if k != "remote_instance_id"}, "remote_instance_id"),
         ([1, 2], "must be an object"),
     ],
 )
 def test_malformed_params_are_a_clear_error(params, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(KVParamsError, match=match):
         parse_kv_transfer_params(params)
-
-
-def test_params_shape_checks_against_the_peer():
-    parsed = parse_kv_transfer_params(good_params())
-    parsed.check_shape(block_size=16, num_blocks=10)
-    with pytest.raises(ValueError, match="needs 5"):
-        parsed.check_shape(block_size=8, num_blocks=10)
-    with pytest.raises(ValueError, match=r"out of range for the peer's pool of 9 blocks"):
-        parsed.check_shape(block_size=16, num_blocks=9)
-    with pytest.raises(ValueError, match="repeat"):
-        parse_kv_transfer_params(good_params(remote_block_ids=[1, 1, 2])).check_shape(16, 10)
 
 
 def test_compat_mismatch_names_every_differing_field():
@@ -94,3 +95,42 @@ def test_compat_mismatch_names_every_differing_field():
     assert a.hash() != b.hash() and a.mismatch(a) is None
     message = a.mismatch(b)
     assert "num_layers: local 2 != remote 3" in message and "dtype" in message and "head_size" not in message
+
+
+def serve_args(*argv: str):
+    import argparse
+
+    from kvxfer.entrypoints.serve import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(["model-dir", *argv])
+
+
+def test_serve_reads_the_auth_key_file_and_takes_the_lease_default_from_the_config(tmp_path, monkeypatch):
+    from kvxfer.entrypoints.serve import _kv_transfer_config
+
+    key = tmp_path / "kv.key"
+    key.write_text("ab" * 16 + "\n")  # e.g. `openssl rand -hex 16 > kv.key`
+    config = _kv_transfer_config(serve_args("--role", "decode", "--kv-auth-key-file", str(key)))
+    assert config.auth_key == b"ab" * 16
+    assert config.lease_seconds == KVTransferConfig(role="decode").lease_seconds
+    monkeypatch.setenv("KVXFER_KV_AUTH_KEY_FILE", str(key))
+    assert _kv_transfer_config(serve_args("--role", "decode")).auth_key == b"ab" * 16
+    key.write_text("short")
+    with pytest.raises(SystemExit, match="auth_key must be at least 16 bytes"):
+        _kv_transfer_config(serve_args("--role", "decode"))
+    with pytest.raises(SystemExit, match="--kv-auth-key-file"):
+        _kv_transfer_config(serve_args("--role", "decode", "--kv-auth-key-file", str(tmp_path / "missing")))
+
+
+def test_unknown_or_stray_fields_are_refused_naming_them():
+    with pytest.raises(KVParamsError, match="evil"):
+        parse_kv_transfer_params({"do_remote_decode": True, "evil": 1})
+    with pytest.raises(KVParamsError, match="evil"):
+        parse_kv_transfer_params(good_params(evil=1))
+    with pytest.raises(KVParamsError, match="remote_port only valid with do_remote_prefill"):
+        parse_kv_transfer_params({"remote_port": 5000})
+    assert isinstance(parse_kv_transfer_params({"do_remote_decode": True, "do_remote_prefill": False}),
+                      RemoteDecodeParams)
+    assert parse_kv_transfer_params({"do_remote_decode": False}) is None

@@ -19,6 +19,7 @@ from disagg import (
 )
 
 from kvxfer import SamplingParams
+from kvxfer.connectors.base import KVParamsError
 from kvxfer.ports import free_port
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
@@ -138,7 +139,11 @@ def test_release_frees_held_blocks_early_and_a_late_read_fails(engines):
     params = engine.scheduler.pending_free["held"].output_kv_transfer_params
     engine.step()  # the ranks now hold it under its lease
     assert engine.stats()["connector"]["held_requests"] == 1
-    assert engine.abort_request("held") == "released"
+    # Release names the token: without it, or with another, nothing changes for the holder.
+    assert engine.abort_request("held") == "unknown"
+    assert engine.abort_request("held", "0" * 32) == "unknown"
+    assert engine.stats()["connector"]["refused_releases"] == before["refused_releases"] + 2
+    assert engine.abort_request("held", params["transfer_token"]) == "released"
     for _ in range(3):  # the next step tells the ranks; they report it at once
         engine.step()
         if not engine.stats()["num_pending_free"]:
@@ -149,11 +154,11 @@ def test_release_frees_held_blocks_early_and_a_late_read_fails(engines):
     assert stats["connector"]["released"] == before["released"] + 1
     assert stats["connector"]["expired_leases"] == before["expired_leases"]
     assert stats["connector"]["sends_completed"] == before["sends_completed"]
-    assert engine.abort_request("held") == "unknown"  # nothing left to release
+    assert engine.abort_request("held", params["transfer_token"]) == "unknown"  # nothing left to release
 
-    [out] = decode.generate([p], GREEDY, kv_transfer_params=params)  # a READ after the release
-    assert out.finish_reason == "error" and out.error_kind == "peer"
-    assert "no longer held" in out.error and "'held'" in out.error
+    [out] = decode.generate([p], GREEDY, kv_transfer_params=params)  # refused before any READ
+    assert out.finish_reason == "error" and out.error_kind == "params"
+    assert "'held' is not held" in out.error
     assert_all_blocks_free(prefill, decode)
 
 
@@ -226,11 +231,17 @@ def test_bad_params_are_clear_errors_and_leak_nothing(engines):
     [out] = decode.generate([p], GREEDY, kv_transfer_params={**genuine, "remote_engine_id": "nope"})
     assert "unknown remote engine 'nope'" in out.error and out.error_kind == "params"
 
-    [out] = decode.generate([p[:-1]], GREEDY, kv_transfer_params=genuine)
-    assert "prompt of 26 tokens" in out.error and out.error_kind == "params"
-
-    with pytest.raises(ValueError, match="remote_port"):
+    # What the engine can tell at once is refused by add_request, before anything is queued.
+    with pytest.raises(KVParamsError, match="remote_num_tokens says a prompt of 26 tokens, this request has 25"):
+        decode.generate([p[:-1]], GREEDY, kv_transfer_params=genuine)
+    short = {**genuine, "remote_block_ids": genuine["remote_block_ids"][:-1]}
+    with pytest.raises(KVParamsError, match="remote_block_ids for 26 tokens"):
+        decode.generate([p], GREEDY, kv_transfer_params=short)
+    with pytest.raises(KVParamsError, match="remote_port"):
         decode.generate([p], GREEDY, kv_transfer_params={**genuine, "remote_port": "5600"})
+    with pytest.raises(KVParamsError, match="role is 'decode'"):
+        decode.generate([p], GREEDY, kv_transfer_params=HANDOFF)
+    assert not decode.engine.has_unfinished_requests()
 
     llama = engines.prefill_llama.generate([p], GREEDY, kv_transfer_params=HANDOFF)[0].kv_transfer_params
     [out] = decode.generate([p], GREEDY, kv_transfer_params=llama)
@@ -243,4 +254,24 @@ def test_bad_params_are_clear_errors_and_leak_nothing(engines):
     drain(engines.prefill_llama)  # never read: freed by its lease
     assert engines.prefill_llama.engine.stats()["connector"]["expired_leases"] >= 1
     assert_all_blocks_free(engines.prefill, engines.prefill_llama, decode)
-    assert decode.engine.stats()["connector"]["failures"] >= 4
+    assert decode.engine.stats()["connector"]["failures"] >= 3  # beyond the pool, unknown engine, other model
+
+
+def test_params_are_bound_to_their_blocks_and_never_read_a_victims_kv(engines):
+    """The issue's attack: valid params of one's own with the victim's block ids (or request id)."""
+    prefill, decode = engines.prefill, engines.decode_fail
+    v, a = prompts(21, 20, 20)
+    victim, attacker = [o.kv_transfer_params for o in prefill.generate([v, a], GREEDY, kv_transfer_params=HANDOFF)]
+    before = prefill.engine.stats()["connector"]["refused_checks"]
+    theirs = {"remote_block_ids": victim["remote_block_ids"]}
+    [out] = decode.generate([a], GREEDY, kv_transfer_params={**attacker, **theirs})
+    assert out.error_kind == "params" and "held with other blocks" in out.error and not out.output_token_ids
+    stolen = {**attacker, **theirs, "remote_request_id": victim["remote_request_id"]}
+    [out] = decode.generate([a], GREEDY, kv_transfer_params=stolen)
+    assert out.error_kind == "params" and "not held" in out.error and not out.output_token_ids
+    assert prefill.engine.stats()["connector"]["refused_checks"] >= before + 2  # every decode rank asked
+    # Nothing changed for the real holders: both genuine pulls still work.
+    outs = decode.generate([v, a], GREEDY, kv_transfer_params=[victim, attacker])
+    assert [o.output_token_ids for o in outs] == local_tokens(decode, [v, a])
+    drain(prefill)
+    assert_all_blocks_free(prefill, decode)

@@ -1,17 +1,33 @@
-"""Handshake side channel over real zmq sockets on loopback."""
+"""Side channel over real zmq sockets on loopback: registration, metadata, the hold table's
+exact answers and pins, authentication, and hostile frames."""
 
 import time
 
+import msgspec
 import pytest
 import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from kvxfer.connectors.base import KVParamsError, KVPeerError
-from kvxfer.connectors.handshake import HandshakeError, HandshakeServer, check_held, fetch_engine_metadata, register_rank
-from kvxfer.connectors.metadata import PROTOCOL_VERSION, RankMetadata, Register, compat_of
+from kvxfer.connectors.auth import FrameAuth
+from kvxfer.connectors.base import KVConnectorOutput, KVParamsError, KVPeerError
+from kvxfer.connectors.config import KVTransferConfig
+from kvxfer.connectors.handshake import (
+    HandshakeError,
+    HandshakeServer,
+    check_held,
+    fetch_engine_metadata,
+    register_rank,
+)
+from kvxfer.connectors.metadata import PROTOCOL_VERSION, Held, Query, RankMetadata, Register, compat_of
+from kvxfer.connectors.nixl_scheduler import NixlConnectorScheduler
 from kvxfer.specs import FullAttentionSpec
 
 SPEC = FullAttentionSpec(num_kv_heads=4, head_size=8, num_layers=2, block_size=16, dtype="float32")
 COMPAT = compat_of(SPEC, "llama:0123")
+SECRET = b"s" * 16
+NO_AUTH = FrameAuth(None)
+KEY = b"k" * 32
 
 
 def rank(r: int, num_blocks: int) -> RankMetadata:
@@ -20,77 +36,220 @@ def rank(r: int, num_blocks: int) -> RankMetadata:
     return RankMetadata(r, f"agent-{r}", b"meta-%d" % r, 4096 * (r + 1), region, 0, "DRAM", num_blocks, heads)
 
 
+def register(port, r, num_blocks=8, secret=SECRET, tp=2, auth=NO_AUTH, timeout_s=2.0):
+    register_rank("127.0.0.1", port, Register("eng-a", secret, COMPAT.hash(), tp, rank(r, num_blocks)), timeout_s, auth)
+
+
 @pytest.fixture
 def server(port):
-    srv = HandshakeServer("127.0.0.1", port, "eng-a", 2, COMPAT)
+    srv = HandshakeServer("127.0.0.1", port, "eng-a", "inst-a", SECRET, 2, COMPAT, 30.0, NO_AUTH)
     yield srv
     srv.close()
 
 
+def fetch(port, engine_id="eng-a", compat=COMPAT, auth=NO_AUTH, timeout_s=2.0):
+    return fetch_engine_metadata("127.0.0.1", port, engine_id, compat, timeout_s, auth)
+
+
 def test_serves_all_ranks_once_registered(server, port):
-    server.add_rank(rank(0, 30))
+    register(port, 0, 30)
     with pytest.raises(HandshakeError, match="not ready: 1 of 2"):
-        fetch_engine_metadata("127.0.0.1", port, "eng-a", COMPAT, timeout_s=0.3)
-    register_rank("127.0.0.1", port, Register("eng-a", COMPAT.hash(), 2, rank(1, 24)), timeout_s=2)
-    meta = fetch_engine_metadata("127.0.0.1", port, "eng-a", COMPAT, timeout_s=2)
+        fetch(port, timeout_s=0.3)
+    register(port, 1, 24)
+    meta = fetch(port)
     assert meta.version == PROTOCOL_VERSION and meta.engine_id == "eng-a" and meta.tp_size == 2
+    assert meta.instance_id == "inst-a" and meta.lease_seconds == 30.0
     assert [r.tp_rank for r in meta.ranks] == [0, 1] and meta.ranks[1].agent_metadata == b"meta-1"
     assert meta.num_blocks == 24  # the MIN over ranks
+
+
+def test_registration_needs_the_instance_secret_and_a_rank_in_range(server, port):
+    with pytest.raises(HandshakeError, match="not a rank of this instance"):
+        register(port, 0, secret=b"x" * 16)
+    with pytest.raises(HandshakeError, match="rank 5 of TP 2"):
+        register(port, 5)
+    with pytest.raises(HandshakeError, match="rank 0 of TP 3"):
+        register(port, 0, tp=3)
+    with pytest.raises(HandshakeError, match="not ready: 0 of 2"):  # nothing was registered, the server serves on
+        fetch(port, timeout_s=0.3)
+    register(port, 0)
+    register(port, 1)
+    assert fetch(port).tp_size == 2
 
 
 def test_dead_port_times_out_promptly(port):
     start = time.monotonic()
     with pytest.raises(KVPeerError, match="timed out after 0.8s"):
-        fetch_engine_metadata("127.0.0.1", port, "eng-a", COMPAT, timeout_s=0.8)
+        fetch(port, timeout_s=0.8)
     assert time.monotonic() - start < 2.0
 
 
 def test_mismatch_names_the_field(server, port):
-    server.add_rank(rank(0, 8))
-    server.add_rank(rank(1, 8))
+    register(port, 0)
+    register(port, 1)
     other = compat_of(FullAttentionSpec(4, 8, 3, 16, "float32"), "llama:0123")
     with pytest.raises(KVParamsError, match="num_layers: local 3 != remote 2"):
-        fetch_engine_metadata("127.0.0.1", port, "eng-a", other, timeout_s=2)
-    other_model = compat_of(SPEC, "qwen3:4567")
+        fetch(port, compat=other)
     with pytest.raises(ValueError, match="model_identity"):
-        fetch_engine_metadata("127.0.0.1", port, "eng-a", other_model, timeout_s=2)
+        fetch(port, compat=compat_of(SPEC, "qwen3:4567"))
 
 
 def test_unknown_engine_and_foreign_ranks_are_refused(server, port):
-    server.add_rank(rank(0, 8))
+    register(port, 0)
     with pytest.raises(KVParamsError, match="unknown remote engine 'eng-b'"):
-        fetch_engine_metadata("127.0.0.1", port, "eng-b", COMPAT, timeout_s=2)
-    wrong_model = Register("eng-a", compat_of(SPEC, "other").hash(), 2, rank(1, 8))
+        fetch(port, engine_id="eng-b")
+    wrong_model = Register("eng-a", SECRET, compat_of(SPEC, "other").hash(), 2, rank(1, 8))
     with pytest.raises(HandshakeError, match="does not match"):
-        register_rank("127.0.0.1", port, wrong_model, timeout_s=2)
-
-
-def test_held_check_answers_from_the_given_up_set(port):
-    given_up = {"gone-1"}
-    srv = HandshakeServer("127.0.0.1", port, "eng-a", 1, COMPAT, given_up.__contains__)
-    try:
-        check_held("127.0.0.1", port, "eng-a", "still-held", timeout_s=2)
-        with pytest.raises(KVPeerError, match="'gone-1' is no longer held by engine 'eng-a'"):
-            check_held("127.0.0.1", port, "eng-a", "gone-1", timeout_s=2)
-        with pytest.raises(KVPeerError, match="unknown remote engine"):
-            check_held("127.0.0.1", port, "eng-b", "still-held", timeout_s=2)
-    finally:
-        srv.close()
-
-
-def test_malformed_request_gets_an_error_and_the_server_keeps_serving(server, port):
-    server.add_rank(rank(0, 8))
-    server.add_rank(rank(1, 8))
-    sock = zmq.Context.instance().socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(f"tcp://127.0.0.1:{port}")
-    sock.send(b"\xc1garbage")
-    assert sock.poll(2000)
-    assert b"malformed" in sock.recv()
-    sock.close()
-    assert fetch_engine_metadata("127.0.0.1", port, "eng-a", COMPAT, timeout_s=2).tp_size == 2
+        register_rank("127.0.0.1", port, wrong_model, 2.0, NO_AUTH)
 
 
 def test_port_in_use_is_a_clear_error(server, port):
     with pytest.raises(HandshakeError, match=f"cannot bind the KV side channel at 127.0.0.1:{port}"):
-        HandshakeServer("127.0.0.1", port, "eng-c", 1, COMPAT)
+        HandshakeServer("127.0.0.1", port, "eng-c", "inst-c", SECRET, 1, COMPAT, 30.0, NO_AUTH)
+
+
+# --- the hold table (scheduler side) behind the side channel ---------------------------------
+
+
+@pytest.fixture
+def table(port):
+    config = KVTransferConfig(role="prefill", engine_id="eng-h", side_channel_port=port, lease_seconds=3.0)
+    sched = NixlConnectorScheduler(config, SPEC, 1, "llama:0123")
+    yield sched
+    sched.shutdown()
+
+
+def held(table, params, **override):
+    fields = dict(engine_id=params.remote_engine_id, instance_id=params.remote_instance_id,
+                  request_id=params.remote_request_id, transfer_token=params.transfer_token,
+                  block_ids=list(params.remote_block_ids), reader="dec", reader_rank=0, transfer_timeout_s=0.5)
+    fields.update(override)
+    return check_held("127.0.0.1", table.config.side_channel_port, Held(**fields), 2.0, NO_AUTH)
+
+
+def test_held_answers_exactly_for_the_token_blocks_and_instance(table):
+    params = table.hold("r1", [3, 4, 5], 40)
+    assert len(params.transfer_token) == 32 and params.remote_instance_id == table.config.instance_id
+    assert held(table, params) == pytest.approx(2.5)  # transfer time-out + margin
+    cases = {
+        "not held by engine 'eng-h' under this token": dict(transfer_token="0" * 32),
+        "held with other blocks": dict(block_ids=[3, 4, 6]),
+        "instance": dict(instance_id="another-start"),
+    }
+    for match, override in cases.items():
+        with pytest.raises(KVParamsError, match=match):
+            held(table, params, **override)
+    with pytest.raises(KVParamsError, match="'made-up' is not held"):
+        held(table, params, request_id="made-up")
+    with pytest.raises(KVParamsError, match="does not fit inside the prefill's lease_seconds"):
+        held(table, params, transfer_timeout_s=10.0)
+    assert table.stats()["refused_checks"] == 5 and table.stats()["held_requests"] == 1
+    assert held(table, params) > 0  # the real holder is unaffected
+
+    # Finished by its readers: forgotten at once, so the answer is "not held" (finding 3).
+    table.update_connector_output(KVConnectorOutput(finished_sending={"r1"}))
+    with pytest.raises(KVParamsError, match="'r1' is not held"):
+        held(table, params)
+    assert table.stats()["held_requests"] == 0
+
+
+def test_release_names_the_token_and_waits_for_pins(table):
+    params = table.hold("r2", [7], 10)
+    meta = table.build_connector_meta(None)
+    assert [s.request_id for s in meta.send] == ["r2"] and meta.send[0].transfer_token == params.transfer_token
+    assert not table.release_request("r2", None) and not table.release_request("r2", "f" * 32)
+    assert table.stats()["refused_releases"] == 2
+    held(table, params)  # pinned for 2.5 s from now
+    assert table.release_request("r2", params.transfer_token)
+    with pytest.raises(KVParamsError, match="no longer held"):  # no new pins once released
+        held(table, params, reader_rank=1)
+    assert table.build_connector_meta(None).release == []  # still pinned: not freed under a READ
+    deadline = time.monotonic() + 30
+    while not (meta := table.build_connector_meta(None)).release:
+        assert time.monotonic() < deadline, "the pin never lapsed"
+        time.sleep(0.05)
+    assert meta.release == ["r2"] and meta.expire == []
+    assert not table.release_request("r2", params.transfer_token)  # already ending
+
+
+def test_lease_expiry_is_decided_once_by_the_table(table):
+    params = table.hold("r3", [1, 2], 20)
+    deadline = time.monotonic() + 30
+    while not (meta := table.build_connector_meta(None)).expire:
+        assert time.monotonic() < deadline, "the lease never expired"
+        time.sleep(0.05)
+    assert meta.expire == ["r3"]
+    with pytest.raises(KVParamsError, match="no longer held"):
+        held(table, params)
+    table.update_connector_output(KVConnectorOutput(finished_sending={"r3"}, expired_sending={"r3"}))
+    assert table.stats()["expired_leases"] == 1 and table.stats()["held_requests"] == 0
+
+
+# --- authentication and hostile frames -------------------------------------------------------
+
+
+@pytest.fixture
+def keyed(port):
+    srv = HandshakeServer("127.0.0.1", port, "eng-a", "inst-a", SECRET, 1, COMPAT, 30.0, FrameAuth(KEY))
+    yield srv
+    srv.close()
+
+
+def raw_request(port, frame: bytes, timeout_ms: int = 2000) -> bytes:
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(f"tcp://127.0.0.1:{port}")
+        sock.send(frame)
+        assert sock.poll(timeout_ms), "the side channel did not answer"
+        return sock.recv()
+    finally:
+        sock.close()
+
+
+def test_with_a_key_every_message_is_authenticated(keyed, port):
+    with pytest.raises(HandshakeError, match="unauthenticated side-channel request"):
+        register_rank("127.0.0.1", port, Register("eng-a", SECRET, COMPAT.hash(), 1, rank(0, 8)), 0.5, NO_AUTH)
+    with pytest.raises(HandshakeError, match="bad signature"):
+        register_rank("127.0.0.1", port, Register("eng-a", SECRET, COMPAT.hash(), 1, rank(0, 8)), 0.5,
+                      FrameAuth(b"w" * 32))
+    register_rank("127.0.0.1", port, Register("eng-a", SECRET, COMPAT.hash(), 1, rank(0, 8)), 2.0, FrameAuth(KEY))
+    with pytest.raises(KVParamsError, match="unauthenticated"):
+        fetch(port)  # no metadata without the key
+    assert fetch(port, auth=FrameAuth(KEY)).instance_id == "inst-a"
+    # A captured frame cannot be replayed.
+    frame, _ = FrameAuth(KEY).seal_request(msgspec.msgpack.encode(Query(engine_id="eng-a")))
+    assert b"metadata" in raw_request(port, frame)
+    assert b"replayed" in raw_request(port, frame)
+
+
+FRAMES = st.one_of(
+    st.binary(max_size=512),
+    st.builds(lambda n: msgspec.msgpack.encode(Query(engine_id="eng-a"))[:n], st.integers(0, 20)),
+    st.builds(lambda r: msgspec.msgpack.encode(Register("eng-a", SECRET, COMPAT.hash(), 1, rank(r, 8))),
+              st.integers(-(1 << 40), 1 << 40)),
+    st.builds(msgspec.msgpack.encode,
+              st.dictionaries(st.text(max_size=8), st.integers(-(1 << 63), 1 << 63) | st.text(max_size=8), max_size=4)),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frame=FRAMES)
+def test_random_and_truncated_frames_get_an_error_and_serving_goes_on(server, port, frame):
+    reply = raw_request(port, frame)
+    assert reply  # an answer (an error, or ok for a well-formed registration), never a dead server
+
+
+def test_after_hostile_frames_a_valid_handshake_still_works(server, port):
+    hostile = msgspec.msgpack.encode(Held("eng-a", "", "", "", [], "", 0, 0.0))
+    for frame in (b"", b"\xc1", b"\x81\xa4type\xa8Register", hostile):
+        assert b"ok" in raw_request(port, frame)
+    sock = zmq.Context.instance().socket(zmq.DEALER)  # not a REQ envelope
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    sock.send_multipart([b"a", b"b", b"c"])
+    assert sock.poll(2000) and b"not a REQ envelope" in sock.recv_multipart()[-1]
+    sock.close()
+    register(port, 0)
+    register(port, 1)
+    assert fetch(port).tp_size == 2

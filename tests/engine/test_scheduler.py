@@ -1,5 +1,11 @@
 """Scheduler: pure logic with a stand-in for the model step (sampled tokens are made up)."""
 
+import itertools
+
+import pytest
+
+from kvxfer.connectors.base import ConnectorMetadata, KVConnectorOutput, KVOutputAggregator, RecvRequest
+from kvxfer.connectors.metadata import RemotePrefillParams
 from kvxfer.engine.block_manager import BlockManager
 from kvxfer.engine.request import Request, RequestStatus
 from kvxfer.engine.sampling_params import SamplingParams
@@ -10,6 +16,13 @@ BS = 4
 
 def make(rid, n_prompt, max_tokens=3):
     return Request(rid, list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens))
+
+
+def remote_request(rid, prompt, max_tokens=2):
+    """A decode-side request whose prompt KV comes from a (made-up) prefill engine."""
+    params = RemotePrefillParams(True, "prefill", "inst", "127.0.0.1", 5600, list(range(len(prompt) // BS + 1)), rid, 1,
+                                 len(prompt), "0" * 32)
+    return Request(rid, list(prompt), SamplingParams(max_tokens=max_tokens), params)
 
 
 def run_step(sched, token=7):
@@ -122,9 +135,9 @@ class FakeConnector:
         self.calls.append(("finished", request.request_id))
         return self.delay_free, {"done": request.request_id}
 
-    def release_request(self, request_id):
-        self.calls.append(("release", request_id))
-        return True
+    def release_request(self, request_id, transfer_token):
+        self.calls.append(("release", request_id, transfer_token))
+        return transfer_token == "token"
 
     def update_connector_output(self, output):
         self.calls.append(("output",))
@@ -143,7 +156,7 @@ def test_remote_kv_wait_does_not_block_others_and_resumes():
     bm = BlockManager(16, BS)
     conn = FakeConnector()
     sched = Scheduler(bm, 8, 64, conn)
-    remote = Request("remote", list(range(1, 10)), SamplingParams(max_tokens=2), {"do_remote_prefill": True})
+    remote = remote_request("remote", list(range(1, 10)))
     sched.add(remote)
     sched.add(make("local", 3))
     out, _ = run_step(sched)
@@ -162,7 +175,7 @@ def test_remote_failure_fails_or_recomputes_by_policy():
     for policy in ("fail", "recompute"):
         bm = BlockManager(16, BS)
         sched = Scheduler(bm, 8, 64, FakeConnector(), failure_policy=policy)
-        sched.add(Request("r", list(range(1, 10)), SamplingParams(max_tokens=2), {"do_remote_prefill": True}))
+        sched.add(remote_request("r", list(range(1, 10))))
         run_step(sched)
         sched.update_connector_output(Out(failed={"r": "peer died"}, kinds={"r": "peer"}))
         out, _ = run_step(sched)
@@ -171,7 +184,11 @@ def test_remote_failure_fails_or_recomputes_by_policy():
             assert err.finish_reason == "error" and "peer died" in err.error and err.error_kind == "peer"
             assert bm.num_free_blocks == 16
         else:
-            assert out.scheduled[0].num_new_tokens == 9
+            assert out.scheduled[0].num_new_tokens == 9 and sched.num_recomputed == 1
+            assert sched.requests["r"].kv_transfer_stats == {
+                "recomputed": True, "error_kind": "peer", "reason": "peer died",
+                "bytes": 0, "descriptors": 0, "seconds": 0.0, "gbps": 0.0,
+            }
             run_all(sched)
             assert bm.num_free_blocks == 16
 
@@ -194,8 +211,10 @@ def test_abort_of_a_held_request_asks_the_connector_to_release_it():
     sched = Scheduler(bm, 8, 64, conn)
     sched.add(make("p", 6, max_tokens=1))
     run_step(sched)
-    assert "p" in sched.pending_free and not sched.abort("unknown-id")
-    assert sched.abort("p") and ("release", "p") in conn.calls
+    assert "p" in sched.pending_free and not sched.release("unknown-id", "token")
+    assert not sched.abort("p")  # finished: nothing to abort, the hold is released by its token
+    assert not sched.release("p", "not-the-token") and "p" in sched.pending_free
+    assert sched.release("p", "token") and ("release", "p", "token") in conn.calls
     assert bm.num_free_blocks == 14 and not sched.pop_finished()  # freed when the ranks report it
     sched.update_connector_output(Out(sent=["p"]))
     assert bm.num_free_blocks == 16 and "p" not in sched.pending_free
@@ -204,7 +223,7 @@ def test_abort_of_a_held_request_asks_the_connector_to_release_it():
 def test_abort_while_loading_frees_blocks_only_after_the_ranks_report():
     bm = BlockManager(16, BS)
     sched = Scheduler(bm, 8, 64, FakeConnector())
-    sched.add(Request("r", list(range(1, 10)), SamplingParams(max_tokens=2), {"do_remote_prefill": True}))
+    sched.add(remote_request("r", list(range(1, 10))))
     run_step(sched)
     assert sched.abort("r")
     assert [r.finish_reason for r in sched.pop_finished()] == ["abort"]
@@ -219,7 +238,7 @@ def test_loaded_request_runs_before_a_preempted_one_that_needs_its_blocks():
     local = make("local", 8, max_tokens=16)  # needs all 6 blocks at its end
     sched.add(local)
     run_step(sched)
-    remote = Request("remote", list(range(50, 54)), SamplingParams(max_tokens=2), {"do_remote_prefill": True})
+    remote = remote_request("remote", list(range(50, 54)))
     sched.add(remote)
     while local.num_computed_tokens < 5 * BS:
         run_step(sched)
@@ -232,3 +251,49 @@ def test_loaded_request_runs_before_a_preempted_one_that_needs_its_blocks():
     finished = run_all(sched)
     assert set(finished) == {"local", "remote"} and len(finished["local"].output_token_ids) == 16
     assert bm.num_free_blocks == 6
+
+
+def _load_events_cases():
+    for order in itertools.permutations(("abort", 0, 1)):
+        for outcome in ("finished", "failed"):
+            for policy in ("fail", "recompute"):
+                yield pytest.param(order, outcome, policy, id="-".join(map(str, order)) + f"-{outcome}-{policy}")
+
+
+@pytest.mark.parametrize("order,outcome,policy", list(_load_events_cases()))
+def test_blocks_of_a_load_are_freed_exactly_once_whatever_order_abort_and_reports_come_in(order, outcome, policy):
+    """Two ranks report a load through the real aggregator; the abort lands before, between
+    or after their reports (also after the scheduler got the agreed report but before the
+    request ran). The blocks stay put while a READ may still land, and end up all free."""
+    bm = BlockManager(16, BS)
+    sched = Scheduler(bm, 8, 64, FakeConnector(), failure_policy=policy)
+    agg = KVOutputAggregator(2)
+    load = RecvRequest("r", "r", "prefill", "inst", "127.0.0.1", 5600, 1, "t" * 32, [], [], [])
+    agg.expect(ConnectorMetadata(recv=[load]))
+    r = remote_request("r", list(range(1, 10)))
+    sched.add(r)
+    run_step(sched)
+    assert r.status == RequestStatus.WAITING_FOR_REMOTE_KV and bm.num_free_blocks == 13
+    reported = set()
+    for event in order:
+        if event == "abort":
+            ended_already = r.is_finished  # failed by policy "fail" once both ranks reported
+            assert sched.abort("r") != ended_already
+        else:
+            rank_out = KVConnectorOutput(
+                finished_recving={"r"} if outcome == "finished" else set(),
+                failed_recving={"r": "READ failed"} if outcome == "failed" else {},
+            )
+            outputs = [KVConnectorOutput(), KVConnectorOutput()]
+            outputs[event] = rank_out
+            sched.update_connector_output(agg.aggregate(outputs))
+            reported.add(event)
+        if reported != {0, 1}:  # a READ may still land: the blocks must not be reused yet
+            assert bm.num_free_blocks == 13
+            assert sched.holds("r") == r.is_finished  # aborted: its id may not be reused yet
+    run_all(sched)
+    failed_first = (outcome, policy) == ("failed", "fail") and order[-1] == "abort"
+    assert [x.finish_reason for x in sched.pop_finished()] == ["error" if failed_first else "abort"]
+    assert bm.num_free_blocks == 16
+    assert not sched.has_unfinished() and not sched.remote and not sched.aborted_loads and not sched.waiting
+    assert not sched.holds("r")

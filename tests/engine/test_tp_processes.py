@@ -120,6 +120,12 @@ def test_workers_of_an_engine_built_on_a_thread_survive_the_thread(model_dir):
         with pytest.raises(EngineDeadError, match="rank 1"):
             llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))
         assert time.monotonic() - start < 10
+        # Dead for good: every later call says why at once.
+        assert "rank 1" in llm.engine.dead
+        with pytest.raises(EngineDeadError, match="rank 1"):
+            llm.engine.step()
+        with pytest.raises(EngineDeadError, match="rank 1"):
+            llm.engine.add_request("late", [5, 6, 7])
     finally:
         llm.shutdown()
     assert wait_exited(pids, 5.0)

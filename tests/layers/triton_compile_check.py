@@ -43,7 +43,8 @@ def _compile(fn, pointers: dict[str, str], ints: dict[str, int], constexprs: dic
             divisible = False
         else:
             signature[param.name] = "i32"
-            divisible = ints.get(param.name, 16) % 16 == 0
+            # do_not_specialize ints get no divisibility hint at launch either.
+            divisible = not param.do_not_specialize and ints.get(param.name, 16) % 16 == 0
         if divisible:
             attrs[(index,)] = [["tt.divisibility", 16]]
     compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET, options={"num_warps": num_warps})

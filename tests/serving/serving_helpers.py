@@ -3,8 +3,10 @@ polling waits, and the HF reference for greedy outputs."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
+import threading
 import time
 
 import httpx
@@ -66,6 +68,33 @@ class Cluster:
         stop_all(self.processes)
 
 
+class InProcessServer:
+    """`kvxfer serve` built in this process (so a test can block its engine thread or wrap its
+    app), served by uvicorn on a loopback port from a background thread."""
+
+    def __init__(self, model_dir: str, role: str, *extra: str, wrap=None):
+        import uvicorn
+
+        from kvxfer.entrypoints import serve
+
+        port, side = free_ports(2)
+        parser = argparse.ArgumentParser()
+        serve.add_arguments(parser)
+        args = parser.parse_args([model_dir, "--role", role, "--port", str(port), "--side-channel-port", str(side),
+                                  "--block-size", "16", "--num-kv-blocks", "256", *extra])
+        self.url = f"http://127.0.0.1:{port}"
+        self.engine, app = serve.build_server(args)
+        app = wrap(app) if wrap is not None else app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.engine.shutdown()
+
+
 def metrics(url: str) -> dict[str, float]:
     """Samples of a server's /metrics page by name (labels kept in the name)."""
     values = {}
@@ -85,7 +114,7 @@ def wait_all_blocks_free(url: str, timeout_s: float = 20.0) -> dict[str, float]:
             return m
         if time.monotonic() > deadline:
             pytest.fail(f"{url}: {m['kvxfer_kv_free_blocks']:.0f} of {m['kvxfer_kv_blocks']:.0f} blocks free "
-                        f"after {timeout_s}s")
+                        f"after {timeout_s}s ({m.get('kvxfer_kv_held_requests', 0):.0f} held requests)")
         time.sleep(0.2)
 
 

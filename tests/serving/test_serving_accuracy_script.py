@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from serving_helpers import child_pids
 
 SCRIPT = Path(__file__).resolve().parents[2] / "integration" / "run_accuracy_test.sh"
 
@@ -90,18 +91,39 @@ def test_too_few_gpus_is_a_clear_error(tiny_qwen3, tmp_path):
     assert started_pids(out) == []
 
 
+def _check_pid(script_pid: int, deadline: float) -> int:
+    """The pid of the script's accuracy_check.py child, once it runs."""
+    while time.monotonic() < deadline:
+        for pid in child_pids(script_pid):
+            try:
+                if b"accuracy_check.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+            except OSError:
+                pass
+        time.sleep(0.05)
+    pytest.fail("accuracy_check.py never started")
+
+
 def test_ctrl_c_stops_everything(tiny_qwen3, tmp_path):
-    proc = start({"MODEL": tiny_qwen3, "PREFILL_TP": "2", "DECODE_TP": "1"}, tmp_path)
+    """Ctrl-C while the check provably runs: the check is stopped (SIGSTOP) before the
+    interrupt, so it cannot have finished, and continued after it, as a terminal would deliver."""
+    proc = start({"MODEL": tiny_qwen3, "PREFILL_TP": "2", "DECODE_TP": "1", "MAX_TOKENS": "64"}, tmp_path)
     seen = ""
-    deadline = time.monotonic() + 120
-    while "is healthy" not in seen:  # servers up, possibly mid-check
+    deadline = time.monotonic() + 240
+    while "proxy is healthy" not in seen:  # every server up; the check starts next
         line = proc.stdout.readline()
         assert line or proc.poll() is None, seen
         seen += line
         assert time.monotonic() < deadline, seen
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+    check = _check_pid(proc.pid, deadline)
+    os.kill(check, signal.SIGSTOP)  # it cannot finish now
+    try:
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does (pending for the check)
+    finally:
+        os.kill(check, signal.SIGCONT)
     out = seen + finish(proc, 60)
     assert proc.returncode == 130, out[-3000:]
+    assert "PASS MODEL=" not in out and "ACCURACY CHECK PASSED" not in out
     pids = started_pids(out)
-    assert len(pids) >= 3
+    assert len(pids) == 4  # prefill, decode, reference, proxy
     assert_all_gone(pids)

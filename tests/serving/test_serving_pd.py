@@ -127,11 +127,13 @@ def test_one_request_id_for_both_legs(pd):
                            "kv_transfer_params": {"do_remote_decode": True}}).json()
     assert leg["kv_transfer_params"]["remote_request_id"] == "both-legs-2"
     released = metrics(prefill.url)["kvxfer_kv_released_total"]
-    assert httpx.post(f"{prefill.url}/v1/abort/both-legs-2").json()["outcome"] == "released"
+    token = {"transfer_token": leg["kv_transfer_params"]["transfer_token"]}
+    assert httpx.post(f"{prefill.url}/v1/abort/both-legs-2").json()["outcome"] == "unknown"  # needs the token
+    assert httpx.post(f"{prefill.url}/v1/abort/both-legs-2", json=token).json()["outcome"] == "released"
     settle(prefill, decode)
     m = metrics(prefill.url)
     assert m["kvxfer_kv_released_total"] == released + 1 and m["kvxfer_kv_held_requests"] == 0
-    assert httpx.post(f"{prefill.url}/v1/abort/both-legs-2").json()["outcome"] == "unknown"
+    assert httpx.post(f"{prefill.url}/v1/abort/both-legs-2", json=token).json()["outcome"] == "unknown"
 
 
 def test_full_prefix_hit_on_decode_not_on_prefill(pd, hf):
@@ -213,14 +215,19 @@ def test_forged_params_are_4xx_and_leak_nothing(pd, forge, expect):
     prefill, decode, _ = pd
     prompt = fresh_prompt(2 * BLOCK_SIZE + 3)
     params = _prefill_leg(prefill, prompt)
-    r = httpx.post(f"{decode.url}/v1/completions", timeout=60, json={
-        "prompt": prompt, "max_tokens": 3, "kv_transfer_params": forge(params)})
-    assert r.status_code == 400, r.text
-    assert expect in r.json()["error"]["message"]
-    # The genuine params still work afterwards, and both pools end up entirely free.
-    r = httpx.post(f"{decode.url}/v1/completions", timeout=60, json={
-        "prompt": prompt, "max_tokens": 3, "kv_transfer_params": params})
-    assert r.status_code == 200 and r.json()["kv_transfer_stats"]["bytes"] > 0
+    try:
+        r = httpx.post(f"{decode.url}/v1/completions", timeout=60, json={
+            "prompt": prompt, "max_tokens": 3, "kv_transfer_params": forge(params)})
+        assert r.status_code == 400, r.text
+        assert expect in r.json()["error"]["message"]
+        # The genuine params still work afterwards, and both pools end up entirely free.
+        r = httpx.post(f"{decode.url}/v1/completions", timeout=60, json={
+            "prompt": prompt, "max_tokens": 3, "kv_transfer_params": params})
+        assert r.status_code == 200 and r.json()["kv_transfer_stats"]["bytes"] > 0
+    finally:  # a failure here must not leave the hold to fail the later tests
+        token = params.get("transfer_token")
+        httpx.post(f"{prefill.url}/v1/abort/{params['remote_request_id']}", timeout=30,
+                   json={"transfer_token": token} if token else None)
     settle(prefill, decode)
 
 
@@ -247,7 +254,7 @@ def test_client_leaving_mid_stream_aborts_the_decode_request(pd):
         lines = r.iter_lines()
         for _ in range(4):
             next(lines)
-    wait_metric(decode.url, 'kvxfer_requests_total{finish_reason="abort"}', before + 1, timeout_s=10)
+    wait_metric(decode.url, 'kvxfer_requests_total{finish_reason="abort"}', before + 1, timeout_s=60)
     settle(prefill, decode)
 
 
@@ -258,7 +265,7 @@ def test_client_leaving_a_non_streamed_request_aborts_it(pd):
         httpx.post(f"{proxy.url}/v1/completions", timeout=httpx.Timeout(60, read=3.0),
                    json={"prompt": fresh_prompt(40), "max_tokens": 3000, "ignore_eos": True})
     # The proxy notices, closes its decode leg, and the decode server aborts the request.
-    wait_metric(decode.url, 'kvxfer_requests_total{finish_reason="abort"}', before + 1, timeout_s=10)
+    wait_metric(decode.url, 'kvxfer_requests_total{finish_reason="abort"}', before + 1, timeout_s=60)
     settle(prefill, decode)
 
 

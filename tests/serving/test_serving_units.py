@@ -1,5 +1,5 @@
 """Pure logic of the serving layer: proxy backend choice, chat rendering without a template,
-kv_transfer_params validation."""
+the accuracy script's comparison."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from kvxfer.entrypoints.protocol import BadRequest, ChatMessage, KVTransferParams, parse_body
+from kvxfer.entrypoints.protocol import BadRequest, ChatMessage
 from kvxfer.entrypoints.proxy import Backend, Pool
 
 
@@ -45,17 +45,6 @@ def test_default_chat_template_when_the_tokenizer_has_none(tiny_qwen3, tmp_path)
     assert renderer.encode_chat(messages) == expected
     with pytest.raises(BadRequest, match="only text content parts"):
         renderer.encode_chat([ChatMessage(role="user", content=[{"type": "image_url", "image_url": "x"}])])
-
-
-def test_kv_params_engine_form_keeps_only_what_is_set():
-    assert KVTransferParams(do_remote_decode=True).to_engine() == {"do_remote_decode": True}
-    full = dict(do_remote_prefill=True, remote_engine_id="e", remote_host="10.0.0.1", remote_port=5600,
-                remote_block_ids=[3, 4], remote_request_id="r", remote_tp_size=2, remote_num_tokens=20)
-    assert KVTransferParams(**full).to_engine() == full
-    with pytest.raises(BadRequest, match="duplicates"):
-        parse_body(KVTransferParams, json.dumps(full | {"remote_block_ids": [3, 3]}).encode())
-    with pytest.raises(BadRequest, match="remote_host"):
-        parse_body(KVTransferParams, json.dumps(full | {"remote_host": "a b"}).encode())
 
 
 def _accuracy_check():

@@ -1,0 +1,385 @@
+"""NIXL connector, decode side of a worker: the loads this rank pulls from prefill engines.
+
+A load goes: handshake (once per remote engine, in the background, with a time-out) ->
+hold check (one side-channel round trip: the prefill side confirms the request is held under
+the params' token with exactly their blocks, and pins it for this rank) -> one READ per remote
+rank -> done: a `ReadDone` naming the token to every prefill rank in `notify_targets`. A
+refused check fails the load as a params error before anything is read. The READs must end
+before the pin does: the load's deadline is the check's send time plus
+`min(transfer_timeout_s, pin - PIN_MARGIN_S)`. A READ that cannot be cancelled (releasing its
+handle fails) keeps the load in flight until NIXL reports the handle finished; only then is
+the failure reported and may its destination blocks be reused.
+
+Peers are cached by engine id together with the address and instance id they were fetched
+from: params naming a known engine at another address, or another instance of it, never reach
+the cached peer's memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from kvxfer.connectors.auth import FrameAuth
+from kvxfer.connectors.base import (
+    KVConnectorOutput,
+    KVParamsError,
+    KVPeerError,
+    KVTransferError,
+    RecvRequest,
+    TransferStats,
+)
+from kvxfer.connectors.config import PIN_MARGIN_S, KVTransferConfig, lease_fit_error
+from kvxfer.connectors.descriptors import Region, read_descriptors
+from kvxfer.connectors.handshake import HandshakeError, check_held, fetch_engine_metadata
+from kvxfer.connectors.metadata import Compat, EngineMetadata, Held, ReadDone
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Peer:
+    meta: EngineMetadata
+    address: tuple[str, int]  # where its metadata was fetched
+    agents: dict[int, str]  # remote rank -> NIXL agent name
+    regions: dict[int, Region]
+
+
+@dataclass
+class _Load:
+    req: RecvRequest
+    peer_id: str
+    started: float
+    check: Future | None = None  # the hold check in flight
+    deadline: float = 0.0  # READs abandoned after this (inside the prefill's pin)
+    handles: list[Any] = field(default_factory=list)
+    dlists: list[Any] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)  # prefill ranks to notify when done
+    error: KVTransferError | None = None  # set while cancelling: reported once the handles end
+    bytes: int = 0
+    descriptors: int = 0
+
+
+class LoadTracker:
+    def __init__(
+        self, agent: Any, config: KVTransferConfig, spec: Any, tp_rank: int, tp_size: int, compat: Compat,
+        pool: ThreadPoolExecutor, counters: dict[str, int],
+    ) -> None:
+        self.agent, self.config, self.spec = agent, config, spec
+        self.tp_rank, self.tp_size, self.compat = tp_rank, tp_size, compat
+        self._pool, self.counters = pool, counters
+        self._auth = FrameAuth(config.auth_key)
+        self.region: Region | None = None  # this rank's pool, set at registration
+        self.mem_type = "DRAM"
+        self.peers: dict[str, Peer] = {}
+        self._handshakes: dict[str, Future] = {}
+        self._waiting: dict[str, list[RecvRequest]] = {}  # remote engine -> loads awaiting its handshake
+        self._loads: dict[str, _Load] = {}
+        self._failed: dict[str, KVTransferError] = {}  # failures not yet reported
+        self._done: set[str] = set()
+        self._stats: dict[str, TransferStats] = {}
+        self._encoder = msgspec.msgpack.Encoder()
+
+    def busy(self) -> bool:
+        return bool(self._loads or self._waiting)
+
+    # --- start ----------------------------------------------------------------------------
+
+    def start(self, req: RecvRequest) -> None:
+        peer = self.peers.get(req.remote_engine_id)
+        if peer is not None and (req.remote_host, req.remote_port) == peer.address \
+                and req.remote_instance_id != peer.meta.instance_id:
+            self._drop_peer(req.remote_engine_id)  # restarted at the same address: handshake afresh
+            peer = None
+        if peer is not None:
+            self._begin(req, peer)
+            return
+        self._waiting.setdefault(req.remote_engine_id, []).append(req)
+        if req.remote_engine_id not in self._handshakes:
+            self._handshakes[req.remote_engine_id] = self._pool.submit(
+                fetch_engine_metadata, req.remote_host, req.remote_port, req.remote_engine_id, self.compat,
+                self.config.handshake_timeout_s, self._auth,
+            )
+
+    def connect(self, host: str, port: int) -> None:
+        """Handshake with a configured peer now (at start). An incompatible peer, a lease the
+        transfer time-out does not fit, or an engine id already known elsewhere raise
+        KVParamsError; an unreachable one is left to the first request's lazy handshake."""
+        try:
+            meta = fetch_engine_metadata(host, port, "", self.compat, self.config.handshake_timeout_s, self._auth)
+        except HandshakeError as e:
+            logger.warning("KV peer %s:%d not reachable at start (handshake on first use): %s", host, port, e)
+            return
+        known = self.peers.get(meta.engine_id)
+        if known is not None and known.address != (host, port):
+            raise KVParamsError(
+                f"KV peers {known.address[0]}:{known.address[1]} and {host}:{port} both run engine {meta.engine_id!r}"
+            )
+        if known is None:
+            self._add_peer(meta, (host, port))
+
+    def _finish_handshakes(self) -> None:
+        for engine_id, fut in list(self._handshakes.items()):
+            if not fut.done():
+                continue
+            del self._handshakes[engine_id]
+            waiting = self._waiting.pop(engine_id, [])
+            address = (waiting[0].remote_host, waiting[0].remote_port)
+            try:
+                peer = self._add_peer(fut.result(), address)
+            except KVTransferError as e:  # time-out, dead port (peer); unknown engine, incompatible (params)
+                for req in waiting:
+                    self._fail(req.request_id, e)
+                continue
+            except Exception as e:  # NIXL refusing its metadata, an inconsistent region
+                error = KVPeerError(f"KV handshake with {address[0]}:{address[1]} failed: {e}")
+                for req in waiting:
+                    self._fail(req.request_id, error)
+                continue
+            for req in waiting:
+                self._begin(req, peer)
+
+    def _add_peer(self, meta: EngineMetadata, address: tuple[str, int]) -> Peer:
+        problem = lease_fit_error(self.config.transfer_timeout_s, meta.lease_seconds)
+        if problem is not None:
+            raise KVParamsError(f"KV peer {meta.engine_id!r} at {address[0]}:{address[1]}: {problem}")
+        head_bytes = self.spec.bytes_per_head_block()
+        agents, regions = {}, {}
+        for rank in meta.ranks:
+            block_bytes = rank.kv_heads * head_bytes
+            expected_heads = self.spec.heads_per_rank(meta.tp_size)
+            if rank.kv_heads != expected_heads or rank.region_bytes != rank.num_blocks * block_bytes:
+                raise ValueError(f"remote rank {rank.tp_rank} advertises a KV region inconsistent with its spec")
+            if rank.mem_type not in ("DRAM", "VRAM"):
+                raise ValueError(f"remote rank {rank.tp_rank} has unknown memory type {rank.mem_type!r}")
+            agents[rank.tp_rank] = self.agent.add_remote_agent(rank.agent_metadata)
+            regions[rank.tp_rank] = Region(rank.base_addr, rank.num_blocks, block_bytes, head_bytes, rank.device_id)
+        peer = Peer(meta, address, agents, regions)
+        self.peers[meta.engine_id] = peer
+        return peer
+
+    def _drop_peer(self, engine_id: str) -> None:
+        """Forget a failed peer (its other loads fail too), so the next request handshakes afresh."""
+        peer = self.peers.pop(engine_id, None)
+        if peer is None:
+            return
+        for req_id, load in list(self._loads.items()):
+            if load.peer_id == engine_id and load.error is None:
+                self._fail(req_id, KVPeerError(f"remote engine {engine_id!r} failed during the transfer"))
+        for name in peer.agents.values():
+            try:
+                self.agent.remove_remote_agent(name)
+            except Exception:
+                pass
+
+    def _begin(self, req: RecvRequest, peer: Peer) -> None:
+        """Check the params against the peer, then ask the prefill side to confirm the hold."""
+        error = self._check_against(req, peer)
+        if error is not None:
+            self._fail(req.request_id, error)
+            return
+        load = _Load(req, peer.meta.engine_id, time.perf_counter())
+        load.targets = self.spec.notify_targets(self.tp_rank, self.tp_size, peer.meta.tp_size)
+        self._loads[req.request_id] = load
+        if not req.local_block_ids:
+            self._complete(load)  # full local hit: nothing is read, the ReadDone's token is checked there
+            return
+        held = Held(
+            engine_id=req.remote_engine_id, instance_id=req.remote_instance_id, request_id=req.remote_request_id,
+            transfer_token=req.transfer_token, block_ids=list(req.held_block_ids), reader=self.config.engine_id,
+            reader_rank=self.tp_rank, transfer_timeout_s=self.config.transfer_timeout_s,
+        )
+        load.check = self._pool.submit(
+            check_held, req.remote_host, req.remote_port, held, self.config.handshake_timeout_s, self._auth
+        )
+
+    def _check_against(self, req: RecvRequest, peer: Peer) -> KVTransferError | None:
+        meta = peer.meta
+        if (req.remote_host, req.remote_port) != peer.address:
+            return KVParamsError(
+                f"params name engine {meta.engine_id!r} at {req.remote_host}:{req.remote_port}, but it is known at "
+                f"{peer.address[0]}:{peer.address[1]} (two engines with one id?)"
+            )
+        if req.remote_instance_id != meta.instance_id:
+            return KVParamsError(
+                f"params were issued by instance {req.remote_instance_id!r} of engine {meta.engine_id!r}; "
+                f"{peer.address[0]}:{peer.address[1]} serves instance {meta.instance_id!r}"
+            )
+        if req.remote_tp_size != meta.tp_size:
+            return KVParamsError(
+                f"params say remote TP {req.remote_tp_size}, engine {meta.engine_id!r} runs TP {meta.tp_size}"
+            )
+        bad = [b for b in req.held_block_ids if not 0 <= b < meta.num_blocks]
+        if bad:
+            return KVParamsError(
+                f"remote block ids {bad[:8]} out of range for the peer's pool of {meta.num_blocks} blocks"
+            )
+        if len(req.local_block_ids) != len(req.remote_block_ids):  # the scheduler side's own slicing
+            return KVTransferError(
+                f"{len(req.local_block_ids)} local blocks for {len(req.remote_block_ids)} remote blocks"
+            )
+        bad = [b for b in req.local_block_ids if not 0 <= b < self.region.num_blocks]
+        if bad:
+            return KVTransferError(
+                f"local block ids {bad[:8]} out of range for this pool of {self.region.num_blocks} blocks"
+            )
+        return None
+
+    def _post(self, load: _Load, pin_seconds: float) -> None:
+        req, peer = load.req, self.peers.get(load.peer_id)
+        # Measured from before the check was sent, so it ends before the pin measured from receipt.
+        load.deadline = load.started + min(self.config.transfer_timeout_s, pin_seconds - PIN_MARGIN_S)
+        try:
+            slices = self.spec.get_tp_transfer_slices(self.tp_rank, self.tp_size, peer.meta.tp_size)
+            plan = read_descriptors(slices, self.region, peer.regions, req.local_block_ids, req.remote_block_ids)
+            for rank, (local, remote) in plan.items():
+                self._post_read(load, peer.agents[rank], local, remote, peer.meta.ranks[rank].mem_type)
+        except Exception as e:  # NIXL refuses (e.g. the peer disconnected)
+            self._fail(req.request_id, KVPeerError(f"posting the KV read failed: {type(e).__name__}: {e}"), True)
+
+    def _post_read(self, load: _Load, agent: str, local: np.ndarray, remote: np.ndarray, remote_mem: str) -> None:
+        local_h = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", local, self.mem_type)
+        load.dlists.append(local_h)
+        remote_h = self.agent.prep_xfer_dlist(agent, remote, remote_mem)
+        load.dlists.append(remote_h)
+        idx = np.arange(len(local), dtype=np.int32)
+        handle = self.agent.make_prepped_xfer("READ", local_h, idx, remote_h, idx)
+        load.handles.append(handle)
+        if self.agent.transfer(handle) == "ERR":
+            raise RuntimeError(f"NIXL refused the READ from {agent}")
+        load.bytes += int(local[:, 1].sum())
+        load.descriptors += len(local)
+
+    # --- progress -------------------------------------------------------------------------
+
+    def poll(self, out: KVConnectorOutput) -> None:
+        self._finish_handshakes()
+        now = time.perf_counter()
+        for req_id, load in list(self._loads.items()):
+            if self._loads.get(req_id) is not load:
+                continue  # failed with its peer while this loop ran
+            if load.error is not None:
+                self._finish_cancel(load)
+            elif load.check is not None:
+                if load.check.done():
+                    self._finish_check(load)
+            else:
+                self._poll_reads(load, now)
+        out.finished_recving, self._done = self._done, set()
+        failed, self._failed = self._failed, {}
+        out.failed_recving = {req_id: str(e) for req_id, e in failed.items()}
+        out.failure_kinds = {req_id: e.kind for req_id, e in failed.items()}
+        out.recv_stats, self._stats = self._stats, {}
+
+    def _finish_check(self, load: _Load) -> None:
+        fut, load.check = load.check, None
+        try:
+            pin_seconds = fut.result()
+        except KVTransferError as e:  # refused (params) or no answer (peer)
+            self._fail(load.req.request_id, e)
+            return
+        except Exception as e:
+            self._fail(load.req.request_id, KVPeerError(f"checking the prefill side's hold failed: {e}"))
+            return
+        self._post(load, pin_seconds)
+
+    def _poll_reads(self, load: _Load, now: float) -> None:
+        try:
+            states = [self.agent.check_xfer_state(h) for h in load.handles]
+        except Exception as e:
+            states = ["ERR"]
+            logger.warning("NIXL state of request %s: %s", load.req.request_id, e)
+        if "ERR" in states:
+            error = KVPeerError("NIXL READ failed (peer gone or memory no longer registered)")
+            self._fail(load.req.request_id, error, drop_peer=True)
+        elif all(s == "DONE" for s in states):
+            self._complete(load)
+        elif now > load.deadline:
+            error = KVPeerError(f"KV READ not done after {load.deadline - load.started:.1f}s")
+            self._fail(load.req.request_id, error, drop_peer=True)
+
+    def _complete(self, load: _Load) -> None:
+        req = load.req
+        peer = self.peers.get(load.peer_id)
+        done = ReadDone(req.remote_request_id, req.transfer_token, self.config.engine_id, self.tp_rank, self.tp_size)
+        msg = self._encoder.encode(done)
+        try:
+            for rank in load.targets:
+                self.agent.send_notif(peer.agents[rank], msg)
+        except Exception as e:
+            self._fail(req.request_id, KVPeerError(f"notifying the prefill side failed: {e}"), drop_peer=True)
+            return
+        self._release_handles(load)
+        del self._loads[req.request_id]
+        self._stats[req.request_id] = TransferStats(load.bytes, load.descriptors, time.perf_counter() - load.started)
+        self._done.add(req.request_id)
+        self.counters["transfers"] += 1
+        self.counters["bytes"] += load.bytes
+        self.counters["descriptors"] += load.descriptors
+
+    def _fail(self, req_id: str, error: KVTransferError, drop_peer: bool = False) -> None:
+        logger.warning("KV load of request %s failed: %s", req_id, error)
+        load = self._loads.get(req_id)
+        if load is not None:
+            if load.check is not None:
+                load.check.cancel()  # nothing was posted; its answer no longer matters
+                load.check = None
+            if drop_peer:
+                del self._loads[req_id]  # so that dropping the peer does not fail it twice
+                self._drop_peer(load.peer_id)
+                self._loads[req_id] = load
+            load.error = error
+            if not self._release_handles(load):
+                return  # a READ may still land: reported once NIXL says it ended (_finish_cancel)
+            del self._loads[req_id]
+        self._report_failure(req_id, error)
+
+    def _finish_cancel(self, load: _Load) -> None:
+        try:
+            states = [self.agent.check_xfer_state(h) for h in load.handles]
+        except Exception:
+            states = ["ERR"]
+        if "PROC" in states or not self._release_handles(load):
+            return
+        del self._loads[load.req.request_id]
+        self._report_failure(load.req.request_id, load.error)
+
+    def _report_failure(self, req_id: str, error: KVTransferError) -> None:
+        self._failed[req_id] = error
+        self.counters["failures"] += 1
+
+    def _release_handles(self, load: _Load) -> bool:
+        """Release (and so cancel) the load's handles; False when one could not be released yet
+        (an in-flight READ whose abort is still running): it stays in the load to retry."""
+        kept = []
+        for h in load.handles:
+            try:
+                h.release()
+            except Exception as e:
+                logger.warning("releasing a NIXL READ of request %s failed: %s", load.req.request_id, e)
+                kept.append(h)
+        load.handles = kept
+        if kept:
+            return False
+        for h in load.dlists:
+            try:
+                h.release()
+            except Exception as e:
+                logger.error("releasing a NIXL descriptor list of request %s failed: %s", load.req.request_id, e)
+        load.dlists.clear()
+        return True
+
+    def shutdown(self) -> None:
+        """Fail every load; the agent is torn down next, which ends any READ still in flight."""
+        for req_id, load in list(self._loads.items()):
+            self._release_handles(load)
+            self._loads.pop(req_id, None)
+            self._report_failure(req_id, KVTransferError("connector shut down"))
+        for engine_id in list(self.peers):
+            self._drop_peer(engine_id)

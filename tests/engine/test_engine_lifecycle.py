@@ -1,0 +1,136 @@
+"""Engine-side P/D lifecycle with the real NIXL connector (TP 1, loopback): params parsed once
+and checked when the request is accepted, request ids that cannot collide, releases that
+name the transfer token, and a recompute that says so in its output and the stats."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from engine_helpers import prompts_of
+
+from kvxfer import LLM, KVTransferConfig, SamplingParams
+from kvxfer.connectors.base import KVParamsError
+from kvxfer.engine.request import RequestIdInUse
+from kvxfer.ports import free_port
+
+PRESET = "tiny-qwen3"
+BLOCK_SIZE = 8
+NUM_BLOCKS = 32
+GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+HANDOFF = {"do_remote_decode": True}
+
+
+def _prefill(model: str) -> LLM:
+    for attempt in range(3):  # a probed free port may be taken by another process before we bind it
+        config = KVTransferConfig(role="prefill", side_channel_port=free_port(), lease_seconds=60.0)
+        try:
+            return LLM(model, block_size=BLOCK_SIZE, num_kv_blocks=NUM_BLOCKS, kv_transfer_config=config)
+        except Exception as e:
+            if "cannot bind the KV side channel" not in str(e) or attempt == 2:
+                raise
+
+
+@pytest.fixture(scope="module")
+def engines(model_dir):
+    prefill = _prefill(model_dir(PRESET))
+    try:
+        config = KVTransferConfig(role="decode", failure_policy="recompute", handshake_timeout_s=5.0)
+        with LLM(model_dir(PRESET), block_size=BLOCK_SIZE, num_kv_blocks=NUM_BLOCKS, kv_transfer_config=config) as d:
+            yield prefill.engine, d.engine
+    finally:
+        prefill.shutdown()
+
+
+def run(engine, request_id, prompt, params=None, timeout=60.0):
+    engine.add_request(request_id, prompt, GREEDY, params)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for out in engine.step():
+            if out.finished and out.request_id == request_id:
+                return out
+    raise AssertionError(f"{request_id} not finished after {timeout}s")
+
+
+def drain(engine, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while engine.stats()["num_pending_free"] or engine.has_unfinished_requests():
+        assert time.monotonic() < deadline, engine.stats()
+        engine.step()
+        time.sleep(0.005)
+
+
+def assert_all_free(*engines):
+    for engine in engines:
+        stats = engine.stats()
+        assert stats["num_free_blocks"] == stats["num_blocks"] and not stats["num_pending_free"], stats
+        assert stats["connector"]["held_requests"] == 0 and not engine.has_unfinished_requests()
+
+
+def test_an_id_in_use_is_refused_and_only_its_token_releases_a_hold(engines):
+    prefill, _ = engines
+    (prompt,) = prompts_of((19,), offset=31)
+    prefill.add_request("busy", prompt, GREEDY)
+    with pytest.raises(RequestIdInUse, match="'busy'"):
+        prefill.add_request("busy", prompt, GREEDY)  # still unfinished
+    drain(prefill)
+
+    params = run(prefill, "held", prompt, HANDOFF).kv_transfer_params
+    prefill.step()  # the ranks now hold it under its lease
+    before = prefill.stats()
+    assert before["num_pending_free"] == 1 and before["connector"]["held_requests"] == 1
+    with pytest.raises(RequestIdInUse, match="'held'"):
+        prefill.add_request("held", prompt, GREEDY)  # finished, but held for its reader
+    assert prefill.abort_request("held") == "unknown"
+    assert prefill.abort_request("held", "0" * 32) == "unknown"
+    prefill.step()
+    after = prefill.stats()
+    assert after["num_pending_free"] == 1 and after["connector"]["held_requests"] == 1
+    assert after["connector"]["refused_releases"] == before["connector"]["refused_releases"] + 2
+    assert prefill.abort_request("held", params["transfer_token"]) == "released"
+    drain(prefill)
+    assert prefill.stats()["connector"]["released"] == before["connector"]["released"] + 1
+    assert run(prefill, "held", prompt).error is None  # the id is free again
+    assert_all_free(prefill)
+
+
+def test_params_are_checked_when_the_request_is_accepted_and_nothing_is_queued(engines):
+    prefill, decode = engines
+    (prompt,) = prompts_of((21,), offset=32)
+    params = run(prefill, "p-check", prompt, HANDOFF).kv_transfer_params
+    with pytest.raises(KVParamsError, match="prompt of 21 tokens"):
+        decode.add_request("short", prompt[:-1], GREEDY, params)
+    with pytest.raises(KVParamsError, match="remote_block_ids"):
+        decode.add_request("few", prompt, GREEDY, {**params, "remote_block_ids": params["remote_block_ids"][:1]})
+    with pytest.raises(KVParamsError, match="remote_port"):
+        decode.add_request("port", prompt, GREEDY, {**params, "remote_port": "5600"})
+    with pytest.raises(KVParamsError, match="role is 'decode'"):
+        decode.add_request("role", prompt, GREEDY, HANDOFF)
+    with pytest.raises(KVParamsError, match="role is 'prefill'"):
+        prefill.add_request("role", prompt, GREEDY, params)
+    assert not decode.has_unfinished_requests() and not prefill.has_unfinished_requests()
+    assert prefill.abort_request("p-check", params["transfer_token"]) == "released"
+    drain(prefill)
+    assert_all_free(prefill, decode)
+
+
+def test_a_recompute_says_so_in_its_output_and_is_counted(engines):
+    prefill, decode = engines
+    (prompt,) = prompts_of((23,), offset=33)
+    params = run(prefill, "p-rec", prompt, HANDOFF).kv_transfer_params
+    before = decode.stats()["connector"]["recomputed"]
+    out = run(decode, "d-rec", prompt, {**params, "remote_engine_id": "not-that-engine"})
+    assert out.error is None and out.output_token_ids == run(decode, "d-local", prompt).output_token_ids
+    stats = out.kv_transfer_stats
+    assert stats["recomputed"] is True and stats["error_kind"] == "params" and "not-that-engine" in stats["reason"]
+    assert stats["bytes"] == 0 and stats["descriptors"] == 0
+    assert decode.stats()["connector"]["recomputed"] == before + 1
+    # A pull that worked says nothing about recompute.
+    params = run(prefill, "p-ok", prompt, HANDOFF).kv_transfer_params
+    ok = run(decode, "d-ok", prompt, params)
+    assert ok.error is None and "recomputed" not in ok.kv_transfer_stats and ok.kv_transfer_stats["bytes"] > 0
+    assert decode.stats()["connector"]["recomputed"] == before + 1
+    token = prefill.scheduler.pending_free["p-rec"].output_kv_transfer_params["transfer_token"]
+    assert prefill.abort_request("p-rec", token) == "released"  # never read: released by its token
+    drain(prefill)
+    assert_all_free(prefill, decode)

@@ -1,0 +1,146 @@
+"""Load generator of the fault and abuse suite: one request through the proxy with a planned
+behaviour (plain, streamed, client leaving at a random point, aborted, sharing its id with
+another request), and the tally of how each ended."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import random
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+CLIENT_TIMEOUT_S = 120.0  # a request still open after this has hung: the suite fails
+
+
+@dataclass(frozen=True)
+class Plan:
+    index: int
+    prompt: list[int]
+    max_tokens: int
+    stream: bool
+    kind: str  # "plain" | "leave" | "abort" | "duplicate"
+    request_id: str
+    leave_after_s: float = 0.0  # "leave": the client disconnects after this long
+
+
+@dataclass
+class Tally:
+    outcomes: collections.Counter = field(default_factory=collections.Counter)
+    outputs: dict[int, list[int]] = field(default_factory=dict)  # plan index -> generated token ids
+    hung: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, plan: Plan, outcome: str, tokens: list[int] | None = None) -> None:
+        self.outcomes[f"{plan.kind}:{outcome}"] += 1
+        if tokens is not None:
+            self.outputs[plan.index] = tokens
+
+
+def make_plans(n: int, seed: int, kinds: dict[str, float], max_prompt: int = 100) -> list[Plan]:
+    rng = random.Random(seed)
+    names, weights = zip(*kinds.items())
+    plans: list[Plan] = []
+    while len(plans) < n:
+        kind = rng.choices(names, weights)[0]
+        prompt = [rng.randrange(3, 500) for _ in range(rng.randint(1, max_prompt))]
+        base = dict(prompt=prompt, max_tokens=rng.randint(1, 32), stream=rng.random() < 0.5, kind=kind,
+                    request_id=f"soak-{seed}-{len(plans)}", leave_after_s=rng.uniform(0.0, 0.4))
+        plans.append(Plan(index=len(plans), **base))
+        if kind == "duplicate" and len(plans) < n:  # a second client, same id, its own prompt
+            other = [rng.randrange(3, 500) for _ in range(rng.randint(1, max_prompt))]
+            plans.append(Plan(index=len(plans), **(base | {"prompt": other})))
+    return plans
+
+
+def body_of(plan: Plan) -> dict:
+    return {"prompt": plan.prompt, "max_tokens": plan.max_tokens, "temperature": 0.0, "ignore_eos": True,
+            "stream": plan.stream, "return_token_ids": True}
+
+
+async def _complete(client: httpx.AsyncClient, url: str, plan: Plan) -> tuple[str, list[int] | None]:
+    headers = {"X-Request-Id": plan.request_id}
+    if not plan.stream:
+        r = await client.post(f"{url}/v1/completions", json=body_of(plan), headers=headers)
+        if r.status_code != 200:
+            return str(r.status_code), None
+        return "200", r.json()["choices"][0]["token_ids"]
+    tokens: list[int] = []
+    async with client.stream("POST", f"{url}/v1/completions", json=body_of(plan), headers=headers) as r:
+        if r.status_code != 200:
+            await r.aread()
+            return str(r.status_code), None
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                return "stream-error", None
+            choice = event["choices"][0]
+            tokens += choice.get("token_ids", [])
+            if choice["finish_reason"] is not None:
+                return ("200", tokens) if choice["finish_reason"] == "length" else (choice["finish_reason"], None)
+    return "stream-cut", None
+
+
+async def run_one(client: httpx.AsyncClient, proxy_url: str, decode_urls: list[str], plan: Plan,
+                  tally: Tally) -> None:
+    task = asyncio.ensure_future(_complete(client, proxy_url, plan))
+    try:
+        if plan.kind == "leave":
+            done, _ = await asyncio.wait({task}, timeout=plan.leave_after_s)
+            if not done:
+                task.cancel()  # the client goes away mid-request (either leg)
+                tally.add(plan, "left")
+                return
+        elif plan.kind == "abort":
+            await asyncio.sleep(plan.leave_after_s)
+            for url in decode_urls:  # an operator's abort of that id, wherever it runs
+                await client.post(f"{url}/v1/abort/{plan.request_id}")
+        outcome, tokens = await asyncio.wait_for(task, CLIENT_TIMEOUT_S)
+        tally.add(plan, outcome, tokens)
+    except asyncio.TimeoutError:
+        tally.hung.append(plan.index)
+        tally.add(plan, "hung")
+    except httpx.HTTPError as exc:
+        tally.add(plan, type(exc).__name__)
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+async def drive(proxy_url: str, decode_urls: list[str], plans: list[Plan], concurrency: int,
+                tally: Tally | None = None) -> Tally:
+    tally = tally or Tally()
+    limit = asyncio.Semaphore(concurrency)
+    timeout = httpx.Timeout(CLIENT_TIMEOUT_S, connect=30.0)
+    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=4 * concurrency)) as client:
+        async def one(plan: Plan) -> None:
+            async with limit:
+                await run_one(client, proxy_url, decode_urls, plan, tally)
+
+        start = time.monotonic()
+        # Both requests of a duplicate pair start together (adjacent indices, same semaphore).
+        await asyncio.gather(*(one(p) for p in plans))
+        tally.seconds = time.monotonic() - start
+    return tally
+
+
+def reference_outputs(url: str, plans: list[Plan]) -> dict[int, list[int]]:
+    """Greedy outputs of a colocated server for every plan's prompt (ids not shared)."""
+    async def go() -> dict[int, list[int]]:
+        async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S) as client:
+            limit = asyncio.Semaphore(16)
+
+            async def one(plan: Plan) -> tuple[int, list[int]]:
+                async with limit:
+                    r = await client.post(f"{url}/v1/completions", json=body_of(plan) | {"stream": False})
+                    r.raise_for_status()
+                    return plan.index, r.json()["choices"][0]["token_ids"]
+
+            return dict(await asyncio.gather(*(one(p) for p in plans)))
+
+    return asyncio.run(go())

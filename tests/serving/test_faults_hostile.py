@@ -1,0 +1,167 @@
+"""Hostile input: property-based `kv_transfer_params` (hypothesis) to a decode server, an
+attacker's own valid params aimed at a victim's held blocks, and random, truncated or forged
+frames to a prefill's side channel. The servers stay healthy, nothing leaks, and no foreign KV
+is ever returned: a completion computed from another request's blocks must be an error.
+
+`test_victims_blocks_are_never_returned` needs the prefill side's transfer tokens and
+`test_side_channel_survives_hostile_frames` its hardened side channel (H1).
+"""
+
+from __future__ import annotations
+
+import httpx
+import msgspec
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from serving_helpers import BLOCK_SIZE, Cluster, wait_all_blocks_free
+
+LEASE_S = 8
+PROMPT = [(i * 37) % 480 + 7 for i in range(2 * BLOCK_SIZE + 5)]
+
+
+@pytest.fixture(scope="module")
+def pd(tiny_qwen3, tmp_path_factory):
+    cluster = Cluster(tiny_qwen3, tmp_path_factory.mktemp("hostile-logs"))
+    try:
+        prefill = cluster.server("prefill", "prefill", 1, "--kv-lease-seconds", str(LEASE_S))
+        decode = cluster.server("decode", "decode", 1, "--kv-transfer-timeout", "3", "--kv-handshake-timeout", "2")
+        cluster.wait_healthy()
+        yield prefill, decode
+    finally:
+        cluster.stop()
+
+
+def _prefill_leg(prefill, prompt: list[int]) -> dict:
+    r = httpx.post(f"{prefill.url}/v1/completions", timeout=120, json={
+        "prompt": prompt, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}})
+    assert r.status_code == 200, r.text
+    return r.json()["kv_transfer_params"]
+
+
+_scalar = st.one_of(st.none(), st.booleans(), st.integers(-2, 1 << 40), st.text(max_size=12),
+                    st.floats(allow_nan=False, allow_infinity=False), st.lists(st.integers(-3, 1 << 20), max_size=6))
+
+
+def _hostile_params(genuine: dict):
+    """Genuine params with fields replaced, dropped or added, or no object at all."""
+    mutated = st.fixed_dictionaries({}, optional={k: _scalar for k in genuine}).map(
+        lambda changes: genuine | changes)
+    dropped = st.sets(st.sampled_from(sorted(genuine))).map(
+        lambda keys: {k: v for k, v in genuine.items() if k not in keys})
+    extra = st.dictionaries(st.text(min_size=1, max_size=8), _scalar, max_size=3).map(lambda d: d | genuine)
+    return st.one_of(mutated, dropped, extra, _scalar, st.dictionaries(st.text(max_size=8), _scalar, max_size=4))
+
+
+def test_property_based_params_never_break_the_decode_server(pd):
+    prefill, decode = pd
+    genuine = _prefill_leg(prefill, PROMPT)
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(params=_hostile_params(genuine))
+    def one(params):
+        r = httpx.post(f"{decode.url}/v1/completions", timeout=120, json={
+            "prompt": PROMPT, "max_tokens": 2, "kv_transfer_params": params})
+        # An answer, never a server error: 4xx for bad params, 502 for a peer that fails,
+        # 200 only for params that are the genuine ones in effect.
+        assert r.status_code in (200, 400, 404, 409, 422, 502), (params, r.status_code, r.text)
+        if r.status_code == 200 and isinstance(params, dict) and params.get("do_remote_prefill"):
+            assert {k: params.get(k) for k in ("remote_block_ids", "remote_request_id")} == \
+                {k: genuine[k] for k in ("remote_block_ids", "remote_request_id")}, params
+
+    one()
+    assert httpx.get(f"{decode.url}/health", timeout=30).status_code == 200
+    assert httpx.get(f"{prefill.url}/health", timeout=30).status_code == 200
+    wait_all_blocks_free(decode.url)
+    wait_all_blocks_free(prefill.url, timeout_s=LEASE_S + 60)
+
+
+def test_victims_blocks_are_never_returned(pd):
+    """An attacker's own valid params naming the victim's held blocks (or request id) get an
+    error, not a completion computed from the victim's KV."""
+    prefill, decode = pd
+    victim_prompt = [(i * 11) % 480 + 9 for i in range(len(PROMPT))]
+    victim = _prefill_leg(prefill, victim_prompt)
+    for forged in ("remote_block_ids", "both"):
+        attacker = _prefill_leg(prefill, PROMPT)
+        params = attacker | {"remote_block_ids": victim["remote_block_ids"]}
+        if forged == "both":
+            params["remote_request_id"] = victim["remote_request_id"]
+        r = httpx.post(f"{decode.url}/v1/completions", timeout=120, json={
+            "prompt": PROMPT, "max_tokens": 2, "kv_transfer_params": params})
+        assert r.status_code in (400, 403, 409), f"{forged}: {r.status_code} {r.text[:300]}"
+        httpx.post(f"{prefill.url}/v1/abort/{attacker['remote_request_id']}", timeout=30,
+                   json={"transfer_token": attacker.get("transfer_token")} if attacker.get("transfer_token") else None)
+    # The victim's own transfer still works afterwards.
+    r = httpx.post(f"{decode.url}/v1/completions", timeout=120, json={
+        "prompt": victim_prompt, "max_tokens": 2, "kv_transfer_params": victim})
+    assert r.status_code == 200 and r.json()["kv_transfer_stats"]["bytes"] > 0, r.text
+    wait_all_blocks_free(decode.url)
+    wait_all_blocks_free(prefill.url, timeout_s=LEASE_S + 60)
+
+
+def _side_channel(prefill) -> str:
+    return f"tcp://127.0.0.1:{prefill.argv[prefill.argv.index('--side-channel-port') + 1]}"
+
+
+def _exchange(address: str, frame: bytes, timeout_s: float = 3.0) -> bytes | None:
+    """One REQ/REP round trip; None when no reply comes (a dead serving thread says nothing)."""
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(address)
+        sock.send(frame)
+        return sock.recv() if sock.poll(int(timeout_s * 1000), zmq.POLLIN) else None
+    finally:
+        sock.close()
+
+
+def test_side_channel_survives_hostile_frames(pd):
+    """Runs last in this module: before the side channel is hardened, a forged registration
+    replaces a rank's metadata."""
+    from kvxfer.connectors.metadata import Held, Query, RankMetadata, Register, decode_reply
+
+    prefill, decode = pd
+    address = _side_channel(prefill)
+    engine_id = _prefill_leg(prefill, PROMPT)["remote_engine_id"]
+    meta = decode_reply(_exchange(address, msgspec.msgpack.encode(Query(engine_id=engine_id)))).metadata
+    assert meta is not None
+    real = msgspec.msgpack.encode(Query(engine_id=engine_id))
+    forged_rank = st.builds(RankMetadata, tp_rank=st.integers(-5, 64), agent_name=st.text(max_size=8),
+                            agent_metadata=st.binary(max_size=16), base_addr=st.integers(0, 1 << 48),
+                            region_bytes=st.integers(0, 1 << 30), device_id=st.integers(-1, 8),
+                            mem_type=st.sampled_from(["DRAM", "VRAM", "?"]), num_blocks=st.integers(0, 1 << 20),
+                            kv_heads=st.integers(0, 64))
+    register = forged_rank.map(lambda rank: msgspec.msgpack.encode(
+        Register(engine_id=engine_id, secret=b"guessed-secret-0", compat_hash=meta.compat_hash, tp_size=meta.tp_size,
+                 rank=rank)))
+    frames = st.one_of(
+        st.binary(max_size=64),  # noise
+        st.integers(1, len(real) - 1).map(lambda n: real[:n]),  # truncated
+        st.text(max_size=12).map(lambda rid: msgspec.msgpack.encode(Held(
+            engine_id=engine_id, instance_id=meta.instance_id, request_id=rid, transfer_token="0" * 32,
+            block_ids=[0], reader="attacker", reader_rank=0, transfer_timeout_s=1.0))),
+        register,  # a registration from someone who is not one of its ranks
+    )
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(frame=frames)
+    def one(frame):
+        reply = _exchange(address, frame)
+        assert reply is not None, f"the side channel stopped answering after {frame!r}"
+        # Noise, a cut frame, a check for a made-up request, a registration from outside the
+        # instance: each gets an error reply, none is accepted.
+        assert not decode_reply(reply).ok, f"accepted {frame!r}"
+
+    one()
+    # Still serving the genuine metadata, unchanged, and transfers still work.
+    after = decode_reply(_exchange(address, real)).metadata
+    assert after == meta
+    assert httpx.get(f"{prefill.url}/health", timeout=30).status_code == 200
+    params = _prefill_leg(prefill, PROMPT)
+    r = httpx.post(f"{decode.url}/v1/completions", timeout=120, json={
+        "prompt": PROMPT, "max_tokens": 2, "kv_transfer_params": params})
+    assert r.status_code == 200 and r.json()["kv_transfer_stats"]["bytes"] > 0, r.text
+    wait_all_blocks_free(decode.url)
+    wait_all_blocks_free(prefill.url, timeout_s=LEASE_S + 60)
