@@ -26,6 +26,12 @@ from kvxfer.engine.config import EngineConfig
 from kvxfer.ports import free_port
 
 
+def threads_per_rank(tp_size: int) -> int:
+    """Intra-op threads for one of `tp_size` ranks sharing this process's cores: the cores it may
+    run on (its affinity, so `taskset` counts), split evenly."""
+    return max(1, len(os.sched_getaffinity(0)) // tp_size)
+
+
 class WorkerError(RuntimeError):
     """A method raised on a rank; the rank is still alive."""
 
@@ -146,7 +152,7 @@ class Executor:
                     import torch
 
                     self._caller_num_threads = torch.get_num_threads()
-                    torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
+                    torch.set_num_threads(threads_per_rank(tp))
                 self.ranks.append(_LocalRank(config, tp))
             for rank in range(len(self.ranks), tp):
                 self.ranks.append(_ProcessRank(config, rank, tp))

@@ -47,7 +47,9 @@ def main(fd: int, parent_pid: int, pdeathsig: bool) -> None:
     from kvxfer.connectors.base import KVConnectorBroken
 
     # Ranks share the host's cores; oversubscribed intra-op threads only slow every rank down.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp_size))
+    from kvxfer.engine.executor import threads_per_rank
+
+    torch.set_num_threads(threads_per_rank(tp_size))
     from kvxfer.engine.worker import Worker
 
     worker = Worker(config, rank, tp_size)
