@@ -79,9 +79,11 @@ def setup(tiny_qwen3, tmp_path_factory):
     prefill = InProcessServer(tiny_qwen3, "prefill", "--kv-lease-seconds", str(LEASE_S),
                               wrap=lambda app: holder.append(PrefillWrapper(app)) or holder[0])
     try:
-        decode = cluster.server("decode", "decode")
+        # A decode's transfer time-out (+ the pin margin) must fit inside the prefill's lease.
+        fit = ("--kv-transfer-timeout", str(LEASE_S // 2))
+        decode = cluster.server("decode", "decode", 1, *fit)
         recompute = cluster.server("recompute", "decode", 1, "--kv-failure-policy", "recompute",
-                                   "--kv-handshake-timeout", "2")
+                                   "--kv-handshake-timeout", "2", *fit)
         proxy = cluster.proxy([prefill], [decode], "--health-interval", "0.5")
         recompute_proxy = cluster.proxy([prefill], [recompute], "--health-interval", "0.5")
         cluster.wait_healthy()
