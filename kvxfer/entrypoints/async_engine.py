@@ -3,8 +3,8 @@
 Every engine call after construction (add, step, stats, rpc, shutdown) runs on that thread,
 so calls never interleave with a step; only an abort's "is it unfinished?" is decided when it
 arrives (`LLMEngine.abort_request` is thread-safe), so a request that finishes in the running
-step is still ended. Request handlers talk to it through a command
-queue and read their outputs from a per-request asyncio queue fed with `call_soon_threadsafe`.
+step is still ended. Request handlers talk to it through a command queue and read their
+outputs from a per-request asyncio queue fed with `call_soon_threadsafe`.
 """
 
 from __future__ import annotations
