@@ -53,8 +53,14 @@ def _soak(soak_cluster, n: int, concurrency: int, seed: int, kinds: dict[str, fl
         print(f"{s.name}: {m['kvxfer_kv_free_blocks']:.0f}/{m['kvxfer_kv_blocks']:.0f} blocks free, "
               f"expired leases {m.get('kvxfer_kv_expired_leases_total', 0):.0f}, "
               f"released {m.get('kvxfer_kv_released_total', 0):.0f}, "
-              f"sends completed {m.get('kvxfer_kv_sends_completed_total', 0):.0f}")
+              f"sends completed {m.get('kvxfer_kv_sends_completed_total', 0):.0f}, refused checks/releases/"
+              f"notifications {m.get('kvxfer_kv_refused_checks_total', 0):.0f}/"
+              f"{m.get('kvxfer_kv_refused_releases_total', 0):.0f}/"
+              f"{m.get('kvxfer_kv_refused_notifications_total', 0):.0f}")
         assert m.get("kvxfer_kv_held_requests", 0.0) == 0, s.name
+        # Nobody forges anything here: every release the proxy or a client sends is its own.
+        assert m.get("kvxfer_kv_refused_releases_total", 0.0) == 0, s.name
+        assert m.get("kvxfer_kv_refused_notifications_total", 0.0) == 0, s.name
         assert m["kvxfer_running_requests"] == 0 and m["kvxfer_waiting_requests"] == 0, s.name
     # Every completed request (also each of a duplicate pair) equals the colocated output.
     reference_ids = reference_outputs(reference.url, [p for p in plans if p.index in tally.outputs])
