@@ -221,7 +221,7 @@ def test_decode_abort_before_the_pull_releases_the_prefill(queued, stream):
     prefill, decode, proxy = queued
     before = metrics(prefill.url)
     body = {"prompt": list(range(5, 41)), "max_tokens": 4, "temperature": 0.0, "ignore_eos": True, "stream": stream}
-    blocker = {"prompt": [7, 8, 9], "max_tokens": 3000, "ignore_eos": True}  # holds the decode's one slot
+    blocker = {"prompt": [7, 8, 9], "max_tokens": 4000, "ignore_eos": True}  # holds the decode's one slot
 
     async def go() -> str:
         async with httpx.AsyncClient(timeout=STARTUP_S) as client:
