@@ -99,9 +99,11 @@ class KVConnectorOutput(msgspec.Struct):
     failed_recving: dict[str, str] = {}  # request id -> reason
     failure_kinds: dict[str, str] = {}  # request id -> the kind of its KVTransferError
     recv_stats: dict[str, TransferStats] = {}
+    refused_notifications: int = 0  # ReadDones refused for a wrong token since the last report
 
     def is_empty(self) -> bool:
-        return not (self.finished_sending or self.finished_recving or self.failed_recving)
+        return not (self.finished_sending or self.finished_recving or self.failed_recving
+                    or self.refused_notifications)
 
 
 @dataclass
@@ -148,6 +150,7 @@ class KVOutputAggregator:
         for rank, out in enumerate(outputs):
             if out is None:
                 continue
+            result.refused_notifications += out.refused_notifications  # summed over ranks
             for req_id in out.finished_recving | out.failed_recving.keys():
                 recv = self._recv.get(req_id)
                 if recv is None:  # not a load in flight: a repeated report

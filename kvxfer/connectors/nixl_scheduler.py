@@ -73,6 +73,7 @@ class NixlConnectorScheduler(KVConnectorScheduler):
             "sends_completed": 0,
             "refused_checks": 0,  # hold checks for what is not held so (token, blocks, instance, ended)
             "refused_releases": 0,  # releases naming a wrong, stale or missing token
+            "refused_notifications": 0,  # ReadDones with a wrong token, summed over the ranks
             "bytes": 0,
             "descriptors": 0,
             "seconds": 0.0,
@@ -238,6 +239,7 @@ class NixlConnectorScheduler(KVConnectorScheduler):
                 c["descriptors"] += stats.descriptors
                 c["seconds"] += stats.seconds
         c["failures"] += len(output.failed_recving)
+        c["refused_notifications"] += output.refused_notifications
         c["expired_leases"] += len(output.expired_sending)
         c["released"] += len(output.released_sending)
         c["sends_completed"] += len(output.finished_sending - output.expired_sending - output.released_sending)

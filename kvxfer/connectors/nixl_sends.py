@@ -41,6 +41,7 @@ class SendTracker:
         self.spec, self.tp_rank, self.tp_size = spec, tp_rank, tp_size
         self.lease_seconds = lease_seconds
         self.counters = counters
+        self._refused_reported = 0  # refused notifications already reported to the engine
         self._sends: dict[str, _Send] = {}
         self._early: dict[str, tuple[float, list[ReadDone]]] = {}  # request id -> (first seen, notifications)
         self._decoder = msgspec.msgpack.Decoder(ReadDone)
@@ -88,7 +89,10 @@ class SendTracker:
         entry.readers.add((done.decode_engine_id, done.decode_rank))
 
     def poll(self, out: KVConnectorOutput) -> None:
-        """Report finished (read, expired or released) requests in `out`."""
+        """Report finished (read, expired or released) requests in `out`, and the notifications
+        refused since the last poll (the engine exports them)."""
+        refused = self.counters["refused_notifications"]
+        out.refused_notifications, self._refused_reported = refused - self._refused_reported, refused
         for req_id, entry in list(self._sends.items()):
             if entry.ended == "released":
                 out.released_sending.add(req_id)

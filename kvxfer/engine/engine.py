@@ -70,8 +70,8 @@ class LLMEngine:
         self._queue_lock = threading.Lock()
         self._step_lock = threading.RLock()
         self._new_requests: list[Request] = []
-        self._aborts: list[str] = []
-        self._known_ids: set[str] = set()
+        self._aborts: list[Request] = []  # each names one request, never a later one of its id
+        self._known: dict[str, Request] = {}  # unfinished requests by id
         self.last_step_num_tokens = 0
         self._closed = False
         self._dead: str | None = None
@@ -83,19 +83,22 @@ class LLMEngine:
         prompt_token_ids: list[int],
         sampling_params: SamplingParams | None = None,
         kv_transfer_params: KVTransferParams | dict[str, Any] | None = None,
-    ) -> None:
-        """Queue a request; raises ValueError (RequestIdInUse for an id in use, KVParamsError for
-        params this engine cannot serve) and keeps nothing when it cannot be served."""
-        self.enqueue(self.make_request(request_id, prompt_token_ids, sampling_params, kv_transfer_params))
+    ) -> Request:
+        """Queue a request and return it (for `end_request`); raises ValueError (RequestIdInUse
+        for an id in use, KVParamsError for params this engine cannot serve) and keeps nothing
+        when it cannot be served."""
+        request = self.make_request(request_id, prompt_token_ids, sampling_params, kv_transfer_params)
+        self.enqueue(request)
+        return request
 
     def enqueue(self, request: Request) -> None:
         """Queue a request built by `make_request`; RequestIdInUse when its id is in use."""
         with self._queue_lock:
             # A finished request's id stays in use while it holds blocks: its remote reader,
             # its READs and its release all name it by id.
-            if request.request_id in self._known_ids or self.scheduler.holds(request.request_id):
+            if request.request_id in self._known or self.scheduler.holds(request.request_id):
                 raise RequestIdInUse(f"request id {request.request_id!r} is already in use")
-            self._known_ids.add(request.request_id)
+            self._known[request.request_id] = request
             self._new_requests.append(request)
 
     def make_request(
@@ -136,19 +139,30 @@ class LLMEngine:
         return request
 
     def abort_request(self, request_id: str, transfer_token: str | None = None) -> str:
-        """End a request. Returns "aborted" (unfinished: its output, finish_reason "abort", comes
-        with the next step), "released" (finished, its blocks held by the connector for a remote
-        reader under `transfer_token`: the next step tells the ranks to stop holding them, and
-        they are freed once every rank has) or "unknown" (nothing done: no such request, or a
-        held one whose token was not given)."""
+        """End a request. Returns "aborted" (unfinished when called: its output, finish_reason
+        "abort", comes with the next step; should it finish in a step already running, its hold
+        for a remote reader is released instead, so the abort still frees its blocks),
+        "released" (finished, its blocks held by the connector for a remote reader under
+        `transfer_token`: the next step tells the ranks to stop holding them, and they are freed
+        once every rank has) or "unknown" (nothing done: no such request, or a held one whose
+        token was not given)."""
         self._check_open()
         with self._queue_lock:
-            if request_id in self._known_ids:
-                self._aborts.append(request_id)
+            request = self._known.get(request_id)
+            if request is not None:
+                self._aborts.append(request)
                 return "aborted"
         # The token check and the release change the connector's state: not during a step.
         with self._step_lock:
             return "released" if self.scheduler.release(request_id, transfer_token) else "unknown"
+
+    def end_request(self, request: Request) -> None:
+        """End `request` (as returned by `add_request`) for the caller who added it and no
+        longer wants it: aborted if unfinished, its hold released if it finished and is held for
+        a remote reader (the caller never saw the params, so nobody will read them). A later
+        request that took the same id is never touched."""
+        with self._queue_lock:
+            self._aborts.append(request)
 
     def has_unfinished_requests(self) -> bool:
         with self._queue_lock:
@@ -198,8 +212,8 @@ class LLMEngine:
             aborts, self._aborts = self._aborts, []
         for request in new:
             self.scheduler.add(request)
-        for request_id in aborts:
-            self.scheduler.abort(request_id)
+        for request in aborts:
+            self.scheduler.end(request)
 
     def _output(self, request: Request) -> RequestOutput:
         new_ids = request.output_token_ids[request.num_new_tokens_emitted :]
@@ -207,7 +221,8 @@ class LLMEngine:
         finished = request.is_finished
         if finished:
             with self._queue_lock:
-                self._known_ids.discard(request.request_id)
+                if self._known.get(request.request_id) is request:
+                    del self._known[request.request_id]
         if self.tokenizer is not None:
             self._detokenize(request)
         return RequestOutput(

@@ -102,6 +102,18 @@ class Scheduler:
         self._finish(request, "abort")
         return True
 
+    def end(self, request: Request) -> None:
+        """End exactly `request`, asked while it was unfinished: aborted if it still is; if it
+        finished meanwhile and is held for a remote reader, the hold is released under the
+        token issued for it (the asker never saw that token, and nobody else may read the
+        blocks either). Nothing happens to a later request that took its id."""
+        request_id = request.request_id
+        if self.requests.get(request_id) is request:
+            self.abort(request_id)
+        elif self.pending_free.get(request_id) is request and self.connector is not None:
+            token = (request.output_kv_transfer_params or {}).get("transfer_token")
+            self.connector.release_request(request_id, token)
+
     # ----------------------------------------------------------------- schedule
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()

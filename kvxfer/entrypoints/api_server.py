@@ -51,7 +51,6 @@ class ServerContext:
     sampling_params: Callable[..., Any]  # kvxfer's SamplingParams
     max_model_len: int  # prompt + generated tokens one sequence may reach
     ranks_problem: Callable[[], str | None]  # any thread, never waits for the engine thread
-    abort: Callable[[Any, str, str | None], str]  # LLMEngine.abort_request; runs on the engine thread
     engine_stats: Callable[[Any], dict]  # runs on the engine thread
     side_channel_problem: Callable[[], str | None] | None = None  # blocking; None: nothing to check
 
@@ -91,7 +90,7 @@ def build_app(ctx: ServerContext) -> FastAPI:
         if not REQUEST_ID_RE.match(request_id):
             raise BadRequest("request id must be 1-128 characters of [A-Za-z0-9._:-]")
         token = parse_body(AbortRequest, await request.body() or b"{}").transfer_token
-        outcome = await ctx.engine.call(lambda e: ctx.abort(e, request_id, token), timeout_s=10)
+        outcome = await ctx.engine.abort(request_id, token)
         return {"request_id": request_id, "outcome": outcome}
 
     @app.get("/v1/models")

@@ -1,8 +1,10 @@
 """Asyncio front of an `LLMEngine`: the engine lives in one background thread.
 
-Every engine call after construction (add, abort, step, stats, rpc, shutdown) runs on that
-thread, so calls never interleave with a step. Request handlers talk to it through a command
-queue and read their outputs from a per-request asyncio queue fed with `call_soon_threadsafe`.
+Every engine call after construction (add, step, stats, rpc, shutdown) runs on that thread,
+so calls never interleave with a step; only an abort's "is it unfinished?" is decided when it
+arrives (`LLMEngine.abort_request` is thread-safe), so a request that finishes in the running
+step is still ended. Request handlers talk to it through a command queue and read their
+outputs from a per-request asyncio queue fed with `call_soon_threadsafe`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class RequestStream:
         self.request_id = request_id
         self.queue: asyncio.Queue = asyncio.Queue()
         self.finished = False
+        self.added: concurrent.futures.Future | None = None  # the add command; its result: the Request
 
     async def next(self) -> Any:
         """The next RequestOutput; raises EngineDead if the engine stopped."""
@@ -47,12 +50,16 @@ class RequestStream:
         return item
 
     def close(self) -> None:
-        """Stop listening; a request that has not finished is aborted (its blocks freed)."""
+        """Stop listening; a request whose end was not seen is ended: aborted, or its hold for a
+        remote reader released if it finished meanwhile (nobody got its params). It is named by
+        the request the add created, never by id, so another request of that id is safe."""
         if self.engine._streams.get(self.request_id) is self:
             del self.engine._streams[self.request_id]
         if not self.finished:
             self.finished = True
-            self.engine.submit_nowait(lambda e: e.abort_request(self.request_id))
+            added = self.added
+            if added is not None:  # runs after the add command (one queue, in order)
+                self.engine.submit_nowait(lambda e: _end_added(e, added))
 
 
 class AsyncEngine:
@@ -127,19 +134,24 @@ class AsyncEngine:
             raise KeyError(request_id)  # in flight here; the engine would refuse it too
         stream = RequestStream(self, request_id)
         self._streams[request_id] = stream
-        future = None
         try:
-            future = self._submit(
+            stream.added = self._submit(
                 lambda e: e.add_request(request_id, prompt_token_ids, sampling_params, kv_transfer_params))
-            await self._wait(future, 60.0)
-        except BaseException as exc:
-            # The engine took the request when the command ran and the caller gave up while it
-            # ran or after (a time-out, a cancelled handler): abort it, queued behind the add.
-            gave_up = isinstance(exc, (asyncio.TimeoutError, asyncio.CancelledError))
-            stream.finished = not (gave_up and future is not None and not future.cancelled())
+            await self._wait(stream.added, 60.0)
+        except BaseException:
+            # Refused: nothing to end. The caller gave up (a time-out, a cancelled handler) while
+            # the add ran or after: the request the add made, if any, is ended behind it.
             stream.close()
             raise
         return stream
+
+    async def abort(self, request_id: str, transfer_token: str | None) -> str:
+        """`LLMEngine.abort_request`, called off the engine thread so that whether the request is
+        unfinished is decided now, not after the running step (which may finish it and hold its
+        blocks: the abort then releases them). A release waits for the running step."""
+        self._check_alive()
+        return await asyncio.wait_for(
+            asyncio.to_thread(self._engine.abort_request, request_id, transfer_token), 10.0)
 
     def is_active(self, request_id: str) -> bool:
         return request_id in self._streams
@@ -235,6 +247,11 @@ class AsyncEngine:
                 return
             if item is not None and item[1] is not None:
                 _settle(item[1], exc=error)
+
+
+def _end_added(engine: Any, added: concurrent.futures.Future) -> None:
+    if added.done() and not added.cancelled() and added.exception() is None:
+        engine.end_request(added.result())
 
 
 def _settle(future: concurrent.futures.Future, result: Any = None, exc: BaseException | None = None) -> None:

@@ -249,29 +249,34 @@ class Router:
             if resp.status_code != 200:
                 await self.abort(prefill, request_id, token)
                 return _passthrough_error(resp, f"decode server {decode.url}")
-            if self._recomputed(resp.content):  # nobody read the prefill's blocks
+            if self._unread(resp.content):
                 await self.abort(prefill, request_id, token)
             return Response(resp.content, media_type="application/json", headers=headers)
         return StreamingResponse(self._relay(resp, prefill, decode, request_id, token),
                                  media_type="text/event-stream", headers=headers)
 
-    def _recomputed(self, payload: bytes) -> bool:
-        """Whether a decode answer (or its final event) says its KV was recomputed locally
-        instead of pulled (`kv_transfer_stats.recomputed`); counted, so a broken transfer
-        path never passes as healthy."""
-        if b'"recomputed"' not in payload:
+    def _unread(self, payload: bytes) -> bool:
+        """Whether a decode answer (or its final event) says nobody may have read the prefill's
+        blocks, so the proxy releases them now rather than leave them to the lease: its KV was
+        recomputed locally (`kv_transfer_stats.recomputed`; counted, so a broken transfer path
+        never passes as healthy), or it was aborted (finish_reason "abort", perhaps before its
+        pull started). Releasing one that was read is harmless: a hold pinned by its reader
+        is released only after its ReadDone or pin, one already freed answers "unknown"."""
+        if b'"recomputed"' not in payload and b'"abort"' not in payload:
             return False
         try:
-            recomputed = (json.loads(payload).get("kv_transfer_stats") or {}).get("recomputed") is True
+            answer = json.loads(payload)
+            recomputed = (answer.get("kv_transfer_stats") or {}).get("recomputed") is True
+            aborted = any(c.get("finish_reason") == "abort" for c in answer.get("choices") or ())
         except (ValueError, AttributeError):
             return False
         if recomputed:
             self.metrics.recomputed.inc()
-        return recomputed
+        return recomputed or aborted
 
     async def _relay(self, resp: httpx.Response, prefill: Backend, decode: Backend, request_id: str,
                      token: str | None):
-        completed, recomputed, pending = False, False, b""
+        completed, unread, pending = False, False, b""
         try:
             async for chunk in resp.aiter_raw():
                 yield chunk
@@ -279,7 +284,7 @@ class Router:
                 *events, pending = (pending + chunk).split(b"\n\n")
                 for event in events:
                     if event.startswith(b"data: {"):
-                        recomputed |= self._recomputed(event[6:])
+                        unread |= self._unread(event[6:])
             completed = True
         except httpx.HTTPError as exc:
             decode.healthy, decode.problem = False, f"failed mid-stream ({type(exc).__name__})"
@@ -292,7 +297,7 @@ class Router:
             # Also runs when the client disconnected (cancellation): shield the clean-up.
             with anyio.CancelScope(shield=True):
                 await resp.aclose()
-                if recomputed or not completed:  # nobody read (or will read) the prefill's blocks
+                if unread or not completed:  # nobody read (or will read) the prefill's blocks
                     await self.abort(prefill, request_id, token)
 
     async def models(self) -> Response:

@@ -159,7 +159,7 @@ def build_server(args: argparse.Namespace):
         model_name=args.served_model_name or Path(model_dir).name, role=args.role,
         sampling_params=SamplingParams, max_model_len=llm_engine.max_model_len,
         ranks_problem=functools.partial(dead_ranks_problem, llm_engine.worker_pids()),
-        abort=LLMEngine.abort_request, engine_stats=engine_stats,
+        engine_stats=engine_stats,
     )
     kv = config.kv_transfer_config
     if kv is not None and kv.is_producer:  # only engines that lend KV listen on a side channel

@@ -92,3 +92,11 @@ def test_a_report_repeated_after_completion_does_not_count_for_a_later_request_o
     agg.expect(ConnectorMetadata(recv=[again]))
     assert agg.aggregate([out(), out(finished_recving={"a"})]).is_empty()  # rank 0's READ still in flight
     assert agg.aggregate([out(failed_recving={"a": "READ failed"}), out()]).failed_recving == {"a": "READ failed"}
+
+
+def test_refused_notifications_are_summed_over_the_ranks():
+    agg = expecting(2)
+    total = agg.aggregate([out(refused_notifications=2), None])
+    assert total.refused_notifications == 2 and not total.is_empty()  # reported, though nothing finished
+    assert agg.aggregate([out(refused_notifications=1), out(refused_notifications=3)]).refused_notifications == 4
+    assert agg.aggregate([out(), out()]).is_empty()

@@ -134,3 +134,51 @@ def test_a_recompute_says_so_in_its_output_and_is_counted(engines):
     assert prefill.abort_request("p-rec", token) == "released"  # never read: released by its token
     drain(prefill)
     assert_all_free(prefill, decode)
+
+
+def _during_next_step(engine, action):
+    """Run `action` inside the next step, after its queue was applied (as a call from another
+    thread while the step runs would): deterministic, no timing."""
+    scheduler = engine.scheduler
+    original = scheduler.update_from_output
+
+    def hooked(*args, **kwargs):
+        scheduler.update_from_output = original
+        action()
+        return original(*args, **kwargs)
+
+    scheduler.update_from_output = hooked
+
+
+def test_an_abort_made_while_unfinished_releases_the_hold_it_finished_into(engines):
+    # The abort arrives while the step that finishes the request runs: the caller asked for an
+    # unfinished request to end, so its hold (whose params it never saw) is released at once:
+    # not kept to the lease, and not counted as a refused (token-less) release.
+    prefill, _ = engines
+    (prompt,) = prompts_of((23,), offset=33)
+    before = prefill.stats()["connector"]
+    prefill.add_request("racing", prompt, SamplingParams(max_tokens=1, temperature=0.0), HANDOFF)
+    answers = []
+    _during_next_step(prefill, lambda: answers.append(prefill.abort_request("racing")))
+    (out,) = prefill.step()
+    assert answers == ["aborted"] and out.finish_reason == "length" and out.kv_transfer_params
+    drain(prefill)  # the next step applies the abort: the hold is released, every rank frees
+    after = prefill.stats()["connector"]
+    assert after["released"] == before["released"] + 1
+    assert after["refused_releases"] == before["refused_releases"]
+    assert after["expired_leases"] == before["expired_leases"]
+    assert_all_free(prefill)
+
+
+def test_an_abort_names_one_request_never_a_later_one_of_its_id(engines):
+    # "first" finishes inside the step during which the abort is made; "first"'s id is then
+    # reused before the next step applies the abort: the new request must run to the end.
+    prefill, _ = engines
+    (prompt,) = prompts_of((9,), offset=34)
+    prefill.add_request("reused", prompt, SamplingParams(max_tokens=1, temperature=0.0))
+    _during_next_step(prefill, lambda: prefill.abort_request("reused"))
+    (first,) = prefill.step()
+    assert first.finish_reason == "length"
+    second = run(prefill, "reused", prompt)
+    assert second.finish_reason == "length" and len(second.output_token_ids) == GREEDY.max_tokens
+    assert_all_free(prefill)

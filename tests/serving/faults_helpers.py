@@ -61,13 +61,13 @@ def body_of(plan: Plan) -> dict:
             "stream": plan.stream, "return_token_ids": True}
 
 
-async def _complete(client: httpx.AsyncClient, url: str, plan: Plan) -> tuple[str, list[int] | None]:
+async def complete(client: httpx.AsyncClient, url: str, plan: Plan) -> tuple[str, list[int] | None]:
     headers = {"X-Request-Id": plan.request_id}
     if not plan.stream:
         r = await client.post(f"{url}/v1/completions", json=body_of(plan), headers=headers)
         if r.status_code != 200:
             return str(r.status_code), None
-        return "200", r.json()["choices"][0]["token_ids"]
+        return _ended(r.json()["choices"][0])
     tokens: list[int] = []
     async with client.stream("POST", f"{url}/v1/completions", json=body_of(plan), headers=headers) as r:
         if r.status_code != 200:
@@ -82,13 +82,22 @@ async def _complete(client: httpx.AsyncClient, url: str, plan: Plan) -> tuple[st
             choice = event["choices"][0]
             tokens += choice.get("token_ids", [])
             if choice["finish_reason"] is not None:
-                return ("200", tokens) if choice["finish_reason"] == "length" else (choice["finish_reason"], None)
+                return _ended(choice | {"token_ids": tokens})
     return "stream-cut", None
+
+
+def _ended(choice: dict) -> tuple[str, list[int] | None]:
+    """A finished choice: completed ("200" and its tokens) only when it ran to max_tokens
+    (ignore_eos); an aborted request is also a 200, with finish_reason "abort" and the tokens
+    it had so far, never a completed output."""
+    if choice["finish_reason"] == "length":
+        return "200", choice["token_ids"]
+    return choice["finish_reason"], None
 
 
 async def run_one(client: httpx.AsyncClient, proxy_url: str, decode_urls: list[str], plan: Plan,
                   tally: Tally) -> None:
-    task = asyncio.ensure_future(_complete(client, proxy_url, plan))
+    task = asyncio.ensure_future(complete(client, proxy_url, plan))
     try:
         if plan.kind == "leave":
             done, _ = await asyncio.wait({task}, timeout=plan.leave_after_s)

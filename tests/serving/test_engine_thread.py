@@ -82,10 +82,11 @@ class _SlowAddEngine(LLMEngine):
     gate = threading.Event()
     entered = threading.Event()
 
-    def add_request(self, *args, **kwargs) -> None:
-        super().add_request(*args, **kwargs)
+    def add_request(self, *args, **kwargs):
+        request = super().add_request(*args, **kwargs)
         self.entered.set()
         self.gate.wait(GATE_S)
+        return request
 
 
 def test_add_whose_caller_gives_up_while_it_runs_is_aborted(tiny_qwen3):

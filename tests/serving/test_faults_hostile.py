@@ -15,7 +15,7 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serving_helpers import BLOCK_SIZE, Cluster, wait_all_blocks_free
+from serving_helpers import BLOCK_SIZE, Cluster, metrics, wait_all_blocks_free
 
 LEASE_S = 8
 PROMPT = [(i * 37) % 480 + 7 for i in range(2 * BLOCK_SIZE + 5)]
@@ -154,6 +154,12 @@ def test_side_channel_survives_hostile_frames(pd):
         # instance: each gets an error reply, none is accepted.
         assert not decode_reply(reply).ok, f"accepted {frame!r}"
 
+    refused = metrics(prefill.url)["kvxfer_kv_refused_checks_total"]
+    made_up = msgspec.msgpack.encode(Held(
+        engine_id=engine_id, instance_id=meta.instance_id, request_id="made-up", transfer_token="0" * 32,
+        block_ids=[0], reader="attacker", reader_rank=0, transfer_timeout_s=1.0))
+    assert not decode_reply(_exchange(address, made_up)).ok
+    assert metrics(prefill.url)["kvxfer_kv_refused_checks_total"] == refused + 1  # counted, exported
     one()
     # Still serving the genuine metadata, unchanged, and transfers still work.
     after = decode_reply(_exchange(address, real)).metadata

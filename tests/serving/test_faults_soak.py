@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import os
 
+import httpx
+
 import pytest
-from faults_helpers import Tally, drive, make_plans, reference_outputs
-from serving_helpers import Cluster, metrics, wait_all_blocks_free
+from faults_helpers import Plan, Tally, complete, drive, make_plans, reference_outputs
+from serving_helpers import Cluster, metrics, wait_all_blocks_free, wait_metric
 
 LEASE_S = 8
 KINDS = {"plain": 0.5, "leave": 0.2, "abort": 0.1, "duplicate": 0.2}
@@ -51,8 +53,14 @@ def _soak(soak_cluster, n: int, concurrency: int, seed: int, kinds: dict[str, fl
         print(f"{s.name}: {m['kvxfer_kv_free_blocks']:.0f}/{m['kvxfer_kv_blocks']:.0f} blocks free, "
               f"expired leases {m.get('kvxfer_kv_expired_leases_total', 0):.0f}, "
               f"released {m.get('kvxfer_kv_released_total', 0):.0f}, "
-              f"sends completed {m.get('kvxfer_kv_sends_completed_total', 0):.0f}")
+              f"sends completed {m.get('kvxfer_kv_sends_completed_total', 0):.0f}, refused checks/releases/"
+              f"notifications {m.get('kvxfer_kv_refused_checks_total', 0):.0f}/"
+              f"{m.get('kvxfer_kv_refused_releases_total', 0):.0f}/"
+              f"{m.get('kvxfer_kv_refused_notifications_total', 0):.0f}")
         assert m.get("kvxfer_kv_held_requests", 0.0) == 0, s.name
+        # Nobody forges anything here: every release the proxy or a client sends is its own.
+        assert m.get("kvxfer_kv_refused_releases_total", 0.0) == 0, s.name
+        assert m.get("kvxfer_kv_refused_notifications_total", 0.0) == 0, s.name
         assert m["kvxfer_running_requests"] == 0 and m["kvxfer_waiting_requests"] == 0, s.name
     # Every completed request (also each of a duplicate pair) equals the colocated output.
     reference_ids = reference_outputs(reference.url, [p for p in plans if p.index in tally.outputs])
@@ -62,6 +70,28 @@ def _soak(soak_cluster, n: int, concurrency: int, seed: int, kinds: dict[str, fl
     assert plain_done == sum(1 for p in plans if p.kind == "plain"), dict(tally.outcomes)
     assert metrics(proxy.url)  # the proxy still answers
     return tally
+
+
+def test_aborted_unstreamed_request_is_not_a_completed_output(soak_cluster):
+    """The soak's one wrong output (a 1-token answer for max_tokens 25) was an operator's abort
+    of an unstreamed request: the server answers 200 with the tokens so far and finish_reason
+    "abort", and the load generator took it for a completed output. It must tally "abort"."""
+    _, _, decode, _, proxy = soak_cluster
+    prompt = list(range(3, 40))
+    plan = Plan(index=0, prompt=prompt, max_tokens=2000, stream=False, kind="abort", request_id="soak-abort-0")
+
+    async def go() -> tuple[str, list[int] | None]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            task = asyncio.ensure_future(complete(client, proxy.url, plan))
+            # Decoding 2000 tokens takes many seconds: the abort lands while it runs.
+            await asyncio.to_thread(wait_metric, decode.url, "kvxfer_running_requests", 1, 60)
+            r = await client.post(f"{decode.url}/v1/abort/{plan.request_id}")
+            assert r.json()["outcome"] == "aborted", r.text
+            return await task
+
+    assert asyncio.run(go()) == ("abort", None)
+    for s in soak_cluster[1:4]:
+        wait_all_blocks_free(s.url, timeout_s=LEASE_S + 60)
 
 
 def test_soak_through_the_proxy(soak_cluster):

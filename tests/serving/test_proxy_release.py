@@ -79,9 +79,11 @@ def setup(tiny_qwen3, tmp_path_factory):
     prefill = InProcessServer(tiny_qwen3, "prefill", "--kv-lease-seconds", str(LEASE_S),
                               wrap=lambda app: holder.append(PrefillWrapper(app)) or holder[0])
     try:
-        decode = cluster.server("decode", "decode")
+        # A decode's transfer time-out (+ the pin margin) must fit inside the prefill's lease.
+        fit = ("--kv-transfer-timeout", str(LEASE_S // 2))
+        decode = cluster.server("decode", "decode", 1, *fit)
         recompute = cluster.server("recompute", "decode", 1, "--kv-failure-policy", "recompute",
-                                   "--kv-handshake-timeout", "2")
+                                   "--kv-handshake-timeout", "2", *fit)
         proxy = cluster.proxy([prefill], [decode], "--health-interval", "0.5")
         recompute_proxy = cluster.proxy([prefill], [recompute], "--health-interval", "0.5")
         cluster.wait_healthy()
@@ -194,3 +196,53 @@ def test_recompute_is_visible_and_frees_the_prefill(setup, stream):
     assert httpx.get(f"{proxy.url}/health", timeout=30).json()["kv_recomputed"] == before["proxy"] + 1
     wait_metric(prefill.url, "kvxfer_kv_released_total", before["released"] + 1)  # by the proxy, not the lease
     wait_all_blocks_free(prefill.url)
+
+
+@pytest.fixture(scope="module")
+def queued(setup, tiny_qwen3, tmp_path_factory):
+    """A decode server that runs one sequence at a time (a second one queues, its pull not
+    started), behind its own proxy to the same prefill server."""
+    prefill = setup[0]
+    cluster = Cluster(tiny_qwen3, tmp_path_factory.mktemp("queued-logs"))
+    try:
+        decode = cluster.server("queued", "decode", 1, "--max-num-seqs", "1", "--kv-transfer-timeout", str(LEASE_S // 2))
+        proxy = cluster.proxy([prefill], [decode], "--health-interval", "0.5")
+        cluster.wait_healthy()
+        yield prefill, decode, proxy
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "streamed"])
+def test_decode_abort_before_the_pull_releases_the_prefill(queued, stream):
+    """An operator aborts a request the decode server had queued, before its pull started:
+    the answer (200, finish_reason "abort") says nobody read the prefill's blocks, so the proxy
+    releases them at once with the token instead of leaving them to the lease."""
+    prefill, decode, proxy = queued
+    before = metrics(prefill.url)
+    body = {"prompt": list(range(5, 41)), "max_tokens": 4, "temperature": 0.0, "ignore_eos": True, "stream": stream}
+    blocker = {"prompt": [7, 8, 9], "max_tokens": 4000, "ignore_eos": True}  # holds the decode's one slot
+
+    async def go() -> str:
+        async with httpx.AsyncClient(timeout=STARTUP_S) as client:
+            slot = asyncio.ensure_future(client.post(f"{decode.url}/v1/completions", json=blocker,
+                                                     headers={"X-Request-Id": f"blocker-{stream}"}))
+            await asyncio.to_thread(wait_metric, decode.url, "kvxfer_running_requests", 1, 60)
+            headers = {"X-Request-Id": f"queued-{stream}"}
+            leg = asyncio.ensure_future(client.post(f"{proxy.url}/v1/completions", json=body, headers=headers))
+            await asyncio.to_thread(wait_metric, decode.url, "kvxfer_waiting_requests", 1, 60)
+            assert metrics(decode.url).get("kvxfer_waiting_for_remote_kv_requests", 0.0) == 0  # not pulling
+            aborted = await client.post(f"{decode.url}/v1/abort/queued-{stream}")
+            assert aborted.json()["outcome"] == "aborted", aborted.text
+            r = await leg
+            await client.post(f"{decode.url}/v1/abort/blocker-{stream}")
+            await slot
+            assert r.status_code == 200, r.text
+            return r.text
+
+    text = asyncio.run(go())
+    assert '"finish_reason":"abort"' in text.replace(" ", ""), text
+    wait_metric(prefill.url, "kvxfer_kv_released_total", before["kvxfer_kv_released_total"] + 1)
+    m = wait_all_blocks_free(prefill.url, timeout_s=LEASE_S - 2)  # released, not expired
+    assert m.get("kvxfer_kv_expired_leases_total", 0.0) == before.get("kvxfer_kv_expired_leases_total", 0.0)
+    wait_all_blocks_free(decode.url)

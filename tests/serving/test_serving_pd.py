@@ -126,7 +126,8 @@ def test_one_request_id_for_both_legs(pd):
                      json={"prompt": fresh_prompt(20), "max_tokens": 1,
                            "kv_transfer_params": {"do_remote_decode": True}}).json()
     assert leg["kv_transfer_params"]["remote_request_id"] == "both-legs-2"
-    released = metrics(prefill.url)["kvxfer_kv_released_total"]
+    before = metrics(prefill.url)
+    released, refused = before["kvxfer_kv_released_total"], before["kvxfer_kv_refused_releases_total"]
     token = {"transfer_token": leg["kv_transfer_params"]["transfer_token"]}
     assert httpx.post(f"{prefill.url}/v1/abort/both-legs-2").json()["outcome"] == "unknown"  # needs the token
     assert httpx.post(f"{prefill.url}/v1/abort/both-legs-2", json=token).json()["outcome"] == "released"
@@ -134,6 +135,10 @@ def test_one_request_id_for_both_legs(pd):
     m = metrics(prefill.url)
     assert m["kvxfer_kv_released_total"] == released + 1 and m["kvxfer_kv_held_requests"] == 0
     assert httpx.post(f"{prefill.url}/v1/abort/both-legs-2", json=token).json()["outcome"] == "unknown"
+    # The token-less release of a held request was refused and counted; once nothing of that id
+    # is held, a release is "unknown" with nothing to refuse.
+    m = metrics(prefill.url)
+    assert m["kvxfer_kv_refused_releases_total"] == refused + 1 and m["kvxfer_kv_refused_notifications_total"] == 0
 
 
 def test_full_prefix_hit_on_decode_not_on_prefill(pd, hf):
