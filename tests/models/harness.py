@@ -117,6 +117,29 @@ def scenario_logits(
     return run_scenario(runner, make_prompts(config.vocab_size), forced_tokens(config.vocab_size))
 
 
+def run_ranks(worker, tp_size: int, jobs: list[tuple[str, str]], out_dir: str, timeout_s: float = 240) -> None:
+    """Run `worker(rank, tp_size, port, jobs, out_dir)` as `tp_size` real processes (gloo)."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    from kvxfer.ports import free_port
+
+    ctx = mp.start_processes(
+        worker, args=(tp_size, free_port(), jobs, out_dir), nprocs=tp_size, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"TP {tp_size} ranks did not finish in {timeout_s}s")
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(timeout=10)
+
+
 def tp_worker(rank: int, tp_size: int, port: int, jobs: list[tuple[str, str]], out_dir: str) -> None:
     """One TP rank as a real process over gloo; rank 0 saves each job's logits."""
     import os
@@ -126,7 +149,7 @@ def tp_worker(rank: int, tp_size: int, port: int, jobs: list[tuple[str, str]], o
 
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp_size, timeout=timedelta(seconds=60)
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp_size, timeout=timedelta(seconds=240)
     )
     try:
         for name, model_dir in jobs:

@@ -91,7 +91,7 @@ def hybrid_tp_worker(rank: int, tp_size: int, port: int, jobs: list[tuple[str, s
 
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp_size, timeout=timedelta(seconds=60)
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp_size, timeout=timedelta(seconds=240)
     )
     try:
         for name, model_dir in jobs:

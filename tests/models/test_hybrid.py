@@ -4,19 +4,15 @@ at TP 1, 2 and 4 (real gloo processes), and the checks that what is unsupported 
 
 import json
 import shutil
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from kvxfer.models import load_model_config
-from kvxfer.ports import free_port
 
+from .harness import run_ranks
 from .hybrid import DECODE_STEPS, HYBRID_PRESETS, PROMPT_LENS, WINDOW, hybrid_logits, hybrid_tp_worker
-
-TIMEOUT_S = 240
 
 
 def hf_reference(model_dir, tokens: dict[int, list[int]]) -> dict[int, torch.Tensor]:
@@ -101,26 +97,10 @@ def test_cuda_float32_matches_hf(preset_dir, name):
                       hf_reference(preset_dir(name), tokens), tol=1e-3)
 
 
-def run_ranks(tp_size: int, jobs: list[tuple[str, str]], out_dir: str) -> None:
-    ctx = mp.start_processes(
-        hybrid_tp_worker, args=(tp_size, free_port(), jobs, out_dir), nprocs=tp_size, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"TP {tp_size} ranks did not finish in {TIMEOUT_S}s")
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.kill()
-            proc.join(timeout=10)
-
-
 @pytest.mark.parametrize("tp_size", [2, 4])
 def test_tp_ranks_match_hf(tp_size, preset_dir, tmp_path):
     # tiny-gemma3 has 2 KV heads: at TP 4 each is replicated on two ranks.
-    run_ranks(tp_size, [(name, preset_dir(name)) for name in HYBRID_PRESETS], str(tmp_path))
+    run_ranks(hybrid_tp_worker, tp_size, [(name, preset_dir(name)) for name in HYBRID_PRESETS], str(tmp_path))
     for name in HYBRID_PRESETS:
         results, tokens = torch.load(tmp_path / f"{name}.pt")
         assert_matches_hf(f"{name} at TP {tp_size}", results, hf_reference(preset_dir(name), tokens))
