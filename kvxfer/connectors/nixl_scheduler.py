@@ -202,9 +202,10 @@ class NixlConnectorScheduler(KVConnectorScheduler):
     def release_request(self, request_id: str, transfer_token: str | None) -> bool:
         with self._lock:
             hold = self._holds.get(request_id)
-            if hold is None or hold.ended or transfer_token is None \
-                    or not hmac.compare_digest(hold.token, transfer_token):
+            if hold is None or transfer_token is None or not hmac.compare_digest(hold.token, transfer_token):
                 self.counters["refused_releases"] += 1
+                return False
+            if hold.ended:  # its own token, once more: already ending by release or lease, nothing forged
                 return False
             hold.release = True
             return True

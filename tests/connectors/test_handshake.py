@@ -170,6 +170,7 @@ def test_release_names_the_token_and_waits_for_pins(table):
         time.sleep(0.05)
     assert meta.release == ["r2"] and meta.expire == []
     assert not table.release_request("r2", params.transfer_token)  # already ending
+    assert table.stats()["refused_releases"] == 2  # a repeated release by the holder is not a refusal
 
 
 def test_lease_expiry_is_decided_once_by_the_table(table):
