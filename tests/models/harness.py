@@ -60,13 +60,9 @@ class PagedRunner:
         return logits.cpu() if logits is not None else None
 
 
-def run_scenario(runner: PagedRunner, prompts: list[list[int]], pick) -> list[tuple[int, int, torch.Tensor]]:
-    """Prefill (one prompt chunked), mixed prefill+decode, a cached-prefix prefill, decodes.
-
-    `pick(seq, logits)` chooses each sequence's next token. Returns (sequence, position,
-    logits) for every computed last token, with logits None on non-zero TP ranks.
-    """
-    p0, p1, p2 = prompts
+def recording_step(runner: PagedRunner, pick):
+    """(results, step): `step(work)` runs one batch, appends (sequence, position, logits) of
+    each sequence's last token to `results`, and returns the tokens `pick(seq, logits)` chose."""
     results = []
 
     def step(work):
@@ -78,6 +74,17 @@ def run_scenario(runner: PagedRunner, prompts: list[list[int]], pick) -> list[tu
             chosen.append(pick(seq, row))
         return chosen
 
+    return results, step
+
+
+def run_scenario(runner: PagedRunner, prompts: list[list[int]], pick) -> list[tuple[int, int, torch.Tensor]]:
+    """Prefill (one prompt chunked), mixed prefill+decode, a cached-prefix prefill, decodes.
+
+    `pick(seq, logits)` chooses each sequence's next token. Returns (sequence, position,
+    logits) for every computed last token, with logits None on non-zero TP ranks.
+    """
+    p0, p1, p2 = prompts
+    results, step = recording_step(runner, pick)
     for seq in range(3):
         runner.add(seq)
     t0, t1, _ = step([(0, p0), (1, p1), (2, p2[:CHUNK])])

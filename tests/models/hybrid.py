@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .harness import PagedRunner
+from .harness import PagedRunner, recording_step
 
 HYBRID_PRESETS = ["tiny-mistral-swa", "tiny-qwen3-hybrid", "tiny-gemma3"]
 WINDOW = 6
@@ -25,17 +25,7 @@ def hybrid_prompts(vocab: int) -> list[list[int]]:
 def run_hybrid(runner: PagedRunner, prompts: list[list[int]], pick) -> list[tuple[int, int, torch.Tensor]]:
     """(sequence, position, logits) of every step's last tokens; `pick(seq, logits)` chooses."""
     p0, p1, p2 = prompts
-    results = []
-
-    def step(work):
-        logits = runner.step(work)
-        chosen = []
-        for b, (seq, _) in enumerate(work):
-            row = logits[b] if logits is not None else None
-            results.append((seq, len(runner.tokens[seq]) - 1, row))
-            chosen.append(pick(seq, row))
-        return chosen
-
+    results, step = recording_step(runner, pick)
     for seq in range(3):
         runner.add(seq)
     t0, t1, _ = step([(0, p0), (1, p1), (2, p2[:CHUNK])])

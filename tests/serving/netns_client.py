@@ -9,15 +9,7 @@ import sys
 import time
 
 import httpx
-
-
-def _metrics(url: str) -> dict[str, float]:
-    values = {}
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
+from serving_helpers import metrics
 
 
 def _post(op: dict) -> dict:
@@ -39,7 +31,7 @@ def run(op: dict):
                 if httpx.get(f"{op['url']}/health", timeout=5).status_code == 200:
                     return {"ok": True}
             elif op["op"] == "wait_free":
-                m = _metrics(op["url"])
+                m = metrics(op["url"])
                 if m["kvxfer_kv_free_blocks"] == m["kvxfer_kv_blocks"]:
                     return {"ok": True, "metrics": m}
             elif op["op"] == "post_until_ok":  # e.g. until the proxy has seen a backend come back
@@ -47,7 +39,7 @@ def run(op: dict):
                 if result["status"] == 200:
                     return result
             elif op["op"] == "metrics":
-                return {"ok": True, "metrics": _metrics(op["url"])}
+                return {"ok": True, "metrics": metrics(op["url"])}
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
