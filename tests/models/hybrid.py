@@ -4,7 +4,6 @@ carry the short prompt across the window. Runs in one process or as a TP rank.""
 
 from __future__ import annotations
 
-
 import torch
 
 from .harness import PagedRunner, recording_step
