@@ -153,7 +153,7 @@ class Scheduler:
     def _holds_whole_pool(self, request: Request) -> bool:
         others = len(self.running) + len(self.remote) + len(self.pending_free) + len(self.aborted_loads)
         others += sum(1 for r in self.waiting if r.block_ids)
-        return others == 0 and self.bm.num_free_blocks + len(request.block_ids) >= self.bm.num_blocks
+        return others == 0 and self.bm.alone_in_pools(request)
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.bm.free(request)

@@ -112,9 +112,9 @@ def test_double_free_is_caught():
     bm = BlockManager(4, BS)
     req = make_request(range(3))
     bm.allocate(req, 3)
-    ids = list(req.block_ids)
+    tables = [list(t) for t in req.block_tables]
     bm.free(req)
-    req.block_ids = ids
+    req.block_tables = tables
     with pytest.raises(AssertionError):
         bm.free(req)
 
