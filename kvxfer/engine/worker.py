@@ -53,8 +53,12 @@ class Worker:
 
     def _propose_num_blocks(self) -> tuple[int, ...]:
         """Blocks per group: `num_kv_blocks` in every group's pool, else this rank's budget split
-        by `split_num_blocks` for sequences up to `max_position_embeddings` (one group: the
-        budget over the block size)."""
+        by `split_num_blocks` (one group: the budget over the block size).
+
+        The split is made for max_num_seqs sequences of one length that fill the budget together
+        (in the one-tensor layout of all layers; at most max_position_embeddings): sized for the
+        longest sequence the model allows instead, a small budget would give a sliding group
+        less than one window while the full groups could still hold many short sequences."""
         from kvxfer.specs import split_num_blocks
 
         if self.config.num_kv_blocks is not None:
@@ -62,7 +66,9 @@ class Worker:
         budget = self.config.kv_memory_for_rank(self.rank)
         if budget is None:
             budget = self._probe_kv_memory()
-        max_tokens = getattr(self.model_config.hf_config, "max_position_embeddings", None) or 1 << 20
+        per_seq = budget // self.spec.bytes_per_block(self.tp_size) // self.config.max_num_seqs
+        max_positions = getattr(self.model_config.hf_config, "max_position_embeddings", None) or 1 << 62
+        max_tokens = min(max(per_seq, 1) * self.config.block_size, max_positions)
         return split_num_blocks(self.groups, budget, self.tp_size, max_tokens)
 
     def _zero_caches(self, num_blocks: tuple[int, ...]) -> list[torch.Tensor]:
