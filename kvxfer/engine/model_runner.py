@@ -12,7 +12,7 @@ import torch
 
 from kvxfer.engine.sampler import Sampler, SamplingInfo
 from kvxfer.engine.scheduler import SchedulerOutput
-from kvxfer.layers.attention import AttentionMetadata
+from kvxfer.layers.attention import AttentionMetadata, layers_of
 from kvxfer.specs import KVCacheGroup
 
 if TYPE_CHECKING:
@@ -66,8 +66,8 @@ def layer_views(
     views: list[torch.Tensor] = [None] * num_layers  # type: ignore[list-item]
     group_of = [0] * num_layers
     for g, (group, cache) in enumerate(zip(groups, kv_caches)):
-        for j, layer in enumerate(group.layer_ids):
-            views[layer], group_of[layer] = cache[:, :, j], g
+        for layer, view in zip(group.layer_ids, layers_of(cache)):
+            views[layer], group_of[layer] = view, g
     return views, group_of
 
 
