@@ -35,12 +35,8 @@ logger = logging.getLogger(__name__)
 
 
 def engine_kv_cache_groups(model_config: ModelConfig, config: EngineConfig) -> tuple[KVCacheGroup, ...]:
-    """The groups an engine caches the model in: one per attention kind, except with a KV
-    connector, which moves one cache tensor per rank (per-group transfers are not built): then
-    every layer shares one group, keeping every block of a sliding layer."""
-    return model_config.kv_cache_groups(
-        config.block_size, config.torch_dtype_name, by_kind=config.kv_transfer_config is None
-    )
+    """The groups an engine caches the model in (the scheduler and every rank alike)."""
+    return model_config.kv_cache_groups(config.block_size, config.torch_dtype_name)
 
 
 def group_windows(groups: Sequence[KVCacheGroup]) -> tuple[int | None, ...]:
@@ -147,12 +143,33 @@ class BlockManager:
             parent = h
         return ids, hashes
 
-    def can_allocate(self, request: Request, num_tokens: int, cached_ids: Sequence[int] = ()) -> bool:
+    def _window_start(self, group: int, request: Request, num_received: int) -> int:
+        """First table entry a sliding group needs: the window of the next position computed
+        (`num_computed_tokens`, or `num_received` when positions below it arrive remotely)."""
+        first = max(request.num_computed_tokens, num_received) - self.windows[group] + 1
+        return max(0, first) // self.block_size
+
+    def _new_blocks(self, group: int, table: list[int], start: int, need: int) -> int:
+        """Blocks a sliding group takes to make entries `start .. need - 1` real: the null
+        entries there (a prefix of the table's nulls, left by a failed remote load that is now
+        recomputed) and the appended ones."""
+        i = start
+        while i < min(len(table), need) and table[i] == NULL_BLOCK:
+            i += 1
+        return i - start + max(0, need - max(len(table), start))
+
+    def can_allocate(
+        self, request: Request, num_tokens: int, cached_ids: Sequence[int] = (), num_received: int = 0
+    ) -> bool:
         revived = sum(1 for b in cached_ids if self.blocks[b].ref_count == 0)
+        need = self.blocks_needed(num_tokens)
         for g, free in enumerate(self._free):
             table = request.block_tables[g] if request.block_tables else []
-            new = self.blocks_needed(num_tokens) - len(table) - (len(cached_ids) if g == 0 else 0)
-            if max(new, 0) + (revived if g == 0 else 0) > len(free):
+            if self.windows[g] is None:
+                new = max(need - len(table) - (len(cached_ids) if g == 0 else 0), 0) + (revived if g == 0 else 0)
+            else:
+                new = self._new_blocks(g, table, self._window_start(g, request, num_received), need)
+            if new > len(free):
                 return False
         return True
 
@@ -162,13 +179,17 @@ class BlockManager:
         num_tokens: int,
         cached_ids: Sequence[int] = (),
         cached_hashes: Sequence[int] = (),
+        num_received: int = 0,
     ) -> bool:
-        """Give the request blocks for its first `num_tokens` tokens, starting with the
-        matched prefix blocks. Sliding groups first give back the blocks the request's next
-        token (position `num_computed_tokens`) no longer sees: never needed again, so this holds
-        whatever the answer. Returns False, changing nothing else, when a pool is short."""
-        self._slide_windows(request)
-        if not self.can_allocate(request, num_tokens, cached_ids):
+        """Give the request blocks for its first `num_tokens` tokens, starting with the matched
+        prefix blocks; positions below `num_received` arrive from a remote engine, so sliding
+        groups get blocks only for the window of position `num_received` (null entries before).
+
+        Sliding groups first give back the blocks before the window of the request's next
+        position: never needed again, so this holds whatever the answer. Returns False,
+        changing nothing else, when a pool is short."""
+        self._slide_windows(request, num_received)
+        if not self.can_allocate(request, num_tokens, cached_ids, num_received):
             return False
         if not request.block_tables:
             request.block_tables = [[] for _ in self.pools]
@@ -182,22 +203,27 @@ class BlockManager:
         if request.num_computed_tokens == 0:
             self.prefix_query_tokens += request.num_prompt_tokens
             self.prefix_hit_tokens += len(cached_ids) * self.block_size
+        need = self.blocks_needed(num_tokens)
         for g, table in enumerate(request.block_tables):
-            while len(table) < self.blocks_needed(num_tokens):
-                table.append(self._take_free(g))
+            start = 0 if self.windows[g] is None else self._window_start(g, request, num_received)
+            i = start
+            while i < min(len(table), need) and table[i] == NULL_BLOCK and self.windows[g] is not None:
+                table[i] = self._take_free(g)
+                i += 1
+            while len(table) < need:
+                table.append(NULL_BLOCK if len(table) < start else self._take_free(g))
         return True
 
-    def _slide_windows(self, request: Request) -> None:
-        """Replace the sliding groups' entries below the next token's window with the null block.
-        Entries before an out-of-window one are already null: walk back from the window's start."""
+    def _slide_windows(self, request: Request, num_received: int) -> None:
+        """Replace the sliding groups' entries below the window with the null block. Entries
+        before an out-of-window one are already null: walk back from the window's start."""
         if not request.block_tables:
             return
         for g, window in enumerate(self.windows):
             if window is None:
                 continue
             table = request.block_tables[g]
-            first = max(0, request.num_computed_tokens - window + 1) // self.block_size
-            i = min(first, len(table)) - 1
+            i = min(self._window_start(g, request, num_received), len(table)) - 1
             while i >= 0 and table[i] != NULL_BLOCK:
                 self._release(g, table[i])
                 table[i] = NULL_BLOCK

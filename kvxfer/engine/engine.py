@@ -11,7 +11,6 @@ engine: EngineDeadError from then on.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import weakref
 from typing import Any
@@ -51,10 +50,7 @@ class LLMEngine:
                 from kvxfer.connectors import create_scheduler_connector
                 from kvxfer.connectors.base import KVOutputAggregator
 
-                # The connectors see the pool size the ranks agreed on (one group with a connector).
-                (num_blocks,) = self.num_blocks
-                resolved = dataclasses.replace(config, num_kv_blocks=num_blocks)
-                self.connector = create_scheduler_connector(kv_config, resolved, self.spec)
+                self.connector = create_scheduler_connector(kv_config, config, self.spec, self.kv_cache_groups)
                 self.aggregator = KVOutputAggregator(config.tensor_parallel_size)
             self.block_manager = BlockManager(
                 self.num_blocks, config.block_size, config.enable_prefix_caching, group_windows(self.kv_cache_groups)

@@ -178,7 +178,8 @@ class Scheduler:
             ask_connector = self.connector is not None and not request.remote_kv_checked
             num_external = self.connector.get_num_new_matched_tokens(request, num_local) if ask_connector else 0
             if num_external > 0:
-                if not self.bm.allocate(request, num_local + num_external, cached_ids, cached_hashes):
+                received = num_local + num_external
+                if not self.bm.allocate(request, received, cached_ids, cached_hashes, num_received=received):
                     break
                 self.waiting.popleft()
                 request.status = RequestStatus.WAITING_FOR_REMOTE_KV
@@ -204,7 +205,7 @@ class Scheduler:
         if self.connector is not None and not request.remote_kv_checked:
             request.remote_kv_checked = True
             self.connector.update_state_after_alloc(
-                request, list(request.block_ids), num_local, request.num_external_tokens
+                request, [list(t) for t in request.block_tables], num_local, request.num_external_tokens
             )
 
     # ------------------------------------------------------------------ results
@@ -307,7 +308,7 @@ class Scheduler:
         delay = False
         if self.connector is not None:
             delay, request.output_kv_transfer_params = self.connector.request_finished(
-                request, list(request.block_ids)
+                request, [list(t) for t in request.block_tables]
             )
         if request.request_id in self.aborted_loads:
             return

@@ -171,10 +171,9 @@ class Worker:
             from kvxfer.connectors import create_worker_connector
 
             self.connector = create_worker_connector(
-                self.config.kv_transfer_config, self.config, self.spec, self.rank, self.tp_size
+                self.config.kv_transfer_config, self.config, self.spec, self.rank, self.tp_size, self.groups
             )
-            (cache,) = self.kv_caches  # with a connector every layer is in one group
-            self.connector.register_kv_cache(cache)
+            self.connector.register_kv_caches(self.kv_caches)
         return num_blocks
 
     def execute_step(self, step: StepInput):

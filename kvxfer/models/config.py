@@ -64,16 +64,13 @@ class ModelConfig:
             dtype=dtype_name,
         )
 
-    def kv_cache_groups(self, block_size: int, dtype: torch.dtype | str, by_kind: bool = True):
-        """The KV cache groups (`kvxfer.specs.KVCacheGroup`) the engine caches this model in.
-
-        A model without sliding layers is one group under `kv_cache_spec` (full attention or
-        MLA); a sliding-window model gets one group per attention kind (`group_layers`), unless
-        `by_kind` is False: then every layer shares one full-attention-layout group, as the KV
-        connectors, which move one cache per rank, need."""
+    def kv_cache_groups(self, block_size: int, dtype: torch.dtype | str):
+        """The KV cache groups (`kvxfer.specs.KVCacheGroup`) the engine caches this model in: a
+        model without sliding layers is one group under `kv_cache_spec` (full attention or MLA),
+        a sliding-window model one group per attention kind (`group_layers`)."""
         from kvxfer.specs import KVCacheGroup, group_layers
 
-        if not by_kind or not any(self.sliding_windows):
+        if not any(self.sliding_windows):
             return (KVCacheGroup(tuple(range(self.num_layers)), self.kv_cache_spec(block_size, dtype)),)
         dtype_name = str(dtype).removeprefix("torch.")
         return group_layers(self.sliding_windows, self.num_kv_heads, self.head_size, block_size, dtype_name)
