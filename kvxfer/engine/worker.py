@@ -125,10 +125,11 @@ class Worker:
         return peak, graphs
 
     def _decode_graphs(self, caches: list[torch.Tensor], capture: bool) -> DecodeGraphs:
-        # Block tables as wide as the longest sequence the pools and the model's positions allow
-        # (a wider step falls back to the eager path).
+        # Block tables as wide as the longest sequence the full-attention pools (a sliding pool
+        # holds windows only) and the model's positions allow (a wider step runs eagerly).
         max_positions = getattr(self.model_config.hf_config, "max_position_embeddings", None) or 1 << 62
-        max_model_len = min(max_positions, *(c.shape[0] * self.config.block_size for c in caches))
+        full = [c.shape[0] for c, g in zip(caches, self.groups) if not isinstance(g.spec, SlidingWindowSpec)]
+        max_model_len = min(max_positions, *(n * self.config.block_size for n in full))
         return DecodeGraphs(
             self.model, self.groups, caches, self.config.block_size, self.config.max_num_seqs, max_model_len, capture
         )
