@@ -23,6 +23,8 @@ from disagg import (
 )
 
 from kvxfer import SamplingParams
+from kvxfer.connectors.metadata import held_entries
+from kvxfer.ports import free_port
 
 PRESETS = ["tiny-qwen3", "tiny-llama-gqa2", "tiny-deepseek-mla"]
 PAIRS = [(1, 1), (1, 2), (2, 1), (2, 2), (2, 4), (4, 2), (1, 4), (4, 1)]
@@ -112,3 +114,26 @@ def check_transfer(prefill, decode, p_tp: int, d_tp: int, prompt_lengths: list[i
     for llm in (prefill, decode):
         stats = llm.engine.stats()["connector"]
         assert stats["failures"] == 0 and stats["expired_leases"] == 0
+
+
+def test_hybrid_failed_load_recomputes_every_group(checkpoint):
+    """A load that fails (its prefill engine is gone) is recomputed locally: the sliding group's
+    entries before the window, never allocated for the load, get blocks again."""
+    decode = decode_llm(checkpoint("tiny-gemma3"), 1, policy="recompute")
+    try:
+        prompt = list(range(3, 63))  # ten windows
+        sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        (local,) = decode.generate([prompt], sp)
+        held = held_entries(decode.engine.kv_cache_groups, len(prompt))
+        params = {
+            "do_remote_prefill": True, "remote_engine_id": "gone", "remote_instance_id": "gone-0",
+            "remote_host": "127.0.0.1", "remote_port": free_port(), "remote_request_id": "r",
+            "remote_block_ids": [b for entries in held for b in range(len(entries))], "remote_tp_size": 1,
+            "remote_num_tokens": len(prompt), "transfer_token": "0" * 32,
+        }
+        (out,) = decode.generate([prompt], sp, kv_transfer_params=params)
+        assert out.error is None and out.kv_transfer_stats["recomputed"] is True
+        assert out.output_token_ids == local.output_token_ids
+        assert_all_blocks_free(decode)
+    finally:
+        decode.shutdown()
