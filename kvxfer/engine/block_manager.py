@@ -19,14 +19,17 @@ ones in least-recently-freed order.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from kvxfer.engine.config import EngineConfig
 from kvxfer.engine.request import Request
-from kvxfer.models.config import ModelConfig
 from kvxfer.specs import KVCacheGroup, SlidingWindowSpec
+
+if TYPE_CHECKING:
+    from kvxfer.engine.config import EngineConfig
+    from kvxfer.models.config import ModelConfig
 
 _ROOT_HASH = -1
 NULL_BLOCK = 0  # a sliding group's reserved block standing for blocks out of the window
@@ -91,10 +94,6 @@ class BlockManager:
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
         self.prefix_hit_blocks = 0
-
-    @property
-    def num_groups(self) -> int:
-        return len(self.pools)
 
     @property
     def num_blocks(self) -> int:
@@ -205,11 +204,12 @@ class BlockManager:
             self.prefix_hit_tokens += len(cached_ids) * self.block_size
         need = self.blocks_needed(num_tokens)
         for g, table in enumerate(request.block_tables):
-            start = 0 if self.windows[g] is None else self._window_start(g, request, num_received)
-            i = start
-            while i < min(len(table), need) and table[i] == NULL_BLOCK and self.windows[g] is not None:
-                table[i] = self._take_free(g)
-                i += 1
+            start = 0
+            if self.windows[g] is not None:
+                start = i = self._window_start(g, request, num_received)
+                while i < min(len(table), need) and table[i] == NULL_BLOCK:  # see _new_blocks
+                    table[i] = self._take_free(g)
+                    i += 1
             while len(table) < need:
                 table.append(NULL_BLOCK if len(table) < start else self._take_free(g))
         return True
