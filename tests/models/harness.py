@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kvxfer.layers.attention import AttentionMetadata
+from kvxfer.layers.attention import AttentionMetadata, layers_of
 
 BLOCK = 4
 
@@ -54,7 +54,8 @@ class PagedRunner:
             tables.append(self.tables[seq])
         attn = AttentionMetadata.build(query_lens, seq_lens, tables, BLOCK, self.device)
         ids_t = torch.tensor(ids, device=self.device)
-        hidden = self.model(ids_t, torch.tensor(positions, device=self.device), self.cache, attn)
+        layers = layers_of(self.cache)  # every layer in one tensor, all sharing one block table
+        hidden = self.model(ids_t, torch.tensor(positions, device=self.device), layers, [attn] * len(layers))
         last = torch.tensor(attn.query_start_loc_host[1:], device=self.device) - 1
         logits = self.model.compute_logits(hidden[last])
         return logits.cpu() if logits is not None else None
