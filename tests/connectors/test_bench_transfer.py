@@ -8,8 +8,12 @@ import pytest
 
 
 def bench(*args: str) -> dict:
-    cmd = [sys.executable, "-m", "kvxfer.entrypoints.cli", "bench", "transfer", "--shape", "tiny-qwen3",
-           "--tokens", "200", "--iterations", "1", "--json", *args]
+    return bench_shape("tiny-qwen3", "--tokens", "200", *args)
+
+
+def bench_shape(shape: str, *args: str) -> dict:
+    cmd = [sys.executable, "-m", "kvxfer.entrypoints.cli", "bench", "transfer", "--shape", shape,
+           "--iterations", "1", "--json", *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout)  # stdout is exactly one JSON object
@@ -29,3 +33,31 @@ def test_bench_verifies_bytes_and_descriptors_do_not_depend_on_layers():
 def test_bench_on_vram():
     result = bench("--prefill-tp", "1", "--decode-tp", "1", "--device", "cuda")
     assert result["verified"] and result["device"] == "cuda"
+
+
+def window_blocks(tokens: int, window: int, block_size: int) -> int:
+    """Blocks holding what position `tokens - 1` (computed on the decode side) sees of the received
+    positions 0 .. tokens - 2 through a window: positions max(0, tokens - window) .. tokens - 2."""
+    first, last = max(0, tokens - window), tokens - 2
+    return last // block_size - first // block_size + 1
+
+
+@pytest.mark.parametrize(
+    ("preset", "p_tp", "d_tp", "full_layers", "sliding_layers", "heads_read"),
+    [
+        ("tiny-gemma3", 2, 4, 1, 3, 4),  # 2 KV heads at decode TP 4: every head read twice
+        ("tiny-mistral-swa", 2, 1, 0, 2, 4),  # every layer slides: no full group
+    ],
+)
+def test_bench_hybrid_moves_full_group_bytes_plus_window_bytes(preset, p_tp, d_tp, full_layers, sliding_layers,
+                                                                heads_read):
+    tokens, bs, window, head_dim = 60, 8, 6, {"tiny-mistral-swa": 16}.get(preset, 32)  # ten windows of 6
+    result = bench_shape(preset, "--tokens", str(tokens), "--block-size", str(bs), "--prefill-tp", str(p_tp),
+                         "--decode-tp", str(d_tp))
+    block = 2 * bs * head_dim * 4 * heads_read  # K and V of one layer's block, float32, every head the ranks read
+    full = -(-(tokens - 1) // bs) * full_layers * block  # the whole received prompt
+    sliding = window_blocks(tokens, window, bs) * sliding_layers * block  # 2 blocks: positions 54..58
+    assert result["verified"]
+    assert result["bytes"] == result["predicted_bytes"] == full + sliding
+    assert [g["bytes"] for g in result["groups"]] == [b for b in (full, sliding) if b]
+    assert result["one_tensor_bytes"] == -(-(tokens - 1) // bs) * (full_layers + sliding_layers) * block
