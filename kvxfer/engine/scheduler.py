@@ -174,7 +174,7 @@ class Scheduler:
             request = self.waiting[0]
             fresh = not request.block_ids  # not back from a remote load
             cached_ids, cached_hashes = self.bm.match_prefix(request) if fresh else ([], [])
-            num_local = len(cached_ids) * self.bm.block_size if fresh else request.num_computed_tokens
+            num_local = len(cached_hashes) * self.bm.block_size if fresh else request.num_computed_tokens
             ask_connector = self.connector is not None and not request.remote_kv_checked
             num_external = self.connector.get_num_new_matched_tokens(request, num_local) if ask_connector else 0
             if num_external > 0:

@@ -19,7 +19,7 @@ def run_prefill(bm, req):
     assert bm.allocate(req, req.num_tokens, ids, hashes)
     req.num_computed_tokens = req.num_tokens
     bm.cache_computed_blocks(req)
-    return len(ids)
+    return len(hashes)
 
 
 def test_allocate_and_free_returns_every_block():
@@ -58,8 +58,8 @@ def test_last_token_is_never_matched():
     bm = BlockManager(16, BS)
     run_prefill(bm, make_request(range(8), "a"))
     again = make_request(range(8), "b")
-    ids, _ = bm.match_prefix(again)
-    assert len(ids) == 1  # 8 tokens = 2 full blocks, but the last token must be computed
+    _, hashes = bm.match_prefix(again)
+    assert len(hashes) == 1  # 8 tokens = 2 full blocks, but the last token must be computed
 
 
 def test_freed_cached_blocks_are_revived_before_eviction():
@@ -82,7 +82,7 @@ def a_blocks_of(bm, tokens):
     parent, ids = -1, []
     for i in range(len(tokens) // BS):
         parent = chain_hash(parent, tokens[i * BS : (i + 1) * BS])
-        ids.append(bm._cached[parent])
+        ids.append(bm._cached[0][parent])
     return ids
 
 
@@ -103,7 +103,7 @@ def test_hash_collision_is_detected_by_token_comparison():
     run_prefill(bm, a)
     # Forge a collision: point another prefix's hash at a's block.
     forged = chain_hash(-1, (9, 9, 9, 9))
-    bm._cached[forged] = a.block_ids[0]
+    bm._cached[0][forged] = a.block_ids[0]
     ids, _ = bm.match_prefix(make_request([9, 9, 9, 9, 1], "b"))
     assert ids == []
 
@@ -198,9 +198,38 @@ def test_a_short_sliding_pool_refuses_and_keeps_the_request_unchanged():
     assert bm.num_free_blocks == 14 + 0
 
 
-def test_prefix_caching_is_off_with_a_sliding_group():
-    bm = hybrid_manager()
-    assert not bm.enable_prefix_caching
-    a = make_request(range(13), "a")
+def test_hybrid_prefix_hit_reuses_full_blocks_and_the_last_window_of_sliding_blocks():
+    bm = hybrid_manager(full=32, sliding=12)  # 11 usable sliding blocks
+    a = make_request(range(30), "a")
+    run_prefill(bm, a)  # 8 entries per group; the 7 full ones are cached in both groups
+    full, sliding = (list(t) for t in a.block_tables)
+    b = make_request(list(range(28)) + [99, 98], "b")
+    ids, hashes = bm.match_prefix(b)
+    # 7 blocks (28 tokens); position 28 sees 23..27: entries 5 and 6 of the sliding group.
+    assert len(hashes) == 7
+    assert ids == [full[:7], [0] * 5 + sliding[5:7]]
+    assert bm.allocate(b, 30, ids, hashes)
+    assert bm.prefix_hit_blocks == 7 + 2 and bm.prefix_hit_tokens == 28
+    assert b.block_tables[1][:7] == [0] * 5 + sliding[5:7] and 0 not in b.block_tables[1][5:]
+    assert bm.pools[1][sliding[6]].ref_count == 2
+    bm.free(b)
+    bm.free(a)
+    # Evict the sliding block of entry 6 (least recently freed of the cached ones, after the
+    # 4 uncached free blocks): the window of position 28 is gone, that of position 24 is not.
+    other = make_request(range(100, 120), "o")
+    assert bm.allocate(other, 20)
+    assert sliding[6] in other.block_tables[1] and full[6] not in other.block_tables[0]
+    ids, hashes = bm.match_prefix(make_request(list(range(28)) + [99, 98], "c"))
+    assert len(hashes) == 6 and ids == [full[:6], [0] * 4 + sliding[4:6]]
+
+
+def test_hybrid_prefix_without_its_window_is_no_hit():
+    bm = hybrid_manager(full=32, sliding=12)
+    a = make_request(range(30), "a")
     run_prefill(bm, a)
-    assert bm.match_prefix(make_request(range(13), "b")) == ([], [])
+    bm.free(a)
+    other = make_request(range(100, 144), "o")  # 11 blocks: every sliding block, cached or not
+    assert bm.allocate(other, 44)
+    full = a_blocks_of(bm, range(28))  # the full group still caches the whole prefix ...
+    assert len(full) == 7 and bm.num_cached_blocks == 7
+    assert bm.match_prefix(make_request(range(30), "b")) == ([], [])  # ... but no window of it remains

@@ -5,14 +5,14 @@ preemption and TP ranks work per group; greedy outputs equal HF transformers thr
 
 from __future__ import annotations
 
-import logging
 
 import pytest
 from engine_helpers import prompts_of
 
-from kvxfer import LLM, SamplingParams
+from kvxfer import LLM, KVTransferConfig, SamplingParams
 from kvxfer.engine import EngineConfig, LLMEngine
 from kvxfer.engine.block_manager import NULL_BLOCK
+from kvxfer.ports import free_port
 from kvxfer.specs import FullAttentionSpec, SlidingWindowSpec
 
 BLOCK = 4
@@ -85,18 +85,58 @@ def test_chunked_prefill_and_preemption_per_group_match_hf(model_dir, hf_referen
         assert out.output_token_ids == ref.greedy(prompt, 28)[0]
 
 
-def test_prefix_caching_is_off_for_sliding_models(model_dir, hf_reference, caplog):
-    preset = "tiny-qwen3-hybrid"
+@pytest.mark.parametrize("preset", ["tiny-qwen3-hybrid", "tiny-mistral-swa"])
+def test_prefix_caching_reuses_every_group_and_matches_hf(model_dir, hf_reference, preset):
+    """A prompt sharing 24 tokens (four windows) with an earlier one starts from its cached
+    blocks in every group: the full group's 6, the sliding group's last window (2 blocks); a
+    prompt whose window was never cached starts from nothing."""
     ref = hf_reference(preset)
-    (prompt,) = prompts_of((26,), vocab=ref.model.config.vocab_size, offset=2)
+    windows = hf_windows(ref)
+    (base,) = prompts_of((26,), vocab=ref.model.config.vocab_size, offset=2)
+    prompts = [base, base[:24] + [7, 9, 11], base[:24], base[:24]]  # the last ones: hit up to 20 tokens
     params = SamplingParams(max_tokens=5, ignore_eos=True)
-    with caplog.at_level(logging.INFO, logger="kvxfer.engine.block_manager"):
-        with LLM(model_dir(preset), block_size=BLOCK, num_kv_blocks=32) as llm:
-            first, second = llm.generate([prompt], params)[0], llm.generate([prompt], params)[0]
-            stats = llm.engine.stats()
-    assert any("prefix caching is off" in r.getMessage() for r in caplog.records)
-    assert second.num_cached_tokens == 0 and stats["prefix_hit_blocks"] == 0
-    assert first.output_token_ids == second.output_token_ids == ref.greedy(prompt, 5)[0]
+    with LLM(model_dir(preset), block_size=BLOCK, num_kv_blocks=32) as llm:
+        outs = [llm.generate([p], params)[0] for p in prompts]
+        stats = llm.engine.stats()
+        assert llm.engine.block_manager.enable_prefix_caching
+    for prompt, out in zip(prompts, outs):
+        assert out.output_token_ids == ref.greedy(prompt, 5)[0]
+    full_layers = any(w is None for w in windows)
+    # Position 24 sees 19..23 (window 6): entries 4 and 5 of each sliding group.
+    assert outs[1].num_cached_tokens == 24
+    assert outs[2].num_cached_tokens == outs[3].num_cached_tokens == 20  # the last token is computed
+    sliding_groups = len({w for w in windows if w is not None})
+    per_hit = [6 * full_layers + 2 * sliding_groups, 5 * full_layers + 2 * sliding_groups]
+    assert stats["prefix_hit_blocks"] == per_hit[0] + 2 * per_hit[1]
+
+
+def test_decode_side_prefix_hit_reads_only_what_every_group_lacks(model_dir, hf_reference):
+    """P/D over the real connector (NIXL over UCX) with a 24-token prefix cached on both sides: the
+    decode side reads, per group, the entries past its cached prefix that position P - 1's window
+    still needs; greedy outputs equal HF."""
+    preset = "tiny-qwen3-hybrid"  # a full group of 1 layer, a sliding group (window 6) of 3
+    ref = hf_reference(preset)
+    (base,) = prompts_of((40,), vocab=ref.model.config.vocab_size, offset=6)
+    first, long_tail, short_tail = base[:27], base[:24] + base[26:40], base[:24] + [7, 9, 11]
+    block = 2 * BLOCK * 32 * 4 * 4  # K and V of one layer's block: head_dim 32, float32, 4 KV heads
+    # (prompt, cached tokens, full-group entries read, sliding entries read), with cached
+    # entries 0..5 (24 tokens, whose window 19..23 is entries 4, 5):
+    # 38 tokens: received 0..36; entries 6..9 of the full group, 8..9 (positions 32..36) sliding.
+    # 27 tokens: received 0..25; entry 6 of the full group; sliding 21..25 is entries 5, 6: only 6.
+    cases = [(long_tail, 24, 4, 2), (short_tail, 24, 1, 1)]
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    kw = dict(block_size=BLOCK, num_kv_blocks=48)
+    with LLM(model_dir(preset), kv_transfer_config=KVTransferConfig(role="prefill", side_channel_port=free_port()),
+             **kw) as prefill, LLM(model_dir(preset), kv_transfer_config=KVTransferConfig(role="decode"), **kw) as dec:
+        prefill.generate([first], params)
+        dec.generate([first], params)  # the decode side's local prefix cache
+        for prompt, cached, full_reads, sliding_reads in cases:
+            (handoff,) = prefill.generate([prompt], params, kv_transfer_params={"do_remote_decode": True})
+            (out,) = dec.generate([prompt], params, kv_transfer_params=handoff.kv_transfer_params)
+            assert out.error is None and out.num_cached_tokens == cached
+            assert out.kv_transfer_stats["bytes"] == (full_reads * 1 + sliding_reads * 3) * block
+            assert out.output_token_ids == ref.greedy(prompt, 4)[0]
+        assert dec.engine.stats()["prefix_hit_blocks"] == 2 * (6 + 2)
 
 
 def test_full_attention_models_keep_one_group(model_dir):
