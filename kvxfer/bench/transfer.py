@@ -334,10 +334,9 @@ class Ranks:
 @dataclass(frozen=True)
 class Layout:
     """One request's blocks in every group on both sides: the prefill holds `held[g]` (the
-    entries `entries[g]` of its table), the decode side's table is `tables[g]` (null block 0
-    before a sliding group's window); each group's pool has `pools[g]` blocks."""
+    entries `held_entries` names), the decode side's table is `tables[g]` (null block 0 before a
+    sliding group's window); each group's pool has `pools[g]` blocks."""
 
-    entries: list[range]
     held: list[list[int]]
     tables: list[list[int]]
     pools: tuple[int, ...]
@@ -353,11 +352,11 @@ def layout(groups, tokens: int, seed: int) -> Layout:
         k = len(entry)
         sliding = isinstance(group.spec, SlidingWindowSpec)
         pool = k + k // 4 + 1 + sliding  # room to fragment; block 0 of a sliding pool is its null block
-        draw = (lambda s: [sliding + b for b in fragmented_ids(k, pool - sliding, s)])
-        held.append(draw(seed + 10 * g + 1))
-        tables.append([0] * entry.start + draw(seed + 10 * g + 2))
+        ids = [[sliding + b for b in fragmented_ids(k, pool - sliding, seed + 10 * g + side)] for side in (1, 2)]
+        held.append(ids[0])
+        tables.append([0] * entry.start + ids[1])
         pools.append(pool)
-    return Layout(entries, held, tables, tuple(pools))
+    return Layout(held, tables, tuple(pools))
 
 
 def run(shape: Shape, tokens: int, p_tp: int, d_tp: int, block_size: int = 16, iterations: int = 5,
@@ -437,7 +436,7 @@ def run(shape: Shape, tokens: int, p_tp: int, d_tp: int, block_size: int = 16, i
     connector_gbps, raw_gbps = statistics.median(connector), statistics.median(raw)
     return {
         "shape": shape.__dict__, "tokens": tokens, "block_size": block_size, "prefill_tp": p_tp, "decode_tp": d_tp,
-        "blocks": len(reads[0]), "bytes": result["bytes"], "predicted_bytes": sum(predicted),
+        "blocks": -(-(tokens - 1) // block_size), "bytes": result["bytes"], "predicted_bytes": sum(predicted),
         "one_tensor_bytes": one_tensor, "descriptors": result["descriptors"], "iterations": iterations,
         "groups": [{"group": name, "blocks": len(r), "bytes": b} for name, r, b in
                    zip(describe_groups(groups), reads, predicted)],
