@@ -8,13 +8,15 @@ and each figure is the best of `--repeats` rounds, so a busy machine shifts them
 `--model PRESET` times whole model forward steps (prefill of each `--prefill` length, decode
 of each batch and context) with the old and the new ops swapped in turn in one process;
 `--ttft PRESET` times colocated prefills through `LLM.generate` (one output token) for
-whichever kvxfer is on `PYTHONPATH`.
+whichever kvxfer is on `PYTHONPATH`, and with `--vllm-python` vLLM's on the same prompts,
+alternating in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 
@@ -200,29 +202,109 @@ def model_steps(args: argparse.Namespace, dtype_name: str) -> None:
                                   old_over_new=round(ms["old"] / ms["new"], 2))))
 
 
-def ttft(preset: str, lengths: list[int], repeats: int, dtype: str) -> None:
-    """Median wall time of `LLM.generate` of one token for a prompt of each length, in ms."""
+def ttft(args: argparse.Namespace) -> None:
+    """Median wall time of `LLM.generate` of one token for a fresh prompt of each length, in ms.
+
+    With `--vllm-python` the same prompts go to a vLLM peer (`vllm_peer.py`, mode "ttft", its own
+    process) in the same run, alternating prompt by prompt, who goes first swapping each round, so
+    a load change on the shared host hits both sides alike; the peer times its own `generate`.
+    """
     import statistics
 
     from kvxfer import LLM, SamplingParams
     from kvxfer.bench.engine import preset_dir
 
-    llm = LLM(preset_dir(preset), dtype=dtype)
+    model_dir = preset_dir(args.ttft)
+    peer = _TtftPeer(args, model_dir) if args.vllm_python else None
+    llm = None
     try:
+        llm = LLM(model_dir, dtype=args.dtype)
         rng = random.Random(0)
         params = SamplingParams(max_tokens=1, ignore_eos=True)
         llm.generate([[5] * 8], params)  # warm-up
-        for n in lengths:
-            times = []
-            for _ in range(repeats):
+        if peer is not None:
+            peer.wait_ready()
+        print(f"# {args.ttft} dtype {llm.engine.config.torch_dtype_name}, torch threads {torch.get_num_threads()}, "
+              f"load average {os.getloadavg()[0]:.2f} at start")
+        for n in args.prefill:
+            times: dict[str, list[float]] = {"kvxfer": [], "vllm": []}
+            for i in range(args.repeats):
                 prompt = [rng.randrange(3, 500) for _ in range(n)]  # fresh ids: no prefix-cache hit
-                start = time.perf_counter()
-                llm.generate([prompt], params)
-                times.append((time.perf_counter() - start) * 1e3)
-            median = round(statistics.median(times), 2)
-            print(json.dumps(dict(preset=preset, dtype=dtype, prompt_tokens=n, ttft_ms=median)))
+                sides = ["kvxfer", "vllm"] if peer is not None else ["kvxfer"]
+                for side in sides if i % 2 == 0 else sides[::-1]:
+                    if side == "vllm":
+                        times["vllm"].append(peer.ttft_ms(prompt))
+                        continue
+                    start = time.perf_counter()
+                    llm.generate([prompt], params)
+                    times["kvxfer"].append((time.perf_counter() - start) * 1e3)
+            row = dict(preset=args.ttft, dtype=args.dtype, prompt_tokens=n,
+                       ttft_ms=round(statistics.median(times["kvxfer"]), 2))
+            if peer is not None:
+                vllm_ms = statistics.median(times["vllm"])
+                row.update(vllm_ttft_ms=round(vllm_ms, 2), vllm_over_kvxfer=round(vllm_ms / row["ttft_ms"], 2))
+            print(json.dumps(row))
+        print(f"# load average {os.getloadavg()[0]:.2f} at end")
     finally:
-        llm.shutdown()
+        if llm is not None:
+            llm.shutdown()
+        if peer is not None:
+            peer.close()
+
+
+class _TtftPeer:
+    """A vLLM process in the peer's "ttft" mode: one prompt per line in, one time per line out."""
+
+    START_DEADLINE_S = 1800.0  # vLLM compiles its graph on the first start (minutes on 2 busy cores)
+    PROMPT_DEADLINE_S = 600.0
+
+    def __init__(self, args: argparse.Namespace, model_dir: str) -> None:
+        import subprocess
+        import tempfile
+
+        from kvxfer.bench.engine import vllm_command, vllm_env, vllm_job
+
+        job = vllm_job(model_dir, args.dtype, "cpu", "ttft", max(args.prefill) + 8, block_size=args.vllm_block_size,
+                       max_num_seqs=8, max_num_batched_tokens=max(8192, max(args.prefill)), enforce_eager=False,
+                       memory_fraction=0.2)
+        self._dir = tempfile.TemporaryDirectory()
+        job_path = os.path.join(self._dir.name, "job.json")
+        with open(job_path, "w") as f:
+            json.dump(job, f)
+        self._log = open(os.path.join(self._dir.name, "vllm.log"), "w+")
+        self._proc = subprocess.Popen(vllm_command(args.vllm_python, job_path), env=vllm_env(), text=True,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
+
+    def _reply(self, deadline_s: float) -> dict:
+        import select
+
+        ready, _, _ = select.select([self._proc.stdout], [], [], deadline_s)
+        line = self._proc.stdout.readline() if ready else ""
+        if not line:
+            self._log.seek(0)
+            tail = self._log.read()[-3000:]
+            raise RuntimeError(f"vLLM peer gave no reply within {deadline_s:.0f} s (exit {self._proc.poll()}):\n{tail}")
+        return json.loads(line)
+
+    def wait_ready(self) -> None:
+        self._reply(self.START_DEADLINE_S)
+
+    def ttft_ms(self, prompt: list[int]) -> float:
+        self._proc.stdin.write(json.dumps(prompt) + "\n")
+        self._proc.stdin.flush()
+        return self._reply(self.PROMPT_DEADLINE_S)["ms"]
+
+    def close(self) -> None:
+        import subprocess
+
+        self._proc.stdin.close()  # the peer's loop ends at end of input
+        try:
+            self._proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(timeout=60)
+        self._log.close()
+        self._dir.cleanup()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -241,11 +323,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", metavar="PRESET", help="time whole-model forward steps instead")
     parser.add_argument("--ttft", metavar="PRESET", help="time colocated LLM.generate prefills instead")
     parser.add_argument("--dtype", default="auto", help="engine dtype for --ttft")
+    parser.add_argument("--vllm-python", help="--ttft: also time vLLM, alternating, with this Python")
+    parser.add_argument("--vllm-block-size", type=int, default=128, help="--ttft: vLLM's KV block size")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.ttft:
-        return ttft(args.ttft, args.prefill, args.repeats, args.dtype)
+        return ttft(args)
     if args.model:
         for dtype_name in args.dtypes:
             model_steps(args, dtype_name)
