@@ -195,11 +195,32 @@ def model_steps(args: argparse.Namespace, dtype_name: str) -> None:
 
     with torch.inference_mode():
         for batch, context, new in steps:
+            if args.profile:
+                _profile(f"{args.model} {dtype_name} batch {batch} context {context} new {new}",
+                         lambda: step(batch, context, new, current), args.profile)
+                continue
             ms = _best_ms({"old": lambda: step(batch, context, new, old),
                            "new": lambda: step(batch, context, new, current)}, args.repeats)
             print(json.dumps(dict(model=args.model, dtype=dtype_name, batch=batch, context=context, new_tokens=new,
                                   old_ms=round(ms["old"], 2), new_ms=round(ms["new"], 2),
                                   old_over_new=round(ms["old"] / ms["new"], 2))))
+
+
+def _profile(title: str, fn, top: int) -> None:
+    """`torch.profiler` over one call of `fn` after a warm-up: the `top` ops by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        fn()
+        wall_ms = (time.perf_counter() - start) * 1e3
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"# {title}: {wall_ms:.1f} ms wall (profiled), {total / 1e3:.1f} ms self CPU time")
+    for e in events[:top]:
+        print(f"  {e.key:<48} {100 * e.self_cpu_time_total / total:5.1f}% {e.self_cpu_time_total / 1e3:9.2f} ms "
+              f"{e.count:6d} calls")
 
 
 def ttft(args: argparse.Namespace) -> None:
@@ -321,6 +342,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per row instead of a table")
     parser.add_argument("--model", metavar="PRESET", help="time whole-model forward steps instead")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="--model: profile one step of each case instead, printing the top N ops")
     parser.add_argument("--ttft", metavar="PRESET", help="time colocated LLM.generate prefills instead")
     parser.add_argument("--dtype", default="auto", help="engine dtype for --ttft")
     parser.add_argument("--vllm-python", help="--ttft: also time vLLM, alternating, with this Python")

@@ -3,6 +3,12 @@
 Column-parallel layers split output features over ranks (no communication); row-parallel
 layers split input features and sum the partial outputs with one all-reduce. A layer may
 stack several checkpoint tensors (q/k/v, gate/up) in one weight, each sharded on its own.
+
+On a CPU without AMX a bfloat16 model keeps its linear weights in float32 and runs the GEMMs
+there (`gemm_dtype`): oneDNN's bfloat16 GEMM on AVX512-BF16 alone measured 1.7-1.8x slower than
+its float32 GEMM from 64 rows on (docs/benchmarks.md, "Engine against vLLM on CPU"). The
+bfloat16 checkpoint converts exactly, inputs are upcast exactly and outputs rounded back, so only
+the summation order differs from a bfloat16 GEMM (which accumulates in float32 too).
 """
 
 from __future__ import annotations
@@ -21,6 +27,25 @@ def _param(*shape: int, dtype=None, device=None) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
+def bfloat16_matmul_is_slow(device) -> bool:
+    """A CPU without AMX: its bfloat16 GEMMs (oneDNN's, and the CPU flash-attention kernel's)
+    measured slower than float32 ones on the same shapes, past a few dozen rows."""
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    return on_cpu and not torch.cpu._is_amx_tile_supported()
+
+
+def gemm_dtype(dtype: torch.dtype | None, device) -> torch.dtype | None:
+    """The dtype a linear layer of a `dtype` model keeps its weight in and multiplies in."""
+    return torch.float32 if dtype == torch.bfloat16 and bfloat16_matmul_is_slow(device) else dtype
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear` in the weight's dtype, returned in the input's (see `gemm_dtype`)."""
+    if x.dtype == weight.dtype:
+        return F.linear(x, weight, bias)
+    return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+
+
 class ColumnParallelLinear(nn.Module):
     """`y = x W^T + b` with the rows of W (output features) split over the ranks."""
 
@@ -33,11 +58,12 @@ class ColumnParallelLinear(nn.Module):
         self.tp = tp
         self.local_sizes = [tp.split(size, "output features")[1] for size in out_sizes]
         rows = sum(self.local_sizes)
+        dtype = gemm_dtype(dtype, device)
         self.weight = _param(rows, in_features, dtype=dtype, device=device)
         self.bias = _param(rows, dtype=dtype, device=device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return _linear(x, self.weight, self.bias)
 
     def load(self, ckpt, *names: str) -> None:
         """Load one checkpoint tensor per entry of `out_sizes`, each split evenly over ranks."""
@@ -130,11 +156,11 @@ class RowParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.in_start, in_local = tp.split(in_features, "input features")
         self.reduce = reduce
-        self.weight = _param(out_features, in_local, dtype=dtype, device=device)
+        self.weight = _param(out_features, in_local, dtype=gemm_dtype(dtype, device), device=device)
         self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = _linear(x, self.weight)
         if not self.reduce:
             return y
         y = all_reduce(y, self.tp)
