@@ -7,6 +7,7 @@ bound: one SDPA call on contiguous K/V that needs no paging at all. Variants run
 and each figure is the best of `--repeats` rounds, so a busy machine shifts them together.
 `--model PRESET` times whole model forward steps (prefill of each `--prefill` length, decode
 of each batch and context) with the old and the new ops swapped in turn in one process;
+`--linear ROWS...` times one bfloat16 projection as a bfloat16 and as a float32 GEMM;
 `--ttft PRESET` times colocated prefills through `LLM.generate` (one output token) for
 whichever kvxfer is on `PYTHONPATH`, and with `--vllm-python` vLLM's on the same prompts,
 alternating in the same run.
@@ -206,6 +207,24 @@ def model_steps(args: argparse.Namespace, dtype_name: str) -> None:
                                   old_over_new=round(ms["old"] / ms["new"], 2))))
 
 
+def linear_dtypes(rows: list[int], repeats: int) -> None:
+    """One qwen3-0.6b-shape projection (gate/up, 1024 -> 6144) with bfloat16 inputs, as a
+    bfloat16 GEMM and as a float32 GEMM on float32 weights (input upcast, output rounded back:
+    `linear.gemm_dtype`), interleaved, best of `repeats`, ms."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(6144, 1024, generator=gen).bfloat16()
+    weight32 = weight.float()
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, AMX {torch.cpu._is_amx_tile_supported()}; best of {repeats}, ms")
+    with torch.inference_mode():
+        for m in rows:
+            x = torch.randn(m, 1024, generator=gen).bfloat16()
+            ms = _best_ms({"bf16": lambda: F.linear(x, weight),
+                           "f32": lambda: F.linear(x.float(), weight32).bfloat16()}, repeats)
+            print(json.dumps(dict(rows=m, bfloat16_ms=round(ms["bf16"], 3), float32_ms=round(ms["f32"], 3),
+                                  bf16_over_f32=round(ms["bf16"] / ms["f32"], 2))))
+
+
 def _profile(title: str, fn, top: int) -> None:
     """`torch.profiler` over one call of `fn` after a warm-up: the `top` ops by self CPU time."""
     from torch.profiler import ProfilerActivity, profile
@@ -344,6 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", metavar="PRESET", help="time whole-model forward steps instead")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="--model: profile one step of each case instead, printing the top N ops")
+    parser.add_argument("--linear", nargs="*", type=int, metavar="ROWS",
+                        help="time a bfloat16 projection as a bfloat16 and as a float32 GEMM at these row counts")
     parser.add_argument("--ttft", metavar="PRESET", help="time colocated LLM.generate prefills instead")
     parser.add_argument("--dtype", default="auto", help="engine dtype for --ttft")
     parser.add_argument("--vllm-python", help="--ttft: also time vLLM, alternating, with this Python")
@@ -353,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.ttft:
         return ttft(args)
+    if args.linear:
+        return linear_dtypes(args.linear, args.repeats)
     if args.model:
         for dtype_name in args.dtypes:
             model_steps(args, dtype_name)
