@@ -208,21 +208,22 @@ def model_steps(args: argparse.Namespace, dtype_name: str) -> None:
 
 
 def linear_dtypes(rows: list[int], repeats: int) -> None:
-    """One qwen3-0.6b-shape projection (gate/up, 1024 -> 6144) with bfloat16 inputs, as a
-    bfloat16 GEMM and as a float32 GEMM on float32 weights (input upcast, output rounded back:
-    `linear.gemm_dtype`), interleaved, best of `repeats`, ms."""
+    """qwen3-0.6b-shape projections (gate/up 1024 -> 6144, down 3072 -> 1024) with bfloat16
+    inputs and weights, as a bfloat16 GEMM and as a float32 GEMM on upcast copies of both (the
+    output rounded back: `linear._linear` from `_FLOAT32_GEMM_MIN_ROWS` rows), interleaved, best
+    of `repeats`, ms."""
     gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(6144, 1024, generator=gen).bfloat16()
-    weight32 = weight.float()
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, AMX {torch.cpu._is_amx_tile_supported()}; best of {repeats}, ms")
     with torch.inference_mode():
-        for m in rows:
-            x = torch.randn(m, 1024, generator=gen).bfloat16()
-            ms = _best_ms({"bf16": lambda: F.linear(x, weight),
-                           "f32": lambda: F.linear(x.float(), weight32).bfloat16()}, repeats)
-            print(json.dumps(dict(rows=m, bfloat16_ms=round(ms["bf16"], 3), float32_ms=round(ms["f32"], 3),
-                                  bf16_over_f32=round(ms["bf16"] / ms["f32"], 2))))
+        for out_features, in_features in ((6144, 1024), (1024, 3072)):
+            weight = torch.randn(out_features, in_features, generator=gen).bfloat16()
+            for m in rows:
+                x = torch.randn(m, in_features, generator=gen).bfloat16()
+                ms = _best_ms({"bf16": lambda: F.linear(x, weight),
+                               "f32": lambda: F.linear(x.float(), weight.float()).bfloat16()}, repeats)
+                print(json.dumps(dict(weight=[out_features, in_features], rows=m, bfloat16_ms=round(ms["bf16"], 3),
+                                      float32_ms=round(ms["f32"], 3), bf16_over_f32=round(ms["bf16"] / ms["f32"], 2))))
 
 
 def _profile(title: str, fn, top: int) -> None:

@@ -4,11 +4,12 @@ Column-parallel layers split output features over ranks (no communication); row-
 layers split input features and sum the partial outputs with one all-reduce. A layer may
 stack several checkpoint tensors (q/k/v, gate/up) in one weight, each sharded on its own.
 
-On a CPU without AMX a bfloat16 model keeps its linear weights in float32 and runs the GEMMs
-there (`gemm_dtype`): oneDNN's bfloat16 GEMM on AVX512-BF16 alone measured 1.7-1.8x slower than
-its float32 GEMM from 64 rows on (docs/benchmarks.md, "Engine against vLLM on CPU"). The
-bfloat16 checkpoint converts exactly, inputs are upcast exactly and outputs rounded back, so only
-the summation order differs from a bfloat16 GEMM (which accumulates in float32 too).
+On a CPU without AMX a bfloat16 GEMM of at least `_FLOAT32_GEMM_MIN_ROWS` rows (prefill) runs
+in float32 on upcast copies (`_linear`): oneDNN's bfloat16 GEMM on AVX512-BF16 alone measured
+1.3-1.8x slower than converting the weight and multiplying in float32 from 128 rows on, and
+faster below (decode batches), so weights stay in bfloat16 (docs/benchmarks.md, "Engine against
+vLLM on CPU"). The upcast is exact and the output is rounded back once, so only the summation
+order differs from a bfloat16 GEMM (which accumulates in float32 too).
 """
 
 from __future__ import annotations
@@ -27,23 +28,22 @@ def _param(*shape: int, dtype=None, device=None) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
-def bfloat16_matmul_is_slow(device) -> bool:
+_FLOAT32_GEMM_MIN_ROWS = 128
+
+
+def bfloat16_matmul_is_slow(device: torch.device) -> bool:
     """A CPU without AMX: its bfloat16 GEMMs (oneDNN's, and the CPU flash-attention kernel's)
-    measured slower than float32 ones on the same shapes, past a few dozen rows."""
-    on_cpu = device is None or torch.device(device).type == "cpu"
-    return on_cpu and not torch.cpu._is_amx_tile_supported()
-
-
-def gemm_dtype(dtype: torch.dtype | None, device) -> torch.dtype | None:
-    """The dtype a linear layer of a `dtype` model keeps its weight in and multiplies in."""
-    return torch.float32 if dtype == torch.bfloat16 and bfloat16_matmul_is_slow(device) else dtype
+    measured slower than float32 ones on the same shapes, past about a hundred rows."""
+    return device.type == "cpu" and not torch.cpu._is_amx_tile_supported()
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear` in the weight's dtype, returned in the input's (see `gemm_dtype`)."""
-    if x.dtype == weight.dtype:
+    """`F.linear`; a large bfloat16 one in float32 where that is faster (see the module docstring)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if x.dtype != torch.bfloat16 or rows < _FLOAT32_GEMM_MIN_ROWS or not bfloat16_matmul_is_slow(x.device):
         return F.linear(x, weight, bias)
-    return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+    bias = None if bias is None else bias.float()
+    return F.linear(x.float(), weight.float(), bias).to(x.dtype)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -58,7 +58,6 @@ class ColumnParallelLinear(nn.Module):
         self.tp = tp
         self.local_sizes = [tp.split(size, "output features")[1] for size in out_sizes]
         rows = sum(self.local_sizes)
-        dtype = gemm_dtype(dtype, device)
         self.weight = _param(rows, in_features, dtype=dtype, device=device)
         self.bias = _param(rows, dtype=dtype, device=device) if bias else None
 
@@ -156,7 +155,7 @@ class RowParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.in_start, in_local = tp.split(in_features, "input features")
         self.reduce = reduce
-        self.weight = _param(out_features, in_local, dtype=gemm_dtype(dtype, device), device=device)
+        self.weight = _param(out_features, in_local, dtype=dtype, device=device)
         self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

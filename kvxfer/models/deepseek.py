@@ -73,8 +73,7 @@ class MLAttention(nn.Module):
         store_kv(kv_layer, torch.cat([self.kv_a_layernorm(latent).unsqueeze(1), k_rope], dim=-1), None, attn.slot_mapping)
 
         # kv_b_proj rows are, per local head, `nope` key features then `v_dim` value features.
-        # In the model's dtype: a bfloat16 model on CPU keeps linear weights in float32 (linear.gemm_dtype).
-        w_kv = self.kv_b_proj.weight.to(hidden.dtype).view(-1, self.nope + self.v_dim, self.kv_lora_rank)
+        w_kv = self.kv_b_proj.weight.view(-1, self.nope + self.v_dim, self.kv_lora_rank)
         w_k, w_v = w_kv[:, : self.nope], w_kv[:, self.nope :]
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_k).transpose(0, 1)  # [T, heads, kv_lora_rank]
         query = torch.cat([q_latent, q_rope], dim=-1)
