@@ -7,14 +7,17 @@ bound: one SDPA call on contiguous K/V that needs no paging at all. Variants run
 and each figure is the best of `--repeats` rounds, so a busy machine shifts them together.
 `--model PRESET` times whole model forward steps (prefill of each `--prefill` length, decode
 of each batch and context) with the old and the new ops swapped in turn in one process;
+`--linear ROWS...` times one bfloat16 projection as a bfloat16 and as a float32 GEMM;
 `--ttft PRESET` times colocated prefills through `LLM.generate` (one output token) for
-whichever kvxfer is on `PYTHONPATH`.
+whichever kvxfer is on `PYTHONPATH`, and with `--vllm-python` vLLM's on the same prompts,
+alternating in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 
@@ -193,6 +196,10 @@ def model_steps(args: argparse.Namespace, dtype_name: str) -> None:
 
     with torch.inference_mode():
         for batch, context, new in steps:
+            if args.profile:
+                _profile(f"{args.model} {dtype_name} batch {batch} context {context} new {new}",
+                         lambda: step(batch, context, new, current), args.profile)
+                continue
             ms = _best_ms({"old": lambda: step(batch, context, new, old),
                            "new": lambda: step(batch, context, new, current)}, args.repeats)
             print(json.dumps(dict(model=args.model, dtype=dtype_name, batch=batch, context=context, new_tokens=new,
@@ -200,29 +207,145 @@ def model_steps(args: argparse.Namespace, dtype_name: str) -> None:
                                   old_over_new=round(ms["old"] / ms["new"], 2))))
 
 
-def ttft(preset: str, lengths: list[int], repeats: int, dtype: str) -> None:
-    """Median wall time of `LLM.generate` of one token for a prompt of each length, in ms."""
+def linear_dtypes(rows: list[int], repeats: int) -> None:
+    """qwen3-0.6b-shape projections (gate/up 1024 -> 6144, down 3072 -> 1024) with bfloat16
+    inputs and weights, as a bfloat16 GEMM and as a float32 GEMM on upcast copies of both (the
+    output rounded back: `linear._linear` from `_FLOAT32_GEMM_MIN_ROWS` rows), interleaved, best
+    of `repeats`, ms."""
+    gen = torch.Generator().manual_seed(0)
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, AMX {torch.cpu._is_amx_tile_supported()}; best of {repeats}, ms")
+    with torch.inference_mode():
+        for out_features, in_features in ((6144, 1024), (1024, 3072)):
+            weight = torch.randn(out_features, in_features, generator=gen).bfloat16()
+            for m in rows:
+                x = torch.randn(m, in_features, generator=gen).bfloat16()
+                ms = _best_ms({"bf16": lambda: F.linear(x, weight),
+                               "f32": lambda: F.linear(x.float(), weight.float()).bfloat16()}, repeats)
+                print(json.dumps(dict(weight=[out_features, in_features], rows=m, bfloat16_ms=round(ms["bf16"], 3),
+                                      float32_ms=round(ms["f32"], 3), bf16_over_f32=round(ms["bf16"] / ms["f32"], 2))))
+
+
+def _profile(title: str, fn, top: int) -> None:
+    """`torch.profiler` over one call of `fn` after a warm-up: the `top` ops by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        fn()
+        wall_ms = (time.perf_counter() - start) * 1e3
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"# {title}: {wall_ms:.1f} ms wall (profiled), {total / 1e3:.1f} ms self CPU time")
+    for e in events[:top]:
+        print(f"  {e.key:<48} {100 * e.self_cpu_time_total / total:5.1f}% {e.self_cpu_time_total / 1e3:9.2f} ms "
+              f"{e.count:6d} calls")
+
+
+def ttft(args: argparse.Namespace) -> None:
+    """Median wall time of `LLM.generate` of one token for a fresh prompt of each length, in ms.
+
+    With `--vllm-python` the same prompts go to a vLLM peer (`vllm_peer.py`, mode "ttft", its own
+    process) in the same run, alternating prompt by prompt, who goes first swapping each round, so
+    a load change on the shared host hits both sides alike; the peer times its own `generate`.
+    """
     import statistics
 
     from kvxfer import LLM, SamplingParams
     from kvxfer.bench.engine import preset_dir
 
-    llm = LLM(preset_dir(preset), dtype=dtype)
+    model_dir = preset_dir(args.ttft)
+    peer = _TtftPeer(args, model_dir) if args.vllm_python else None
+    llm = None
     try:
+        llm = LLM(model_dir, dtype=args.dtype)
         rng = random.Random(0)
         params = SamplingParams(max_tokens=1, ignore_eos=True)
         llm.generate([[5] * 8], params)  # warm-up
-        for n in lengths:
-            times = []
-            for _ in range(repeats):
+        if peer is not None:
+            peer.wait_ready()
+        print(f"# {args.ttft} dtype {llm.engine.config.torch_dtype_name}, torch threads {torch.get_num_threads()}, "
+              f"load average {os.getloadavg()[0]:.2f} at start")
+        for n in args.prefill:
+            times: dict[str, list[float]] = {"kvxfer": [], "vllm": []}
+            for i in range(args.repeats):
                 prompt = [rng.randrange(3, 500) for _ in range(n)]  # fresh ids: no prefix-cache hit
-                start = time.perf_counter()
-                llm.generate([prompt], params)
-                times.append((time.perf_counter() - start) * 1e3)
-            median = round(statistics.median(times), 2)
-            print(json.dumps(dict(preset=preset, dtype=dtype, prompt_tokens=n, ttft_ms=median)))
+                sides = ["kvxfer", "vllm"] if peer is not None else ["kvxfer"]
+                for side in sides if i % 2 == 0 else sides[::-1]:
+                    if side == "vllm":
+                        times["vllm"].append(peer.ttft_ms(prompt))
+                        continue
+                    start = time.perf_counter()
+                    llm.generate([prompt], params)
+                    times["kvxfer"].append((time.perf_counter() - start) * 1e3)
+            row = dict(preset=args.ttft, dtype=args.dtype, prompt_tokens=n,
+                       ttft_ms=round(statistics.median(times["kvxfer"]), 2))
+            if peer is not None:
+                vllm_ms = statistics.median(times["vllm"])
+                row.update(vllm_ttft_ms=round(vllm_ms, 2), vllm_over_kvxfer=round(vllm_ms / row["ttft_ms"], 2))
+            print(json.dumps(row))
+        print(f"# load average {os.getloadavg()[0]:.2f} at end")
     finally:
-        llm.shutdown()
+        if llm is not None:
+            llm.shutdown()
+        if peer is not None:
+            peer.close()
+
+
+class _TtftPeer:
+    """A vLLM process in the peer's "ttft" mode: one prompt per line in, one time per line out."""
+
+    START_DEADLINE_S = 1800.0  # vLLM compiles its graph on the first start (minutes on 2 busy cores)
+    PROMPT_DEADLINE_S = 600.0
+
+    def __init__(self, args: argparse.Namespace, model_dir: str) -> None:
+        import subprocess
+        import tempfile
+
+        from kvxfer.bench.engine import vllm_command, vllm_env, vllm_job
+
+        job = vllm_job(model_dir, args.dtype, "cpu", "ttft", max(args.prefill) + 8, block_size=args.vllm_block_size,
+                       max_num_seqs=8, max_num_batched_tokens=max(8192, max(args.prefill)), enforce_eager=False,
+                       memory_fraction=0.2)
+        self._dir = tempfile.TemporaryDirectory()
+        job_path = os.path.join(self._dir.name, "job.json")
+        with open(job_path, "w") as f:
+            json.dump(job, f)
+        self._log = open(os.path.join(self._dir.name, "vllm.log"), "w+")
+        self._proc = subprocess.Popen(vllm_command(args.vllm_python, job_path), env=vllm_env(), text=True,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
+
+    def _reply(self, deadline_s: float) -> dict:
+        import select
+
+        ready, _, _ = select.select([self._proc.stdout], [], [], deadline_s)
+        line = self._proc.stdout.readline() if ready else ""
+        if not line:
+            self._log.seek(0)
+            tail = self._log.read()[-3000:]
+            raise RuntimeError(f"vLLM peer gave no reply within {deadline_s:.0f} s (exit {self._proc.poll()}):\n{tail}")
+        return json.loads(line)
+
+    def wait_ready(self) -> None:
+        self._reply(self.START_DEADLINE_S)
+
+    def ttft_ms(self, prompt: list[int]) -> float:
+        self._proc.stdin.write(json.dumps(prompt) + "\n")
+        self._proc.stdin.flush()
+        return self._reply(self.PROMPT_DEADLINE_S)["ms"]
+
+    def close(self) -> None:
+        import subprocess
+
+        self._proc.stdin.close()  # the peer's loop ends at end of input
+        try:
+            self._proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(timeout=60)
+        self._log.close()
+        self._dir.cleanup()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -239,13 +362,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per row instead of a table")
     parser.add_argument("--model", metavar="PRESET", help="time whole-model forward steps instead")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="--model: profile one step of each case instead, printing the top N ops")
+    parser.add_argument("--linear", nargs="*", type=int, metavar="ROWS",
+                        help="time a bfloat16 projection as a bfloat16 and as a float32 GEMM at these row counts")
     parser.add_argument("--ttft", metavar="PRESET", help="time colocated LLM.generate prefills instead")
     parser.add_argument("--dtype", default="auto", help="engine dtype for --ttft")
+    parser.add_argument("--vllm-python", help="--ttft: also time vLLM, alternating, with this Python")
+    parser.add_argument("--vllm-block-size", type=int, default=128, help="--ttft: vLLM's KV block size")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.ttft:
-        return ttft(args.ttft, args.prefill, args.repeats, args.dtype)
+        return ttft(args)
+    if args.linear:
+        return linear_dtypes(args.linear, args.repeats)
     if args.model:
         for dtype_name in args.dtypes:
             model_steps(args, dtype_name)

@@ -112,28 +112,41 @@ def run_kvxfer(args, model_dir: str, prompts: list[list[int]], outputs: list[int
 
 def run_vllm(args, model_dir: str, prompts: list[list[int]], outputs: list[int]) -> tuple[float, float, list[list[int]]]:
     """One offline vLLM run in a child process of the vLLM environment; (seconds, CPU seconds, output ids)."""
-    from kvxfer.bench import vllm_peer
-    from kvxfer.engine.config import resolve_dtype
-    from kvxfer.models import load_model_config
-
-    # The dtype kvxfer runs in (vLLM's own "auto" may resolve differently on CPU).
-    dtype = resolve_dtype(args.dtype, args.device, load_model_config(model_dir).checkpoint_dtype)
-    job = {"model_dir": model_dir, "dtype": dtype, "prompts": prompts, "outputs": outputs,
-           "block_size": args.vllm_block_size, "max_num_seqs": args.max_num_seqs,
-           "max_num_batched_tokens": args.max_num_batched_tokens, "enforce_eager": args.vllm_eager,
-           "memory_fraction": args.vllm_memory_fraction,
-           "max_model_len": max(len(p) + n for p, n in zip(prompts, outputs))}
+    job = vllm_job(model_dir, args.dtype, args.device, "batch", max(len(p) + n for p, n in zip(prompts, outputs)),
+                   block_size=args.vllm_block_size, max_num_seqs=args.max_num_seqs,
+                   max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.vllm_eager,
+                   memory_fraction=args.vllm_memory_fraction)
+    job.update(prompts=prompts, outputs=outputs)
     with tempfile.TemporaryDirectory() as tmp:
         job_path, result_path = os.path.join(tmp, "job.json"), os.path.join(tmp, "result.json")
         with open(job_path, "w") as f:
             json.dump(job, f)
-        # The peer reads only its job file; PYTHONPATH must not put kvxfer's tree in front of vLLM's.
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        subprocess.run([args.vllm_python, vllm_peer.__file__, job_path, result_path], env=env, check=True,
+        subprocess.run(vllm_command(args.vllm_python, job_path, result_path), env=vllm_env(), check=True,
                        timeout=3600)
         with open(result_path) as f:
             result = json.load(f)
     return result["seconds"], result["cpu_seconds"], result["tokens"]
+
+
+def vllm_job(model_dir: str, dtype: str, device: str, mode: str, max_model_len: int, **engine) -> dict:
+    """The job `vllm_peer.py` reads (see its docstring), in the dtype kvxfer resolves `dtype` to
+    (vLLM's own "auto" may resolve differently on CPU); `engine`: the remaining engine fields."""
+    from kvxfer.engine.config import resolve_dtype
+    from kvxfer.models import load_model_config
+
+    dtype = resolve_dtype(dtype, device, load_model_config(model_dir).checkpoint_dtype)
+    return {"model_dir": model_dir, "dtype": dtype, "mode": mode, "max_model_len": max_model_len, **engine}
+
+
+def vllm_command(python: str, job_path: str, result_path: str = "") -> list[str]:
+    from kvxfer.bench import vllm_peer
+
+    return [python, vllm_peer.__file__, job_path] + ([result_path] if result_path else [])
+
+
+def vllm_env() -> dict[str, str]:
+    """The peer reads only its job file; PYTHONPATH must not put kvxfer's tree in front of vLLM's."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
 def token_agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:

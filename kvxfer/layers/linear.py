@@ -3,6 +3,13 @@
 Column-parallel layers split output features over ranks (no communication); row-parallel
 layers split input features and sum the partial outputs with one all-reduce. A layer may
 stack several checkpoint tensors (q/k/v, gate/up) in one weight, each sharded on its own.
+
+On a CPU without AMX a bfloat16 GEMM of at least `_FLOAT32_GEMM_MIN_ROWS` rows (prefill) runs
+in float32 on upcast copies (`_linear`): oneDNN's bfloat16 GEMM on AVX512-BF16 alone measured
+1.3-1.8x slower than converting the weight and multiplying in float32 from 128 rows on, and
+faster below (decode batches), so weights stay in bfloat16 (docs/benchmarks.md, "Engine against
+vLLM on CPU"). The upcast is exact and the output is rounded back once, so only the summation
+order differs from a bfloat16 GEMM (which accumulates in float32 too).
 """
 
 from __future__ import annotations
@@ -21,6 +28,24 @@ def _param(*shape: int, dtype=None, device=None) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
+_FLOAT32_GEMM_MIN_ROWS = 128
+
+
+def bfloat16_matmul_is_slow(device: torch.device) -> bool:
+    """A CPU without AMX: its bfloat16 GEMMs (oneDNN's, and the CPU flash-attention kernel's)
+    measured slower than float32 ones on the same shapes, past about a hundred rows."""
+    return device.type == "cpu" and not torch.cpu._is_amx_tile_supported()
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`; a large bfloat16 one in float32 where that is faster (see the module docstring)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if x.dtype != torch.bfloat16 or rows < _FLOAT32_GEMM_MIN_ROWS or not bfloat16_matmul_is_slow(x.device):
+        return F.linear(x, weight, bias)
+    bias = None if bias is None else bias.float()
+    return F.linear(x.float(), weight.float(), bias).to(x.dtype)
+
+
 class ColumnParallelLinear(nn.Module):
     """`y = x W^T + b` with the rows of W (output features) split over the ranks."""
 
@@ -37,7 +62,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _param(rows, dtype=dtype, device=device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return _linear(x, self.weight, self.bias)
 
     def load(self, ckpt, *names: str) -> None:
         """Load one checkpoint tensor per entry of `out_sizes`, each split evenly over ranks."""
@@ -134,7 +159,7 @@ class RowParallelLinear(nn.Module):
         self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = _linear(x, self.weight)
         if not self.reduce:
             return y
         y = all_reduce(y, self.tp)

@@ -104,3 +104,11 @@ def test_decode_plans_are_built_once_per_step():
     second = torch_ops.paged_attention(query, cache, meta, 0.3)  # the next layer of the same step
     assert meta.plan_cache == plans and all(meta.plan_cache[k] is plans[k] for k in plans)
     torch.testing.assert_close(first, second)
+
+
+@pytest.mark.parametrize("window", [None, 24])
+def test_bfloat16_prefill_through_the_float32_kernel(monkeypatch, window):
+    # Long bfloat16 prefills run SDPA on upcast inputs where bfloat16 matmuls are slow: lowered
+    # threshold so the causal, masked and windowed paths of SEQS all take it here.
+    monkeypatch.setattr(torch_ops, "_FLOAT32_PREFILL_MIN_TOKENS", 2)
+    check(SEQS, 8, 4, 32, torch.bfloat16, window, 2e-2)
