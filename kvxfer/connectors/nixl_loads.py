@@ -113,7 +113,8 @@ class LoadTracker:
             self._handshakes[req.remote_engine_id] = fut
 
     def connect(self, host: str, port: int) -> None:
-        """Handshake with a configured peer now (at start). An incompatible peer, a lease the
+        """Handshake with a configured peer now (at start: metadata, then the NIXL connection to
+        each of its ranks), so its first request pays no handshake. An incompatible peer, a lease the
         transfer time-out does not fit, or an engine id already known elsewhere raise
         KVParamsError; an unreachable one is left to the first request's lazy handshake."""
         try:
@@ -127,7 +128,12 @@ class LoadTracker:
                 f"KV peers {known.address[0]}:{known.address[1]} and {host}:{port} both run engine {meta.engine_id!r}"
             )
         if known is None:
-            self._add_peer(meta, (host, port))
+            peer = self._add_peer(meta, (host, port))
+            for name in peer.agents.values():  # UCX endpoints now, not on the first READ
+                try:
+                    self.agent.make_connection(name)
+                except Exception as e:
+                    logger.warning("connecting to KV peer %s:%d ahead failed (done on first use): %s", host, port, e)
 
     def _finish_handshakes(self) -> None:
         for engine_id, fut in list(self._handshakes.items()):
@@ -167,6 +173,7 @@ class LoadTracker:
             regions[rank.tp_rank] = Region(rank.base_addr, rank.num_blocks, block_bytes, head_bytes, rank.device_id)
         peer = Peer(meta, address, agents, regions)
         self.peers[meta.engine_id] = peer
+        self.counters["handshakes"] += 1
         return peer
 
     def _drop_peer(self, engine_id: str) -> None:

@@ -72,7 +72,7 @@ class NixlConnectorWorker(KVConnectorWorker):
         self._register_future: Future | None = None
         self.counters = {
             "transfers": 0, "failures": 0, "expired_leases": 0, "released": 0, "refused_notifications": 0,
-            "bytes": 0, "descriptors": 0,
+            "handshakes": 0, "bytes": 0, "descriptors": 0,
         }
         self._kick = threading.Event()  # wakes the progress thread early (an answer came, shutdown)
         self._sends = SendTracker(spec, tp_rank, tp_size, config.lease_seconds, self.counters)
@@ -80,6 +80,7 @@ class NixlConnectorWorker(KVConnectorWorker):
             self.agent, config, spec, tp_rank, tp_size, self.compat, self._pool, self.counters, self._kick.set
         )
         self._lock = threading.Lock()  # the trackers: the progress thread and the engine's calls
+        self._handshakes_reported = 0
         self._stop = threading.Event()
         self._progress = threading.Thread(target=self._progress_loop, name=f"kv-progress-r{tp_rank}", daemon=True)
         self._progress.start()
@@ -189,6 +190,8 @@ class NixlConnectorWorker(KVConnectorWorker):
         out = KVConnectorOutput()
         with self._lock:
             self._loads.poll(out)
+            handshakes = self.counters["handshakes"]
+            out.handshakes, self._handshakes_reported = handshakes - self._handshakes_reported, handshakes
             if self.config.is_producer:
                 self._sends.poll(out)
         return out
