@@ -31,6 +31,7 @@ class _Send:
     expected: int | None = None  # decode ranks that will notify, known from the first ReadDone
     readers: set[tuple[str, int]] = field(default_factory=set)
     ended: str = ""  # "released" | "expired" once the scheduler side ends it
+    since: float = field(default_factory=time.monotonic)  # when this rank learned of the hold
 
 
 class SendTracker:
@@ -48,6 +49,11 @@ class SendTracker:
 
     def has_pending(self) -> bool:
         return bool(self._sends)
+
+    def has_recent(self, window_s: float) -> bool:
+        """Whether a hold began less than `window_s` ago (its reader is likely about to READ)."""
+        now = time.monotonic()
+        return any(now - entry.since < window_s for entry in self._sends.values())
 
     def hold(self, send: SendRequest) -> None:
         if send.request_id in self._sends:  # the engine never reuses an id it still holds

@@ -6,8 +6,9 @@ secret), and the progress thread. The decode side's loads live in `nixl_loads.Lo
 the prefill side's held requests in `nixl_sends.SendTracker`.
 
 Progress: NIXL's own progress thread spins a core per agent, so it is off; instead a light
-thread per agent progresses UCX (every `_PROGRESS_BUSY_S` while it holds or loads a request,
-every `_PROGRESS_IDLE_S` otherwise, at once when a handshake or hold check answers) and drives
+thread per agent progresses UCX (every `_PROGRESS_BUSY_S` while it loads a request or has just
+begun holding one, every `_PROGRESS_IDLE_S` otherwise, at once when a handshake or hold check
+answers; never spinning) and drives
 the transfers as events: it posts a load's READs as soon as its hold check is answered, sees
 them end, sends the ReadDone notifications, counts the notifications a held request gets, and
 then wakes the engine loop (a byte on `KVTransferConfig.event_fd`), whose next step collects
@@ -39,10 +40,13 @@ from kvxfer.connectors.nixl_sends import SendTracker
 logger = logging.getLogger(__name__)
 
 _REGISTER_TIMEOUT_S = 120.0  # ranks wait this long for the instance's side channel to come up
-# Progress period while this rank holds or loads a request (a held request's READs complete only
-# when this side progresses), and otherwise (connection set-up by peers, stray notifications).
+# Progress period while this rank loads a request or began holding one less than
+# `_PROGRESS_HOLD_WINDOW_S` ago (a held request's READs complete only when this side progresses,
+# and decode engines read within milliseconds of the hold), and otherwise (connection set-up by
+# peers, a late reader: slower, not wrong).
 _PROGRESS_BUSY_S = 0.0005
 _PROGRESS_IDLE_S = 0.02
+_PROGRESS_HOLD_WINDOW_S = 1.0
 
 
 class NixlConnectorWorker(KVConnectorWorker):
@@ -91,7 +95,9 @@ class NixlConnectorWorker(KVConnectorWorker):
 
     def _progress_loop(self) -> None:
         while not self._stop.is_set():
-            self._kick.wait(_PROGRESS_BUSY_S if self.has_pending() else _PROGRESS_IDLE_S)
+            with self._lock:
+                busy = self._loads.busy() or self._sends.has_recent(_PROGRESS_HOLD_WINDOW_S)
+            self._kick.wait(_PROGRESS_BUSY_S if busy else _PROGRESS_IDLE_S)
             self._kick.clear()
             if self._cuda_device is not None:  # UCX progress on VRAM needs this thread's device set
                 import torch
