@@ -78,7 +78,7 @@ class LLM:
             elif events is not None:
                 # Only remote KV in flight: sleep until a rank reports; the deadline bounds a
                 # report no rank wakes for.
-                woke = events.wait(_STALLED_WAIT_S)
+                woke = events.wait(_STALLED_WAIT_S) > 0
             else:
                 time.sleep(0.001)
         bar.close()

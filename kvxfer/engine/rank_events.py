@@ -22,9 +22,9 @@ class RankEvents:
     def fileno(self) -> int:
         return self.read_fd
 
-    def drain(self) -> bool:
-        """Consume what the ranks wrote; True when there was anything."""
-        got = False
+    def drain(self) -> int:
+        """Consume what the ranks wrote: the number of wake-ups (0: none)."""
+        got = 0
         while True:
             try:
                 chunk = os.read(self.read_fd, 4096)
@@ -32,10 +32,10 @@ class RankEvents:
                 return got
             if not chunk:
                 return got
-            got = True
+            got += len(chunk)
 
-    def wait(self, timeout_s: float) -> bool:
-        """Sleep until a rank event or `timeout_s`; True when an event came (consumed)."""
+    def wait(self, timeout_s: float) -> int:
+        """Sleep until a rank event or `timeout_s`; the wake-ups consumed (0: none came)."""
         select.select([self.read_fd], [], [], timeout_s)
         return self.drain()
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from kvxfer.connectors.metadata import RemoteDecodeParams, RemotePrefillParams
+    from kvxfer.engine.rank_events import RankEvents
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ class AsyncEngine:
                 if outputs and self._loop is not None:
                     self._loop.call_soon_threadsafe(self._dispatch, outputs)
 
-    def _run_commands(self, engine: Any, wait_s: float, events: Any) -> bool:
+    def _run_commands(self, engine: Any, wait_s: float, events: RankEvents | None) -> bool:
         """Sleep up to `wait_s` for a command or a rank event, run the queued commands; True
         when a rank event came."""
         if wait_s > 0:
@@ -248,7 +249,7 @@ class AsyncEngine:
                 pass
         except BlockingIOError:
             pass
-        woke = events.drain() if events is not None else False
+        woke = events is not None and events.drain() > 0
         while True:
             try:
                 item = self._commands.get_nowait()
