@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from kvxfer.layers import torch_ops
-from kvxfer.layers.attention import AttentionMetadata
+from kvxfer.layers.attention import AttentionMetadata, layers_of
 
 SHAPES = {"tiny-qwen3": (8, 4, 32), "qwen3-0.6b": (16, 8, 128)}  # (query heads, KV heads, head size)
 
@@ -187,7 +187,7 @@ def model_steps(args: argparse.Namespace, dtype_name: str) -> None:
         positions = torch.arange(context - new, context).repeat(batch)
         torch_ops.paged_attention = ops  # looked up per call by kvxfer.layers.attention
         try:
-            model(ids, positions, cache, meta)
+            model(ids, positions, layers_of(cache), [meta] * config.num_layers)
         finally:
             torch_ops.paged_attention = current
 

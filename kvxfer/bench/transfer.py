@@ -145,7 +145,7 @@ def _rank_main(conn, role: str, rank: int, tp: int, shape: Shape, block_size: in
         kv = torch.zeros((num_blocks, *spec.block_shape(tp)), dtype=getattr(torch, shape.dtype), device=dev)
         sync()
         worker = NixlConnectorWorker(config, spec, rank, tp, model_identity=f"bench:{shape}")
-        worker.register_kv_cache(kv)
+        worker.register_kv_caches([kv])
         words = kv.view(torch.int64).view(num_blocks, spec.heads_per_rank(tp), -1)
         conn.send(("ready", None))
         while True:
@@ -190,8 +190,9 @@ def _rank_main(conn, role: str, rank: int, tp: int, shape: Shape, block_size: in
                 time.sleep(max(start_at - time.monotonic(), 0))
                 t0 = time.monotonic()
                 for r, nbytes in per_rank_bytes.items():
-                    local = np.array([[worker.region.base_addr + local_off, nbytes, worker.region.device_id]], np.int64)
-                    remote = np.array([[peer.regions[r].base_addr, nbytes, peer.regions[r].device_id]], np.int64)
+                    region, remote_region = worker.regions[0], peer.regions[r][0]  # one KV cache group
+                    local = np.array([[region.base_addr + local_off, nbytes, region.device_id]], np.int64)
+                    remote = np.array([[remote_region.base_addr, nbytes, remote_region.device_id]], np.int64)
                     lh = worker.agent.prep_xfer_dlist("NIXL_INIT_AGENT", local, worker.mem_type)
                     rh = worker.agent.prep_xfer_dlist(peer.agents[r], remote, peer.meta.ranks[r].mem_type)
                     h = worker.agent.make_prepped_xfer("READ", lh, [0], rh, [0], b"")
@@ -210,7 +211,8 @@ def _rank_main(conn, role: str, rank: int, tp: int, shape: Shape, block_size: in
 
                 slices = spec.get_tp_transfer_slices(rank, tp, p_tp)
                 ids = list(range(n))
-                plan = read_descriptors(slices, worker.region, worker.peers[engine_id].regions, ids, ids)
+                remotes = {r: regions[0] for r, regions in worker.peers[engine_id].regions.items()}
+                plan = read_descriptors(slices, worker.regions[0], remotes, ids, ids)
                 conn.send(("ok", {r: int(loc[:, 1].sum()) for r, (loc, _) in plan.items()}))
     except Exception as e:  # report, then exit: the parent stops everything
         conn.send(("error", f"{role} rank {rank}: {type(e).__name__}: {e}"))
@@ -300,7 +302,8 @@ def run(shape: Shape, tokens: int, p_tp: int, d_tp: int, block_size: int = 16, i
             req_id = f"bench-{it}"
             params = ranks.table.hold(req_id, prefill_ids, n * block_size)
             req = RecvRequest(req_id, req_id, cfg.engine_id, cfg.instance_id, cfg.side_channel_host,
-                              cfg.side_channel_port, p_tp, params.transfer_token, prefill_ids, decode_ids, prefill_ids)
+                              cfg.side_channel_port, p_tp, params.transfer_token, prefill_ids, [decode_ids],
+                              [prefill_ids])  # one KV cache group
             meta = ranks.table.build_connector_meta(None)
             ranks.send(ranks.prefill, "hold", [(meta, req_id, REPLY_TIMEOUT_S)] * p_tp)
             start_at = time.monotonic() + REQUEST_START_DELAY_S

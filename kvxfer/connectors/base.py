@@ -54,10 +54,11 @@ class TransferStats(msgspec.Struct, frozen=True):
 
 
 class RecvRequest(msgspec.Struct, frozen=True):
-    """A decode-side load: read `remote_block_ids[i]` into `local_block_ids[i]`, once the
-    prefill side has confirmed (and pinned) its hold of `held_block_ids` under `transfer_token`.
+    """A decode-side load: for each KV cache group `g`, read `remote_block_ids[g][i]` into
+    `local_block_ids[g][i]`, once the prefill side has confirmed (and pinned) its hold of
+    `held_block_ids` under `transfer_token`.
 
-    Empty block lists mean nothing is read (full local prefix hit) but the prefill side is
+    No block in any group means nothing is read (full local prefix hit) but the prefill side is
     still notified so that it frees its blocks.
     """
 
@@ -70,8 +71,8 @@ class RecvRequest(msgspec.Struct, frozen=True):
     remote_tp_size: int
     transfer_token: str
     held_block_ids: list[int]  # every block the params name (the hold check compares them exactly)
-    local_block_ids: list[int]
-    remote_block_ids: list[int]  # the sub-range of held_block_ids this engine reads
+    local_block_ids: list[list[int]]  # per group
+    remote_block_ids: list[list[int]]  # per group: the held blocks of that group this engine reads
 
 
 class SendRequest(msgspec.Struct, frozen=True):
@@ -213,15 +214,16 @@ class KVConnectorScheduler(ABC):
 
     @abstractmethod
     def update_state_after_alloc(
-        self, request: Any, block_ids: list[int], num_local_computed_tokens: int, num_external_tokens: int
-    ) -> None: ...
+        self, request: Any, block_tables: list[list[int]], num_local_computed_tokens: int, num_external_tokens: int
+    ) -> None:
+        """`block_tables`: the request's blocks per KV cache group."""
 
     @abstractmethod
     def build_connector_meta(self, scheduler_output: Any) -> ConnectorMetadata: ...
 
     @abstractmethod
-    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
-        """(delay freeing the blocks?, kv_transfer_params for the output)."""
+    def request_finished(self, request: Any, block_tables: list[list[int]]) -> tuple[bool, dict | None]:
+        """(delay freeing the blocks?, kv_transfer_params for the output); `block_tables` per group."""
 
     @abstractmethod
     def release_request(self, request_id: str, transfer_token: str | None) -> bool:
@@ -243,7 +245,8 @@ class KVConnectorWorker(ABC):
     """Worker side, in every TP rank."""
 
     @abstractmethod
-    def register_kv_cache(self, kv_cache: Any) -> None: ...
+    def register_kv_caches(self, kv_caches: list[Any]) -> None:
+        """This rank's KV tensor of each KV cache group, in group order."""
 
     @abstractmethod
     def start_load_kv(self, meta: ConnectorMetadata) -> None: ...

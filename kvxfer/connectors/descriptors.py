@@ -3,7 +3,9 @@
 A rank's KV tensor is `[num_blocks, heads, layers, kv, block_size, head_size]`, so one head
 range of one block is one contiguous run over all layers: one descriptor per (block, slice),
 however many layers the model has. When a slice is a whole block on both sides, runs of
-blocks that are consecutive on both sides are adjacent bytes and become one descriptor.
+blocks that are consecutive on both sides are adjacent bytes and become one descriptor. Each
+KV cache group is its own tensor (region) with its own block ids; one READ per remote rank
+carries every group's descriptors.
 Pure numpy; arrays are `(N, 3)` int64 rows `(address, length, device_id)` as NIXL takes them.
 """
 
@@ -69,6 +71,28 @@ def read_descriptors(
     per_rank: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     for s in slices:
         per_rank.setdefault(s.remote_rank, []).append(slice_descriptors(s, local, remotes[s.remote_rank], lids, rids))
+    return {
+        rank: (np.concatenate([d[0] for d in parts]), np.concatenate([d[1] for d in parts]))
+        for rank, parts in per_rank.items()
+    }
+
+
+def group_read_descriptors(
+    slices: list[TPTransferSlice],
+    local: list[Region],
+    remotes: dict[int, list[Region]],
+    local_ids: list[list[int]],
+    remote_ids: list[list[int]],
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """`read_descriptors` for every KV cache group `g` (regions `local[g]`, `remotes[rank][g]`,
+    blocks `local_ids[g]`, `remote_ids[g]`), concatenated per remote rank."""
+    per_rank: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for g, (lids, rids) in enumerate(zip(local_ids, remote_ids)):
+        if not lids:
+            continue
+        group_remotes = {rank: regions[g] for rank, regions in remotes.items()}
+        for rank, descs in read_descriptors(slices, local[g], group_remotes, lids, rids).items():
+            per_rank.setdefault(rank, []).append(descs)
     return {
         rank: (np.concatenate([d[0] for d in parts]), np.concatenate([d[1] for d in parts]))
         for rank, parts in per_rank.items()

@@ -86,7 +86,7 @@ class HandshakeServer:
             lease_seconds=self.lease_seconds,
             tp_size=self.tp_size,
             block_size=self.compat.block_size,
-            num_blocks=min(r.num_blocks for r in ranks),
+            num_blocks=[min(r.regions[g].num_blocks for r in ranks) for g in range(len(ranks[0].regions))],
             compat=self.compat,
             compat_hash=self.compat.hash(),
             ranks=ranks,
@@ -115,7 +115,7 @@ class HandshakeServer:
         if not 0 <= msg.rank.tp_rank < self.tp_size or msg.tp_size != self.tp_size:
             return Reply(ok=False, error=f"registration refused: rank {msg.rank.tp_rank} of TP {msg.tp_size}, "
                                          f"this instance runs TP {self.tp_size}")
-        if msg.compat_hash != self.compat.hash():
+        if msg.compat_hash != self.compat.hash() or len(msg.rank.regions) != len(self.compat.kv_cache_groups):
             return Reply(ok=False, error=f"rank {msg.rank.tp_rank} does not match the instance's model")
         with self._lock:
             self._ranks[msg.rank.tp_rank] = msg.rank

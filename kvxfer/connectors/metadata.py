@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
 
 from kvxfer.connectors.base import KVParamsError
+from kvxfer.specs import KVCacheGroup, SlidingWindowSpec
 
 PROTOCOL_VERSION = 2
 
@@ -39,6 +41,7 @@ class Compat(msgspec.Struct, frozen=True):
     dtype: str
     layout: str
     block_size: int
+    kv_cache_groups: list[str]  # per group: its layers and attention kind (`describe_groups`)
 
     def hash(self) -> str:
         return hashlib.sha256(msgspec.msgpack.encode(self)).hexdigest()[:16]
@@ -57,7 +60,23 @@ def layout_of(spec: Any) -> str:
     return f"block,head,layer,kv{spec.kv_slots},slot,dim"
 
 
-def compat_of(spec: Any, model_identity: str) -> Compat:
+def one_group(spec: Any) -> tuple[KVCacheGroup, ...]:
+    """Every layer of `spec` in one group: the groups of a model without sliding layers."""
+    return (KVCacheGroup(tuple(range(spec.num_layers)), spec),)
+
+
+def describe_groups(groups: Sequence[KVCacheGroup]) -> list[str]:
+    """Per group, e.g. "full layers 0,2" or "window 6 layers 1,3": what two peers must share."""
+    return [
+        (f"window {g.spec.sliding_window}" if isinstance(g.spec, SlidingWindowSpec) else "full")
+        + " layers " + ",".join(map(str, g.layer_ids))
+        for g in groups
+    ]
+
+
+def compat_of(spec: Any, model_identity: str, groups: Sequence[KVCacheGroup] | None = None) -> Compat:
+    """`spec` is the whole model's (heads, dtype, block size); `groups` its KV cache groups
+    (default: all layers in one group)."""
     return Compat(
         protocol_version=PROTOCOL_VERSION,
         model_identity=model_identity,
@@ -67,6 +86,7 @@ def compat_of(spec: Any, model_identity: str) -> Compat:
         dtype=spec.dtype,
         layout=layout_of(spec),
         block_size=spec.block_size,
+        kv_cache_groups=describe_groups(groups or one_group(spec)),
     )
 
 
@@ -82,18 +102,24 @@ def model_identity(model_dir: str | Path) -> str:
     return f"{config.get('model_type', 'unknown')}:{hashlib.sha256(canonical.encode()).hexdigest()[:16]}"
 
 
+class GroupRegion(msgspec.Struct, frozen=True, array_like=True):
+    """One KV cache group's tensor on one rank, as registered with its NIXL agent."""
+
+    base_addr: int
+    region_bytes: int
+    num_blocks: int
+
+
 class RankMetadata(msgspec.Struct, frozen=True):
-    """One rank's NIXL agent and the KV region registered with it."""
+    """One rank's NIXL agent and the KV regions registered with it, one per KV cache group."""
 
     tp_rank: int
     agent_name: str
     agent_metadata: bytes
-    base_addr: int
-    region_bytes: int
+    regions: list[GroupRegion]
     device_id: int
     mem_type: str  # "DRAM" | "VRAM"
-    num_blocks: int
-    kv_heads: int  # heads in this rank's tensor
+    kv_heads: int  # heads in this rank's tensors
 
 
 class EngineMetadata(msgspec.Struct, frozen=True):
@@ -103,7 +129,7 @@ class EngineMetadata(msgspec.Struct, frozen=True):
     lease_seconds: float  # how long it holds a finished request: a reader's time-out must fit
     tp_size: int
     block_size: int
-    num_blocks: int  # MIN over ranks: a block id below it is valid on every rank
+    num_blocks: list[int]  # per group, MIN over ranks: a block id below it is valid on every rank
     compat: Compat
     compat_hash: str
     ranks: list[RankMetadata]
@@ -181,6 +207,8 @@ class RemotePrefillParams(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     remote_instance_id: Name
     remote_host: Name
     remote_port: Port
+    # The held blocks of each KV cache group in turn: a full-attention group's whole prompt, a
+    # sliding group's entries from the first one the decode side reads (`held_entries`).
     remote_block_ids: list[NonNegInt]
     remote_request_id: Name
     remote_tp_size: PosInt
@@ -214,9 +242,34 @@ def parse_kv_transfer_params(params: Any) -> KVTransferParams | None:
         parsed = msgspec.convert(params, kind, strict=True)
     except msgspec.ValidationError as e:
         raise KVParamsError(f"invalid kv_transfer_params: {e}") from None
-    if prefill and len(set(parsed.remote_block_ids)) != len(parsed.remote_block_ids):
-        raise KVParamsError("kv_transfer_params: remote_block_ids repeat a block")
     return parsed
+
+
+def held_entries(groups: Sequence[KVCacheGroup], num_prompt_tokens: int) -> list[range]:
+    """Per group, the block-table entries a prefill side holds for a prompt: all of them for full
+    attention, and from the first one a decode side reads (it receives every position but the
+    last, which it computes) for a sliding window."""
+    end = -(-num_prompt_tokens // groups[0].spec.block_size)
+    return [range(g.spec.blocks_to_read(num_prompt_tokens - 1).start, end) for g in groups]
+
+
+def split_held(groups: Sequence[KVCacheGroup], num_prompt_tokens: int, block_ids: list[int]) -> list[list[int]]:
+    """`remote_block_ids` cut into its groups' lists; KVParamsError when the count is wrong for
+    the prompt or a group repeats a block."""
+    entries = held_entries(groups, num_prompt_tokens)
+    needed = sum(len(r) for r in entries)
+    if len(block_ids) != needed:
+        raise KVParamsError(
+            f"kv_transfer_params: {len(block_ids)} remote_block_ids for {num_prompt_tokens} tokens (block size "
+            f"{groups[0].spec.block_size}, KV cache groups {describe_groups(groups)} need {needed})"
+        )
+    out, start = [], 0
+    for r in entries:
+        out.append(block_ids[start : start + len(r)])
+        start += len(r)
+        if len(set(out[-1])) != len(out[-1]):
+            raise KVParamsError("kv_transfer_params: remote_block_ids repeat a block")
+    return out
 
 
 def decode_reply(raw: bytes) -> Reply:

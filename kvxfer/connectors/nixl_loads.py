@@ -3,7 +3,8 @@
 A load goes: handshake (once per remote engine, in the background, with a time-out) ->
 hold check (one side-channel round trip: the prefill side confirms the request is held under
 the params' token with exactly their blocks, and pins it for this rank) -> one READ per remote
-rank -> done: a `ReadDone` naming the token to every prefill rank in `notify_targets`. A
+rank, covering every KV cache group's blocks (each group is its own registered region) -> done:
+a `ReadDone` naming the token to every prefill rank in `notify_targets`. A
 refused check fails the load as a params error before anything is read. The READs must end
 before the pin does: the load's deadline is the check's send time plus
 `min(transfer_timeout_s, pin - PIN_MARGIN_S)`. A READ that cannot be cancelled (releasing its
@@ -37,9 +38,10 @@ from kvxfer.connectors.base import (
     TransferStats,
 )
 from kvxfer.connectors.config import PIN_MARGIN_S, KVTransferConfig, lease_fit_error
-from kvxfer.connectors.descriptors import Region, read_descriptors
+from kvxfer.connectors.descriptors import Region, group_read_descriptors
 from kvxfer.connectors.handshake import HandshakeError, check_held, fetch_engine_metadata
-from kvxfer.connectors.metadata import Compat, EngineMetadata, Held, ReadDone
+from kvxfer.connectors.metadata import Compat, EngineMetadata, Held, ReadDone, one_group
+from kvxfer.specs import KVCacheGroup
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ class Peer:
     meta: EngineMetadata
     address: tuple[str, int]  # where its metadata was fetched
     agents: dict[int, str]  # remote rank -> NIXL agent name
-    regions: dict[int, Region]
+    regions: dict[int, list[Region]]  # remote rank -> its region of each KV cache group
 
 
 @dataclass
@@ -70,15 +72,17 @@ class _Load:
 class LoadTracker:
     def __init__(
         self, agent: Any, config: KVTransferConfig, spec: Any, tp_rank: int, tp_size: int, compat: Compat,
-        pool: ThreadPoolExecutor, counters: dict[str, int], kick: Callable[[], None] = lambda: None,
+        pool: ThreadPoolExecutor, counters: dict[str, int], groups: tuple[KVCacheGroup, ...] | None = None,
+        kick: Callable[[], None] = lambda: None,
     ) -> None:
         """`kick()` is called (on a pool thread) when a handshake or hold check answered, so that
         whoever drives `advance` (the worker's progress thread) goes on at once."""
         self.agent, self.config, self.spec = agent, config, spec
+        self.groups = groups or one_group(spec)
         self.tp_rank, self.tp_size, self.compat = tp_rank, tp_size, compat
         self._pool, self.counters, self._kick = pool, counters, kick
         self._auth = FrameAuth(config.auth_key)
-        self.region: Region | None = None  # this rank's pool, set at registration
+        self.regions: list[Region] = []  # this rank's pool of each group, set at registration
         self.mem_type = "DRAM"
         self.peers: dict[str, Peer] = {}
         self._handshakes: dict[str, Future] = {}
@@ -160,17 +164,21 @@ class LoadTracker:
         problem = lease_fit_error(self.config.transfer_timeout_s, meta.lease_seconds)
         if problem is not None:
             raise KVParamsError(f"KV peer {meta.engine_id!r} at {address[0]}:{address[1]}: {problem}")
-        head_bytes = self.spec.bytes_per_head_block()
+        head_bytes = [g.spec.bytes_per_head_block() for g in self.groups]
         agents, regions = {}, {}
         for rank in meta.ranks:
-            block_bytes = rank.kv_heads * head_bytes
             expected_heads = self.spec.heads_per_rank(meta.tp_size)
-            if rank.kv_heads != expected_heads or rank.region_bytes != rank.num_blocks * block_bytes:
+            if rank.kv_heads != expected_heads or len(rank.regions) != len(self.groups) or any(
+                r.region_bytes != r.num_blocks * rank.kv_heads * h for r, h in zip(rank.regions, head_bytes)
+            ):
                 raise ValueError(f"remote rank {rank.tp_rank} advertises a KV region inconsistent with its spec")
             if rank.mem_type not in ("DRAM", "VRAM"):
                 raise ValueError(f"remote rank {rank.tp_rank} has unknown memory type {rank.mem_type!r}")
             agents[rank.tp_rank] = self.agent.add_remote_agent(rank.agent_metadata)
-            regions[rank.tp_rank] = Region(rank.base_addr, rank.num_blocks, block_bytes, head_bytes, rank.device_id)
+            regions[rank.tp_rank] = [
+                Region(r.base_addr, r.num_blocks, rank.kv_heads * h, h, rank.device_id)
+                for r, h in zip(rank.regions, head_bytes)
+            ]
         peer = Peer(meta, address, agents, regions)
         self.peers[meta.engine_id] = peer
         self.counters["handshakes"] += 1
@@ -199,7 +207,7 @@ class LoadTracker:
         load = _Load(req, peer.meta.engine_id, time.perf_counter())
         load.targets = self.spec.notify_targets(self.tp_rank, self.tp_size, peer.meta.tp_size)
         self._loads[req.request_id] = load
-        if not req.local_block_ids:
+        if not any(req.local_block_ids):
             self._complete(load)  # full local hit: nothing is read, the ReadDone's token is checked there
             return
         held = Held(
@@ -228,20 +236,28 @@ class LoadTracker:
             return KVParamsError(
                 f"params say remote TP {req.remote_tp_size}, engine {meta.engine_id!r} runs TP {meta.tp_size}"
             )
-        bad = [b for b in req.held_block_ids if not 0 <= b < meta.num_blocks]
-        if bad:
-            return KVParamsError(
-                f"remote block ids {bad[:8]} out of range for the peer's pool of {meta.num_blocks} blocks"
-            )
-        if len(req.local_block_ids) != len(req.remote_block_ids):  # the scheduler side's own slicing
+        # The scheduler side's own slicing: one list per group on both sides, alike long.
+        if not len(req.local_block_ids) == len(req.remote_block_ids) == len(self.groups) or any(
+            len(lo) != len(re) for lo, re in zip(req.local_block_ids, req.remote_block_ids)
+        ):
             return KVTransferError(
-                f"{len(req.local_block_ids)} local blocks for {len(req.remote_block_ids)} remote blocks"
+                f"local blocks {list(map(len, req.local_block_ids))} per group for remote blocks "
+                f"{list(map(len, req.remote_block_ids))} in {len(self.groups)} groups"
             )
-        bad = [b for b in req.local_block_ids if not 0 <= b < self.region.num_blocks]
-        if bad:
-            return KVTransferError(
-                f"local block ids {bad[:8]} out of range for this pool of {self.region.num_blocks} blocks"
-            )
+        # The held blocks are the remote lists' superset (the hold check compares them exactly),
+        # so checking what is read against each group's pool covers every id that reaches NIXL.
+        for g, (local, remote) in enumerate(zip(req.local_block_ids, req.remote_block_ids)):
+            bad = [b for b in remote if not 0 <= b < meta.num_blocks[g]]
+            if bad:
+                return KVParamsError(
+                    f"remote block ids {bad[:8]} out of range for the peer's pool of {meta.num_blocks[g]} blocks"
+                    + (f" (KV cache group {g})" if len(self.groups) > 1 else "")
+                )
+            bad = [b for b in local if not 0 <= b < self.regions[g].num_blocks]
+            if bad:
+                return KVTransferError(
+                    f"local block ids {bad[:8]} out of range for this pool of {self.regions[g].num_blocks} blocks"
+                )
         return None
 
     def _post(self, load: _Load, pin_seconds: float) -> None:
@@ -250,7 +266,7 @@ class LoadTracker:
         load.deadline = load.started + min(self.config.transfer_timeout_s, pin_seconds - PIN_MARGIN_S)
         try:
             slices = self.spec.get_tp_transfer_slices(self.tp_rank, self.tp_size, peer.meta.tp_size)
-            plan = read_descriptors(slices, self.region, peer.regions, req.local_block_ids, req.remote_block_ids)
+            plan = group_read_descriptors(slices, self.regions, peer.regions, req.local_block_ids, req.remote_block_ids)
             for rank, (local, remote) in plan.items():
                 self._post_read(load, peer.agents[rank], local, remote, peer.meta.ranks[rank].mem_type)
         except Exception as e:  # NIXL refuses (e.g. the peer disconnected)

@@ -2,8 +2,9 @@
 
 Decode: a request with `do_remote_prefill` loads its prompt minus the last token (always
 computed here, for its logits) minus what the local prefix cache already holds; only the
-uncached suffix blocks, owned by this request alone, are read. A full local hit still sends a
-notify-only load, so the prefill side frees its blocks.
+uncached suffix blocks, owned by this request alone, are read; per KV cache group, and for a
+sliding-window group only the blocks inside the window at the end of the prompt. A full local
+hit still sends a notify-only load, so the prefill side frees its blocks.
 
 Prefill: a finished `do_remote_decode` request is held under a fresh transfer token (128
 random bits) with its exact block ids; the params name the token. This table, in the engine
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import math
 import secrets
 import threading
 import time
@@ -38,7 +38,17 @@ from kvxfer.connectors.base import (
 )
 from kvxfer.connectors.config import PIN_MARGIN_S, KVTransferConfig, lease_fit_error
 from kvxfer.connectors.handshake import HandshakeServer
-from kvxfer.connectors.metadata import Held, RemoteDecodeParams, RemotePrefillParams, Reply, compat_of
+from kvxfer.connectors.metadata import (
+    Held,
+    RemoteDecodeParams,
+    RemotePrefillParams,
+    Reply,
+    compat_of,
+    held_entries,
+    one_group,
+    split_held,
+)
+from kvxfer.specs import KVCacheGroup
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +67,13 @@ class _Hold:
 
 
 class NixlConnectorScheduler(KVConnectorScheduler):
-    def __init__(self, config: KVTransferConfig, spec: Any, tp_size: int, model_identity: str) -> None:
+    def __init__(
+        self, config: KVTransferConfig, spec: Any, tp_size: int, model_identity: str,
+        groups: tuple[KVCacheGroup, ...] | None = None,
+    ) -> None:
         self.config = config
         self.block_size = spec.block_size
+        self.groups = groups or one_group(spec)
         self.tp_size = tp_size
         self._recv: list[RecvRequest] = []
         self._send: list[SendRequest] = []
@@ -83,7 +97,7 @@ class NixlConnectorScheduler(KVConnectorScheduler):
         if config.is_producer:
             self.server = HandshakeServer(
                 config.side_channel_host, config.side_channel_port, config.engine_id, config.instance_id,
-                config.instance_secret, tp_size, compat_of(spec, model_identity), config.lease_seconds,
+                config.instance_secret, tp_size, compat_of(spec, model_identity, self.groups), config.lease_seconds,
                 FrameAuth(config.auth_key), self._check_hold,
             )
 
@@ -104,12 +118,7 @@ class NixlConnectorScheduler(KVConnectorScheduler):
                 f"kv_transfer_params: remote_num_tokens says a prompt of {params.remote_num_tokens} tokens, this "
                 f"request has {request.num_prompt_tokens} (the params belong to another prompt)"
             )
-        needed = math.ceil(params.remote_num_tokens / self.block_size)
-        if len(params.remote_block_ids) != needed:
-            raise KVParamsError(
-                f"kv_transfer_params: {len(params.remote_block_ids)} remote_block_ids for "
-                f"{params.remote_num_tokens} tokens (block size {self.block_size} needs {needed})"
-            )
+        split_held(self.groups, params.remote_num_tokens, params.remote_block_ids)
 
     def get_num_new_matched_tokens(self, request: Any, num_local_computed_tokens: int) -> int:
         if not isinstance(request.kv_transfer_params, RemotePrefillParams):
@@ -117,15 +126,21 @@ class NixlConnectorScheduler(KVConnectorScheduler):
         return max(request.num_prompt_tokens - 1 - num_local_computed_tokens, 0)
 
     def update_state_after_alloc(
-        self, request: Any, block_ids: list[int], num_local_computed_tokens: int, num_external_tokens: int
+        self, request: Any, block_tables: list[list[int]], num_local_computed_tokens: int, num_external_tokens: int
     ) -> None:
         params = request.kv_transfer_params
         if not isinstance(params, RemotePrefillParams):
             return
-        first = num_local_computed_tokens // self.block_size
-        end = first
-        if num_external_tokens:
-            end = math.ceil((num_local_computed_tokens + num_external_tokens) / self.block_size)
+        held = split_held(self.groups, params.remote_num_tokens, params.remote_block_ids)
+        entries = held_entries(self.groups, params.remote_num_tokens)
+        received = num_local_computed_tokens + num_external_tokens
+        local, remote = [], []
+        for group, table, ids, entry in zip(self.groups, block_tables, held, entries):
+            # Entries past the local prefix hit that the next position's window still reads.
+            reads = group.spec.blocks_to_read(received) if num_external_tokens else range(0)
+            first = max(reads.start, num_local_computed_tokens // self.block_size)
+            local.append(list(table[first : reads.stop]))
+            remote.append(list(ids[first - entry.start : reads.stop - entry.start]))
         self._recv.append(
             RecvRequest(
                 request_id=request.request_id,
@@ -137,18 +152,19 @@ class NixlConnectorScheduler(KVConnectorScheduler):
                 remote_tp_size=params.remote_tp_size,
                 transfer_token=params.transfer_token,
                 held_block_ids=list(params.remote_block_ids),
-                local_block_ids=list(block_ids[first:end]),
-                remote_block_ids=list(params.remote_block_ids[first:end]),
+                local_block_ids=local,
+                remote_block_ids=remote,
             )
         )
 
     # --- prefill side: the hold table -----------------------------------------------------
 
-    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
+    def request_finished(self, request: Any, block_tables: list[list[int]]) -> tuple[bool, dict | None]:
         wants_decode = isinstance(request.kv_transfer_params, RemoteDecodeParams)
         if not (wants_decode and self.config.is_producer and request.finish_reason in ("stop", "length")):
             return False, None
-        held = list(block_ids[: math.ceil(request.num_prompt_tokens / self.block_size)])
+        entries = held_entries(self.groups, request.num_prompt_tokens)
+        held = [b for table, entry in zip(block_tables, entries) for b in table[entry.start : entry.stop]]
         if not held:
             return False, None
         try:

@@ -1,4 +1,5 @@
-"""NIXL connector, worker side: one agent per TP rank reading into / serving its KV tensor.
+"""NIXL connector, worker side: one agent per TP rank reading into / serving its KV tensors
+(one per KV cache group).
 
 Owns the agent, the KV registration (every rank of a prefill-capable instance registers its
 region on the instance's side channel, hosted by the scheduler side, presenting the instance
@@ -33,9 +34,10 @@ from kvxfer.connectors.base import ConnectorMetadata, KVConnectorOutput, KVConne
 from kvxfer.connectors.config import KVTransferConfig
 from kvxfer.connectors.descriptors import Region
 from kvxfer.connectors.handshake import register_rank
-from kvxfer.connectors.metadata import RankMetadata, Register, compat_of
+from kvxfer.connectors.metadata import GroupRegion, RankMetadata, Register, compat_of, one_group
 from kvxfer.connectors.nixl_loads import LoadTracker
 from kvxfer.connectors.nixl_sends import SendTracker
+from kvxfer.specs import KVCacheGroup
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,8 @@ _PROGRESS_HOLD_WINDOW_S = 1.0
 
 class NixlConnectorWorker(KVConnectorWorker):
     def __init__(
-        self, config: KVTransferConfig, spec: Any, tp_rank: int, tp_size: int, model_identity: str
+        self, config: KVTransferConfig, spec: Any, tp_rank: int, tp_size: int, model_identity: str,
+        groups: tuple[KVCacheGroup, ...] | None = None,
     ) -> None:
         from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
@@ -59,7 +62,8 @@ class NixlConnectorWorker(KVConnectorWorker):
             logging.getLogger("nixl").setLevel(logging.WARNING)
         spec.validate_tp(tp_size)
         self.config, self.spec, self.tp_rank, self.tp_size = config, spec, tp_rank, tp_size
-        self.compat = compat_of(spec, model_identity)
+        self.groups = groups or one_group(spec)
+        self.compat = compat_of(spec, model_identity, self.groups)
         self.agent_name = f"{config.engine_id}-r{tp_rank}-{uuid.uuid4().hex[:6]}"
         self.agent = nixl_agent(
             self.agent_name,
@@ -69,8 +73,8 @@ class NixlConnectorWorker(KVConnectorWorker):
                 sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT,
             ),
         )
-        self.region: Region | None = None
-        self._reg_descs = None
+        self.regions: list[Region] = []
+        self._reg_descs: list[Any] = []
         self._cuda_device: int | None = None  # set for the progress thread when the cache is on CUDA
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"kv-handshake-r{tp_rank}")
         self._register_future: Future | None = None
@@ -81,7 +85,8 @@ class NixlConnectorWorker(KVConnectorWorker):
         self._kick = threading.Event()  # wakes the progress thread early (an answer came, shutdown)
         self._sends = SendTracker(spec, tp_rank, tp_size, config.lease_seconds, self.counters)
         self._loads = LoadTracker(
-            self.agent, config, spec, tp_rank, tp_size, self.compat, self._pool, self.counters, self._kick.set
+            self.agent, config, spec, tp_rank, tp_size, self.compat, self._pool, self.counters, self.groups,
+            kick=self._kick.set,
         )
         self._lock = threading.Lock()  # the trackers: the progress thread and the engine's calls
         self._handshakes_reported = 0
@@ -129,27 +134,35 @@ class NixlConnectorWorker(KVConnectorWorker):
 
     # --- registration ---------------------------------------------------------------------
 
-    def register_kv_cache(self, kv_cache: Any) -> None:
-        """Register this rank's KV tensor once and publish it on the engine's side channel."""
-        expected = self.spec.block_shape(self.tp_size)
-        if tuple(kv_cache.shape[1:]) != tuple(expected) or not kv_cache.is_contiguous():
-            raise ValueError(
-                f"KV cache must be a contiguous (num_blocks, *{expected}) tensor, got {tuple(kv_cache.shape)}"
-            )
-        if str(kv_cache.dtype).removeprefix("torch.") != self.spec.dtype:
-            raise ValueError(f"KV cache dtype {kv_cache.dtype} differs from the spec's {self.spec.dtype}")
-        self.mem_type = "VRAM" if kv_cache.is_cuda else "DRAM"
-        device_id = (kv_cache.device.index or 0) if kv_cache.is_cuda else 0
-        if kv_cache.is_cuda:
+    def register_kv_caches(self, kv_caches: list[Any]) -> None:
+        """Register this rank's KV tensor of each group once and publish them on the engine's
+        side channel."""
+        if len(kv_caches) != len(self.groups):
+            raise ValueError(f"{len(kv_caches)} KV cache tensors for {len(self.groups)} KV cache groups")
+        for kv_cache, group in zip(kv_caches, self.groups):
+            expected = group.spec.block_shape(self.tp_size)
+            if tuple(kv_cache.shape[1:]) != tuple(expected) or not kv_cache.is_contiguous():
+                raise ValueError(
+                    f"KV cache must be a contiguous (num_blocks, *{expected}) tensor, got {tuple(kv_cache.shape)}"
+                )
+            if str(kv_cache.dtype).removeprefix("torch.") != self.spec.dtype:
+                raise ValueError(f"KV cache dtype {kv_cache.dtype} differs from the spec's {self.spec.dtype}")
+        first = kv_caches[0]
+        self.mem_type = "VRAM" if first.is_cuda else "DRAM"
+        device_id = (first.device.index or 0) if first.is_cuda else 0
+        if first.is_cuda:
             self._cuda_device = device_id
-        self._reg_descs = self.agent.register_memory(kv_cache)
-        self.region = self._loads.region = Region(
-            base_addr=kv_cache.data_ptr(),
-            num_blocks=kv_cache.shape[0],
-            block_bytes=self.spec.bytes_per_block(self.tp_size),
-            head_bytes=self.spec.bytes_per_head_block(),
-            device_id=device_id,
-        )
+        self._reg_descs = [self.agent.register_memory(kv_cache) for kv_cache in kv_caches]
+        self.regions = self._loads.regions = [
+            Region(
+                base_addr=kv_cache.data_ptr(),
+                num_blocks=kv_cache.shape[0],
+                block_bytes=group.spec.bytes_per_block(self.tp_size),
+                head_bytes=group.spec.bytes_per_head_block(),
+                device_id=device_id,
+            )
+            for kv_cache, group in zip(kv_caches, self.groups)
+        ]
         self._loads.mem_type = self.mem_type
         for host, port in self.config.peer_addresses:
             with self._lock:
@@ -160,11 +173,12 @@ class NixlConnectorWorker(KVConnectorWorker):
             tp_rank=self.tp_rank,
             agent_name=self.agent_name,
             agent_metadata=self.agent.get_agent_metadata(),
-            base_addr=self.region.base_addr,
-            region_bytes=kv_cache.numel() * kv_cache.element_size(),
+            regions=[
+                GroupRegion(r.base_addr, c.numel() * c.element_size(), r.num_blocks)
+                for r, c in zip(self.regions, kv_caches)
+            ],
             device_id=device_id,
             mem_type=self.mem_type,
-            num_blocks=self.region.num_blocks,
             kv_heads=self.spec.heads_per_rank(self.tp_size),
         )
         # In the background: the scheduler side may bind the side channel after this rank gets here.
@@ -211,6 +225,6 @@ class NixlConnectorWorker(KVConnectorWorker):
         self._progress.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._loads.shutdown()
-        if self._reg_descs is not None:
-            self.agent.deregister_memory(self._reg_descs)
-            self._reg_descs = None
+        for descs in self._reg_descs:
+            self.agent.deregister_memory(descs)
+        self._reg_descs = []

@@ -2,9 +2,9 @@
 
 A decode step (one new token per sequence) of `b` sequences whose longest context is `L`
 runs as the graph of the smallest batch-size bucket >= b and the smallest context bucket
->= L, captured at start over static input buffers: token ids, positions, slots, context
-lengths, query starts and block tables padded to a fixed width (the longest sequence the
-pool or the model allows). Rows past `b` are padding: one token each, slot -1 (the KV store
+>= L, captured at start over static input buffers: token ids, positions, context lengths,
+query starts, and per KV cache group slots and block tables padded to a fixed width (the
+longest sequence the pools or the model allow). Rows past `b` are padding: one token each, slot -1 (the KV store
 skips it), context 1 in block-table entries that are always valid block ids, so they read a
 real block and write nothing. The Triton decode kernel plans its context splits on the host
 from `max_seq_len`; a graph bakes that plan in, so each context bucket has its own graphs
@@ -17,10 +17,13 @@ the plain eager path; on CUDA it is what the graphs replay.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from kvxfer.engine.model_runner import StepInput
+from kvxfer.engine.model_runner import StepInput, layer_views
 from kvxfer.layers.attention import AttentionMetadata
+from kvxfer.specs import KVCacheGroup
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -42,16 +45,18 @@ class DecodeGraphs:
     def __init__(
         self,
         model: torch.nn.Module,
-        kv_cache: torch.Tensor,
+        groups: Sequence[KVCacheGroup],
+        kv_caches: Sequence[torch.Tensor],
         block_size: int,
         max_num_seqs: int,
         max_model_len: int,
         capture: bool,
     ) -> None:
         self.model = model
-        self.kv_cache = kv_cache
+        self.kv_layers, self.layer_group = layer_views(groups, kv_caches)
+        self.num_groups = g = len(kv_caches)
         self.block_size = block_size
-        self.device = kv_cache.device
+        self.device = kv_caches[0].device
         self.buckets = batch_buckets(max_num_seqs)
         self.max_blocks = -(-max_model_len // block_size)
         self.max_seq_len = self.max_blocks * block_size
@@ -59,14 +64,14 @@ class DecodeGraphs:
         n, dev = self.buckets[-1], self.device
         self.input_ids = torch.zeros(n, dtype=torch.long, device=dev)
         self.positions = torch.zeros(n, dtype=torch.long, device=dev)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=dev)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
-        self.block_tables = torch.zeros((n, self.max_blocks), dtype=torch.int32, device=dev)
+        self.slot_mapping = torch.full((g, n), -1, dtype=torch.int64, device=dev)  # per group
+        self.block_tables = torch.zeros((g, n, self.max_blocks), dtype=torch.int32, device=dev)
         # One host-to-device copy per step: the inputs packed in a pinned buffer, unpacked on the
         # device; an event keeps the next step from overwriting it before the copy has run.
         cuda = dev.type == "cuda"
-        self._host = torch.zeros(4 * n + n * self.max_blocks, dtype=torch.int64, pin_memory=cuda)
+        self._host = torch.zeros((3 + g) * n + g * n * self.max_blocks, dtype=torch.int64, pin_memory=cuda)
         self._staged = torch.zeros_like(self._host, device=dev)
         self._copied = torch.cuda.Event() if cuda else None
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (batch, context) bucket
@@ -79,7 +84,7 @@ class DecodeGraphs:
         return (
             0 < len(step.query_lens) <= self.buckets[-1]
             and all(q == 1 for q in step.query_lens)
-            and max(len(t) for t in step.block_tables) <= self.max_blocks
+            and max(len(t) for t in step.block_tables[0]) <= self.max_blocks
         )
 
     @torch.inference_mode()
@@ -101,37 +106,43 @@ class DecodeGraphs:
         return self._forward(self.buckets[-1], self.contexts[-1], [], [])
 
     def _fill(self, step: StepInput, b: int, bucket: int) -> None:
-        n, bs = self.buckets[-1], self.block_size
-        width = max(len(t) for t in step.block_tables)
-        slots = [t[(m - 1) // bs] * bs + (m - 1) % bs for m, t in zip(step.seq_lens, step.block_tables)]
-        tables = [x for t in step.block_tables for x in (*t, *[0] * (width - len(t)))]
+        n, bs, g = self.buckets[-1], self.block_size, self.num_groups
+        width = max(len(t) for t in step.block_tables[0])  # every group's tables are alike long
+        slots = [
+            [t[(m - 1) // bs] * bs + (m - 1) % bs for m, t in zip(step.seq_lens, tables)]
+            for tables in step.block_tables
+        ]
+        tables = [x for group in step.block_tables for t in group for x in (*t, *[0] * (width - len(t)))]
         if self._copied is not None:
             self._copied.synchronize()
         host = self._host
-        # Padding rows: token 0 at position 0, no slot (-1: nothing stored), context 1.
-        for k, (values, pad) in enumerate(((step.input_ids, 0), (step.positions, 0), (slots, -1), (step.seq_lens, 1))):
+        # Padding rows: token 0 at position 0, context 1, no slot (-1: nothing stored).
+        rows = [(step.input_ids, 0), (step.positions, 0), (step.seq_lens, 1)] + [(s, -1) for s in slots]
+        for k, (values, pad) in enumerate(rows):
             host[k * n : k * n + b] = torch.tensor(values, dtype=torch.int64)
             host[k * n + b : k * n + bucket] = pad
-        host[4 * n : 4 * n + b * width] = torch.tensor(tables, dtype=torch.int64)
-        staged = self._staged[: 4 * n + b * width]
-        staged.copy_(host[: 4 * n + b * width], non_blocking=True)
+        end = (3 + g) * n + g * b * width
+        host[(3 + g) * n : end] = torch.tensor(tables, dtype=torch.int64)
+        staged = self._staged[:end]
+        staged.copy_(host[:end], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
-        for k, buf in enumerate((self.input_ids, self.positions, self.slot_mapping, self.seq_lens)):
+        for k, buf in enumerate((self.input_ids, self.positions, self.seq_lens)):
             buf[:bucket].copy_(staged[k * n : k * n + bucket])
+        self.slot_mapping[:, :bucket].copy_(staged[3 * n : (3 + g) * n].view(g, n)[:, :bucket])
         # Entries past a row's own blocks keep earlier rows' block ids: valid ids the kernels
         # never read (they stop at the row's context length).
-        self.block_tables[:b, :width].copy_(staged[4 * n :].view(b, width))
+        self.block_tables[:, :b, :width].copy_(staged[(3 + g) * n :].view(g, b, width))
 
     def _metadata(
-        self, bucket: int, context: int, seq_lens: list[int], block_tables: list[list[int]]
+        self, group: int, bucket: int, context: int, seq_lens: list[int], block_tables: list[list[int]]
     ) -> AttentionMetadata:
         pad = bucket - len(seq_lens)
         return AttentionMetadata(
             query_start_loc=self.query_start_loc[: bucket + 1],
             seq_lens=self.seq_lens[:bucket],
-            block_tables=self.block_tables[:bucket],
-            slot_mapping=self.slot_mapping[:bucket],
+            block_tables=self.block_tables[group, :bucket],
+            slot_mapping=self.slot_mapping[group, :bucket],
             query_start_loc_host=list(range(bucket + 1)),
             seq_lens_host=list(seq_lens) + [1] * pad,
             # Padding rows' host tables (the torch backend's) name block 0; their outputs are dropped.
@@ -141,10 +152,15 @@ class DecodeGraphs:
         )
 
     def _forward(
-        self, bucket: int, context: int, seq_lens: list[int], block_tables: list[list[int]]
+        self, bucket: int, context: int, seq_lens: list[int], block_tables: list[list[list[int]]]
     ) -> torch.Tensor:
-        attn = self._metadata(bucket, context, seq_lens, block_tables)
-        return self.model(self.input_ids[:bucket], self.positions[:bucket], self.kv_cache, attn)
+        """`block_tables[group][row]`; none (padding rows only) for a capture."""
+        attns = [
+            self._metadata(g, bucket, context, seq_lens, block_tables[g] if block_tables else [])
+            for g in range(self.num_groups)
+        ]
+        layer_attns = [attns[g] for g in self.layer_group]
+        return self.model(self.input_ids[:bucket], self.positions[:bucket], self.kv_layers, layer_attns)
 
     def _capture_all(self) -> None:
         """Largest buckets first, all in one memory pool (a smaller graph reuses the larger's

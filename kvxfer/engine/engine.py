@@ -11,13 +11,12 @@ engine: EngineDeadError from then on.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import weakref
 from typing import Any
 
 from kvxfer.connectors.metadata import RemoteDecodeParams, RemotePrefillParams, parse_kv_transfer_params
-from kvxfer.engine.block_manager import BlockManager
+from kvxfer.engine.block_manager import BlockManager, engine_kv_cache_groups, group_windows
 from kvxfer.engine.config import EngineConfig
 from kvxfer.engine.detokenizer import text_delta
 from kvxfer.engine.executor import EngineDeadError, Executor, RankBrokenError
@@ -37,14 +36,13 @@ class LLMEngine:
         self.model_config.validate_tp(config.tensor_parallel_size)
         _check_device(config)
         self.spec = self.model_config.kv_cache_spec(config.block_size, config.torch_dtype_name)
+        self.kv_cache_groups = engine_kv_cache_groups(self.model_config, config)
         self.tokenizer = _load_tokenizer(config.model_dir)
         self.executor = Executor(config)
         # Stops the ranks even when the caller forgets shutdown() (collected, or at exit).
         self._finalizer = weakref.finalize(self, self.executor.shutdown)
         try:
-            self.num_blocks = self.executor.num_blocks
-            # The connectors see the pool size the ranks agreed on.
-            self.resolved_config = dataclasses.replace(config, num_kv_blocks=self.num_blocks)
+            self.num_blocks: tuple[int, ...] = self.executor.num_blocks  # per KV cache group
             self.connector = None
             self.aggregator = None
             kv_config = config.kv_transfer_config
@@ -52,9 +50,11 @@ class LLMEngine:
                 from kvxfer.connectors import create_scheduler_connector
                 from kvxfer.connectors.base import KVOutputAggregator
 
-                self.connector = create_scheduler_connector(kv_config, self.resolved_config, self.spec)
+                self.connector = create_scheduler_connector(kv_config, config, self.spec, self.kv_cache_groups)
                 self.aggregator = KVOutputAggregator(config.tensor_parallel_size)
-            self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
+            self.block_manager = BlockManager(
+                self.num_blocks, config.block_size, config.enable_prefix_caching, group_windows(self.kv_cache_groups)
+            )
             self.scheduler = Scheduler(
                 self.block_manager,
                 config.max_num_seqs,
@@ -66,7 +66,12 @@ class LLMEngine:
             self.executor.shutdown()
             raise
         max_positions = getattr(self.model_config.hf_config, "max_position_embeddings", None)
-        self.max_model_len = min(self.num_blocks * config.block_size, max_positions or 1 << 62)
+        # Full-attention pools bound a sequence's length; a sliding pool holds its window only.
+        self.pool_blocks = min(
+            (n for n, w in zip(self.num_blocks, group_windows(self.kv_cache_groups)) if w is None), default=None
+        )
+        pool_tokens = self.pool_blocks * config.block_size if self.pool_blocks is not None else 1 << 62
+        self.max_model_len = min(pool_tokens, max_positions or 1 << 62)
         self._queue_lock = threading.Lock()
         self._step_lock = threading.RLock()
         self._new_requests: list[Request] = []
@@ -125,7 +130,7 @@ class LLMEngine:
         if len(tokens) >= self.max_model_len:
             raise ValueError(
                 f"request {request_id!r}: prompt of {len(tokens)} tokens is too long; this engine holds at most "
-                f"{self.max_model_len} tokens per sequence (KV pool of {self.num_blocks} blocks of "
+                f"{self.max_model_len} tokens per sequence (KV pool of {self.pool_blocks} blocks of "
                 f"{self.config.block_size} tokens, max_position_embeddings "
                 f"{getattr(self.model_config.hf_config, 'max_position_embeddings', None)})"
             )
@@ -183,7 +188,7 @@ class LLMEngine:
                 if self.connector is not None:
                     meta = self.connector.build_connector_meta(out)
                     self.aggregator.expect(meta)
-                step = StepInput.from_scheduler_output(out, self.config.block_size, meta)
+                step = StepInput.from_scheduler_output(out, self.config.block_size, len(self.kv_cache_groups), meta)
                 try:
                     results, error = self.executor.collective_rpc_each("execute_step", step)
                 except EngineDeadError as e:

@@ -1,16 +1,19 @@
 """Runs one scheduled step on one TP rank: builds the flattened batch and its attention
-metadata, runs the model over the rank's paged KV cache, and samples on rank 0."""
+metadata (one per KV cache group: each group has its own block tables), runs the model over
+the rank's paged KV caches (layer `i` on its group's tensor), and samples on rank 0."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kvxfer.engine.sampler import Sampler, SamplingInfo
 from kvxfer.engine.scheduler import SchedulerOutput
-from kvxfer.layers.attention import AttentionMetadata
+from kvxfer.layers.attention import AttentionMetadata, layers_of
+from kvxfer.specs import KVCacheGroup
 
 if TYPE_CHECKING:
     from kvxfer.engine.cuda_graphs import DecodeGraphs
@@ -24,15 +27,18 @@ class StepInput:
     positions: list[int]
     query_lens: list[int]
     seq_lens: list[int]
-    block_tables: list[list[int]]
+    block_tables: list[list[list[int]]]  # [group][sequence]: the sequence's blocks of that group
     sample_rows: list[int]  # sequences (batch rows) whose next token is sampled
     sampling: list[SamplingInfo]  # one per sample row
     finished_request_ids: list[str]
     connector_meta: Any = None
 
     @classmethod
-    def from_scheduler_output(cls, out: SchedulerOutput, block_size: int, connector_meta: Any) -> StepInput:
-        step = cls([], [], [], [], [], [], [], list(out.finished_ids), connector_meta)
+    def from_scheduler_output(
+        cls, out: SchedulerOutput, block_size: int, num_groups: int, connector_meta: Any
+    ) -> StepInput:
+        tables: list[list[list[int]]] = [[] for _ in range(num_groups)]
+        step = cls([], [], [], [], tables, [], [], list(out.finished_ids), connector_meta)
         for row, sched in enumerate(out.scheduled):
             request, n = sched.request, sched.num_new_tokens
             start, end = request.num_computed_tokens, request.num_computed_tokens + n
@@ -40,7 +46,8 @@ class StepInput:
             step.positions.extend(range(start, end))
             step.query_lens.append(n)
             step.seq_lens.append(end)
-            step.block_tables.append(request.block_ids[: -(-end // block_size)])
+            for group, table in zip(step.block_tables, request.block_tables):
+                group.append(table[: -(-end // block_size)])
             if sched.samples:
                 params = request.sampling_params
                 step.sample_rows.append(row)
@@ -50,14 +57,34 @@ class StepInput:
         return step
 
 
+def layer_views(
+    groups: Sequence[KVCacheGroup], kv_caches: Sequence[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[int]]:
+    """Each model layer's cache view `[num_blocks, heads, 2, block_size, head_size]` in its
+    group's tensor, and the layer's group index."""
+    num_layers = sum(len(g.layer_ids) for g in groups)
+    views: list[torch.Tensor] = [None] * num_layers  # type: ignore[list-item]
+    group_of = [0] * num_layers
+    for g, (group, cache) in enumerate(zip(groups, kv_caches)):
+        for layer, view in zip(group.layer_ids, layers_of(cache)):
+            views[layer], group_of[layer] = view, g
+    return views, group_of
+
+
 class ModelRunner:
     def __init__(
-        self, model: torch.nn.Module, kv_cache: torch.Tensor, block_size: int, sampler: Sampler | None
+        self,
+        model: torch.nn.Module,
+        groups: Sequence[KVCacheGroup],
+        kv_caches: Sequence[torch.Tensor],
+        block_size: int,
+        sampler: Sampler | None,
     ) -> None:
         self.model = model
-        self.kv_cache = kv_cache
+        self.kv_caches = list(kv_caches)
+        self.kv_layers, self.layer_group = layer_views(groups, kv_caches)
         self.block_size = block_size
-        self.device = kv_cache.device
+        self.device = kv_caches[0].device
         self.sampler = sampler  # rank 0 only
         self.decode_graphs: DecodeGraphs | None = None  # set by the worker with --cuda-graphs
 
@@ -73,13 +100,14 @@ class ModelRunner:
             hidden = self.decode_graphs.run(step)
             starts = list(range(len(step.query_lens) + 1))
         else:  # --- end of the CUDA graphs hook; the eager path ---
-            attn = AttentionMetadata.build(
-                step.query_lens, step.seq_lens, step.block_tables, self.block_size, self.device
-            )
+            attns = [
+                AttentionMetadata.build(step.query_lens, step.seq_lens, tables, self.block_size, self.device)
+                for tables in step.block_tables
+            ]
             input_ids = torch.tensor(step.input_ids, dtype=torch.long, device=self.device)
             positions = torch.tensor(step.positions, dtype=torch.long, device=self.device)
-            hidden = self.model(input_ids, positions, self.kv_cache, attn)
-            starts = attn.query_start_loc_host
+            hidden = self.model(input_ids, positions, self.kv_layers, [attns[g] for g in self.layer_group])
+            starts = attns[0].query_start_loc_host
         if not step.sample_rows:
             return [] if self.sampler is not None else None
         last = torch.tensor([starts[row + 1] - 1 for row in step.sample_rows], device=self.device)

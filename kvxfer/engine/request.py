@@ -48,7 +48,8 @@ class Request:
         self.logprobs: list[dict[int, float]] = []  # per output token, when asked
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
-        self.block_ids: list[int] = []
+        # One block table per KV cache group (BlockManager), [] while the request holds none.
+        self.block_tables: list[list[int]] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks cached so far
         self.num_cached_tokens = 0  # prompt tokens served from the local prefix cache
         self.num_external_tokens = 0  # prompt tokens arriving from a remote engine
@@ -83,6 +84,11 @@ class Request:
         if start >= n:
             return self.output_token_ids[start - n : end - n]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
+
+    @property
+    def block_ids(self) -> list[int]:
+        """The first group's block table (the only one for a model without sliding layers)."""
+        return self.block_tables[0] if self.block_tables else []
 
     @property
     def is_finished(self) -> bool:

@@ -153,7 +153,7 @@ class Scheduler:
     def _holds_whole_pool(self, request: Request) -> bool:
         others = len(self.running) + len(self.remote) + len(self.pending_free) + len(self.aborted_loads)
         others += sum(1 for r in self.waiting if r.block_ids)
-        return others == 0 and self.bm.num_free_blocks + len(request.block_ids) >= self.bm.num_blocks
+        return others == 0 and self.bm.alone_in_pools(request)
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.bm.free(request)
@@ -178,7 +178,8 @@ class Scheduler:
             ask_connector = self.connector is not None and not request.remote_kv_checked
             num_external = self.connector.get_num_new_matched_tokens(request, num_local) if ask_connector else 0
             if num_external > 0:
-                if not self.bm.allocate(request, num_local + num_external, cached_ids, cached_hashes):
+                received = num_local + num_external
+                if not self.bm.allocate(request, received, cached_ids, cached_hashes, num_received=received):
                     break
                 self.waiting.popleft()
                 request.status = RequestStatus.WAITING_FOR_REMOTE_KV
@@ -204,7 +205,7 @@ class Scheduler:
         if self.connector is not None and not request.remote_kv_checked:
             request.remote_kv_checked = True
             self.connector.update_state_after_alloc(
-                request, list(request.block_ids), num_local, request.num_external_tokens
+                request, [list(t) for t in request.block_tables], num_local, request.num_external_tokens
             )
 
     # ------------------------------------------------------------------ results
@@ -307,7 +308,7 @@ class Scheduler:
         delay = False
         if self.connector is not None:
             delay, request.output_kv_transfer_params = self.connector.request_finished(
-                request, list(request.block_ids)
+                request, [list(t) for t in request.block_tables]
             )
         if request.request_id in self.aborted_loads:
             return

@@ -97,6 +97,12 @@ class AttentionMetadata:
         )
 
 
+def layers_of(kv_cache: torch.Tensor) -> list[torch.Tensor]:
+    """Per-layer views `[num_blocks, heads, kv, block_size, head_size]` of a cache tensor holding
+    several layers (`[num_blocks, heads, layers, kv, block_size, head_size]`), as models take them."""
+    return [kv_cache[:, :, i] for i in range(kv_cache.shape[2])]
+
+
 def _ops(tensor: torch.Tensor):
     return triton_ops if tensor.is_cuda and triton_ops is not None else torch_ops
 

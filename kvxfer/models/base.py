@@ -3,6 +3,8 @@ each use their view of the rank's KV cache, final norm, LM head, and checkpoint 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -53,13 +55,15 @@ class CausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        kv_cache: torch.Tensor,
-        attn: AttentionMetadata,
+        kv_layers: Sequence[torch.Tensor],
+        attns: Sequence[AttentionMetadata],
     ) -> torch.Tensor:
-        """Hidden states `[T, hidden]` of the flattened batch; writes the new tokens' KV."""
+        """Hidden states `[T, hidden]` of the flattened batch; writes the new tokens' KV. Per layer:
+        its cache view (`[num_blocks, heads, 2, block_size, head_size]`, in its KV cache group's
+        tensor) and its group's attention metadata."""
         hidden = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
-            hidden = layer(positions, hidden, kv_cache[:, :, i], attn)
+            hidden = layer(positions, hidden, kv_layers[i], attns[i])
         return self.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:

@@ -47,7 +47,7 @@ class ModelConfig:
     is_mla: bool
     checkpoint_dtype: str | None  # the dtype the checkpoint says it was saved in, e.g. "bfloat16"
     # Per layer: the sliding window W (the layer's token at p sees keys in (p - W, p]), or None
-    # for full attention. All layers still share one KV cache (no per-group caches yet).
+    # for full attention.
     sliding_windows: tuple[int | None, ...]
 
     def kv_cache_spec(self, block_size: int, dtype: torch.dtype | str):
@@ -63,6 +63,17 @@ class ModelConfig:
             block_size=block_size,
             dtype=dtype_name,
         )
+
+    def kv_cache_groups(self, block_size: int, dtype: torch.dtype | str):
+        """The KV cache groups (`kvxfer.specs.KVCacheGroup`) the engine caches this model in: a
+        model without sliding layers is one group under `kv_cache_spec` (full attention or MLA),
+        a sliding-window model one group per attention kind (`group_layers`)."""
+        from kvxfer.specs import KVCacheGroup, group_layers
+
+        if not any(self.sliding_windows):
+            return (KVCacheGroup(tuple(range(self.num_layers)), self.kv_cache_spec(block_size, dtype)),)
+        dtype_name = str(dtype).removeprefix("torch.")
+        return group_layers(self.sliding_windows, self.num_kv_heads, self.head_size, block_size, dtype_name)
 
     def validate_tp(self, tp: int) -> None:
         """Raise ValueError naming every size that `tp` ranks cannot split."""

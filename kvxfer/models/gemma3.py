@@ -6,6 +6,7 @@ optional final logit soft-capping."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -131,11 +132,15 @@ class Gemma3ForCausalLM(CausalLM):
         )
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, attn: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_layers: Sequence[torch.Tensor],
+        attns: Sequence[AttentionMetadata],
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids) * self.embed_scale
         for i, layer in enumerate(self.layers):
-            hidden = layer(positions, hidden, kv_cache[:, :, i], attn)
+            hidden = layer(positions, hidden, kv_layers[i], attns[i])
         return self.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:

@@ -3,8 +3,9 @@ memory is split between the groups' block pools.
 
 A group is the layers that share an attention kind (all full-attention layers; the sliding
 layers of one window size), with a spec whose `num_layers` is the group's layer count, so a
-group's block still covers all of its layers in one contiguous run per head. Pure Python. The
-engine does not use groups yet: today every layer lives in one cache (see docs/architecture.md).
+group's block still covers all of its layers in one contiguous run per head. The engine keeps
+one cache tensor and one block table per request for each group (`ModelConfig.kv_cache_groups`;
+see "KV cache groups" in docs/architecture.md). Pure Python.
 """
 
 from __future__ import annotations

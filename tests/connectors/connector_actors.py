@@ -33,7 +33,7 @@ class RankHost:
         _sync(kv)
         worker = NixlConnectorWorker(config, spec, rank, tp, model_identity=identity)
         try:
-            worker.register_kv_cache(kv)
+            worker.register_kv_caches([kv])
         except BaseException:
             worker.shutdown()
             raise

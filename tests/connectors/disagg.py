@@ -34,8 +34,10 @@ def decode_llm(model: str, tp: int, policy: str = "fail", **kw) -> LLM:
 
 
 def run_and_capture(engine, prompts, sp, params, timeout: float = 120.0):
-    """Run requests to the end; capture each prompt's KV blocks (per rank) once its first token
-    is out, i.e. after the last prompt token was computed and before anything reuses the blocks."""
+    """Run requests to the end; capture each prompt's KV blocks (per KV cache group, per rank)
+    once its first token is out, i.e. after the last prompt token was computed and before
+    anything reuses the blocks (a sliding group's entries before the window read as its null
+    block)."""
     ids = [f"t-{uuid.uuid4().hex[:8]}-{i}" for i in range(len(prompts))]
     for rid, prompt, kv in zip(ids, prompts, params):
         engine.add_request(rid, prompt, sp, kv)
@@ -50,8 +52,11 @@ def run_and_capture(engine, prompts, sp, params, timeout: float = 120.0):
         for rid, prompt in zip(ids, prompts):
             request = engine.scheduler.requests.get(rid)
             if rid not in captured and request is not None and request.output_token_ids:
-                blocks = request.block_ids[: math.ceil(len(prompt) / bs)]
-                captured[rid] = engine.collective_rpc("read_kv_blocks", blocks)
+                n = math.ceil(len(prompt) / bs)
+                captured[rid] = [
+                    engine.collective_rpc("read_kv_blocks", table[:n], g)
+                    for g, table in enumerate(request.block_tables)
+                ]
         if engine.last_step_num_tokens == 0:
             time.sleep(0.002)
     return [outputs[r] for r in ids], [captured.get(r) for r in ids]

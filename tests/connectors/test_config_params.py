@@ -6,8 +6,14 @@ import msgspec
 
 from kvxfer.connectors.base import KVParamsError
 from kvxfer.connectors.config import KVTransferConfig
-from kvxfer.connectors.metadata import RemoteDecodeParams, RemotePrefillParams, compat_of, parse_kv_transfer_params
-from kvxfer.specs import FullAttentionSpec
+from kvxfer.connectors.metadata import (
+    RemoteDecodeParams,
+    RemotePrefillParams,
+    compat_of,
+    parse_kv_transfer_params,
+    split_held,
+)
+from kvxfer.specs import FullAttentionSpec, group_layers
 
 
 def test_config_defaults_and_roles():
@@ -77,7 +83,6 @@ def test_params_round_trip():
         (good_params(remote_block_ids="1,2"), "remote_block_ids"),
         ({k: v for k, v in good_params().items() if k != "remote_host"}, "remote_host"),
         (good_params(do_remote_decode=True), "exclusive"),
-        (good_params(remote_block_ids=[1, 1, 2]), "repeat"),
         (good_params(transfer_token="guess"), "transfer_token"),
         ({k: v for k, v in good_params().items() if k != "transfer_token"}, "transfer_token"),
         ({k: v for k, v in good_params().items() if k != "remote_instance_id"}, "remote_instance_id"),
@@ -87,6 +92,30 @@ def test_params_round_trip():
 def test_malformed_params_are_a_clear_error(params, match):
     with pytest.raises(KVParamsError, match=match):
         parse_kv_transfer_params(params)
+
+
+def test_held_blocks_split_per_group_with_the_window_clipped():
+    # Layers 0 and 2 full, 1 and 3 a window of 6; blocks of 4; a prompt of 30 tokens (8 blocks):
+    # the decode side receives positions 0..28 and computes 29, whose window starts at 24.
+    groups = group_layers((None, 6, None, 6), 2, 8, 4, "float32")
+    ids = list(range(100, 108)) + [100, 101]  # the full group's 8 blocks, the sliding group's entries 6, 7
+    assert split_held(groups, 30, ids) == [list(range(100, 108)), [100, 101]]  # ids repeat across groups
+    with pytest.raises(KVParamsError, match=r"9 remote_block_ids for 30 tokens .*need 10"):
+        split_held(groups, 30, ids[:-1])
+    with pytest.raises(KVParamsError, match="repeat a block"):
+        split_held(groups, 30, ids[:-1] + [100])
+    (one,) = group_layers((None, None), 2, 8, 4, "float32")[:1]
+    with pytest.raises(KVParamsError, match="repeat a block"):
+        split_held((one,), 9, [1, 1, 2])
+
+
+def test_compat_names_differing_kv_cache_groups():
+    spec = FullAttentionSpec(2, 8, 4, 4, "float32")
+    hybrid = compat_of(spec, "m", group_layers((None, 6, None, 6), 2, 8, 4, "float32"))
+    other = compat_of(spec, "m", group_layers((None, 8, None, 8), 2, 8, 4, "float32"))
+    message = hybrid.mismatch(other)
+    assert "kv_cache_groups" in message and "window 6 layers 1,3" in message and "window 8 layers 1,3" in message
+    assert "kv_cache_groups" in hybrid.mismatch(compat_of(spec, "m"))  # vs one full group
 
 
 def test_compat_mismatch_names_every_differing_field():

@@ -19,7 +19,15 @@ from kvxfer.connectors.handshake import (
     fetch_engine_metadata,
     register_rank,
 )
-from kvxfer.connectors.metadata import PROTOCOL_VERSION, Held, Query, RankMetadata, Register, compat_of
+from kvxfer.connectors.metadata import (
+    PROTOCOL_VERSION,
+    GroupRegion,
+    Held,
+    Query,
+    RankMetadata,
+    Register,
+    compat_of,
+)
 from kvxfer.connectors.nixl_scheduler import NixlConnectorScheduler
 from kvxfer.specs import FullAttentionSpec
 
@@ -33,7 +41,8 @@ KEY = b"k" * 32
 def rank(r: int, num_blocks: int) -> RankMetadata:
     heads = SPEC.heads_per_rank(2)
     region = num_blocks * heads * SPEC.bytes_per_head_block()
-    return RankMetadata(r, f"agent-{r}", b"meta-%d" % r, 4096 * (r + 1), region, 0, "DRAM", num_blocks, heads)
+    return RankMetadata(r, f"agent-{r}", b"meta-%d" % r, [GroupRegion(4096 * (r + 1), region, num_blocks)], 0, "DRAM",
+                        heads)
 
 
 def register(port, r, num_blocks=8, secret=SECRET, tp=2, auth=NO_AUTH, timeout_s=2.0):
@@ -60,7 +69,7 @@ def test_serves_all_ranks_once_registered(server, port):
     assert meta.version == PROTOCOL_VERSION and meta.engine_id == "eng-a" and meta.tp_size == 2
     assert meta.instance_id == "inst-a" and meta.lease_seconds == 30.0
     assert [r.tp_rank for r in meta.ranks] == [0, 1] and meta.ranks[1].agent_metadata == b"meta-1"
-    assert meta.num_blocks == 24  # the MIN over ranks
+    assert meta.num_blocks == [24]  # the MIN over ranks, per KV cache group (one here)
 
 
 def test_registration_needs_the_instance_secret_and_a_rank_in_range(server, port):

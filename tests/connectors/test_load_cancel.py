@@ -36,7 +36,7 @@ def test_a_read_that_cannot_be_cancelled_stays_in_flight_until_nixl_ends_it():
     config = KVTransferConfig(role="decode", transfer_timeout_s=1.0)
     pool = ThreadPoolExecutor(1)
     loads = LoadTracker(Agent(), config, SPEC, 0, 1, compat_of(SPEC, "m"), pool, {"failures": 0})
-    req = RecvRequest("r", "r", "peer", "inst", "127.0.0.1", 1, 1, "t" * 32, [3], [0], [3])
+    req = RecvRequest("r", "r", "peer", "inst", "127.0.0.1", 1, 1, "t" * 32, [3], [[0]], [[3]])
     read = StuckRead()
     load = _Load(req, "peer", time.perf_counter(), deadline=time.perf_counter() - 1, handles=[read])
     loads._loads["r"] = load

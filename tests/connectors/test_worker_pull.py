@@ -114,7 +114,7 @@ def recv_request(req_id, params: RemotePrefillParams, decode_ids, **override) ->
                   remote_engine_id=params.remote_engine_id, remote_instance_id=params.remote_instance_id,
                   remote_host=params.remote_host, remote_port=params.remote_port, remote_tp_size=params.remote_tp_size,
                   transfer_token=params.transfer_token, held_block_ids=list(params.remote_block_ids),
-                  local_block_ids=decode_ids, remote_block_ids=list(params.remote_block_ids[: len(decode_ids)]))
+                  local_block_ids=[decode_ids], remote_block_ids=[list(params.remote_block_ids[: len(decode_ids)])])
     fields.update(override)
     return RecvRequest(**fields)
 
@@ -233,7 +233,7 @@ def test_forged_stale_or_made_up_holds_are_refused_before_anything_is_read(clust
     attacks = {
         "guess": recv_request("guess", victim, [0, 1], transfer_token="0" * 32),
         "made-up": recv_request("made-up", victim, [0, 1], remote_request_id="made-up"),
-        "other-blocks": recv_request("other-blocks", victim, [0, 1], held_block_ids=[7, 9], remote_block_ids=[7, 9]),
+        "other-blocks": recv_request("other-blocks", victim, [0, 1], held_block_ids=[7, 9], remote_block_ids=[[7, 9]]),
     }
     for actor in decode:
         actor.call("clear", d_key)
@@ -281,7 +281,7 @@ def test_remote_block_ids_beyond_the_peer_pool_fail_clearly(cluster):
         actor.call("clear", d_key)
     params = cluster.hold(p_key, "oob", [2, 3])
     out = pull(decode, d_key, [recv_request("oob", params, [0, 1], held_block_ids=[2, POOL + 3],
-                                            remote_block_ids=[2, POOL + 3])])
+                                            remote_block_ids=[[2, POOL + 3]])])
     for o in out:
         assert "out of range for the peer's pool of 24 blocks" in o["failed_recving"]["oob"]
     for actor in decode:

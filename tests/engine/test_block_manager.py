@@ -112,9 +112,9 @@ def test_double_free_is_caught():
     bm = BlockManager(4, BS)
     req = make_request(range(3))
     bm.allocate(req, 3)
-    ids = list(req.block_ids)
+    tables = [list(t) for t in req.block_tables]
     bm.free(req)
-    req.block_ids = ids
+    req.block_tables = tables
     with pytest.raises(AssertionError):
         bm.free(req)
 
@@ -134,3 +134,73 @@ def test_reset_prefix_cache_forgets_every_prefix():
     assert bm.match_prefix(make_request(range(9), "b")) == ([], [])
     bm.free(a)
     assert bm.num_free_blocks == 8
+
+
+# --- KV cache groups: a full group and a sliding group of window 6 (blocks of 4) ---------------
+
+W = 6
+
+
+def hybrid_manager(full=16, sliding=8):
+    return BlockManager((full, sliding), BS, windows=(None, W))
+
+
+def window_entries(num_computed: int) -> range:
+    """Entries the next position `p = num_computed` reads: positions p - W + 1 .. p."""
+    return range(max(0, num_computed - W + 1) // BS, num_computed // BS + 1)
+
+
+def test_sliding_group_gives_back_blocks_that_left_the_window():
+    bm = hybrid_manager(sliding=9)  # 8 usable
+    req = make_request(range(30))
+    assert bm.allocate(req, 30)  # a prefill writes every position: all 8 entries real
+    assert 0 not in req.block_tables[1] and bm.held_blocks(req, 1) == 8
+    for n in range(30, 60):  # decode steps
+        req.num_computed_tokens = n
+        assert bm.allocate(req, n + 1)
+        full, sliding = req.block_tables
+        assert len(full) == len(sliding) == len(set(full)) == -(-(n + 1) // BS)
+        real = [i for i, b in enumerate(sliding) if b != 0]
+        assert real == list(window_entries(n)), (n, sliding)
+    assert bm.num_free_blocks == (16 - 15) + (8 - 2)
+    bm.free(req)
+    assert bm.num_free_blocks == bm.num_blocks == 16 + 8  # the null block is nobody's
+
+
+def test_sliding_pool_serves_more_sequences_than_it_holds_windows_of_tokens():
+    bm = hybrid_manager(full=64, sliding=7)  # 6 usable sliding blocks: two windows
+    reqs = [make_request(range(40), f"r{i}") for i in range(2)]
+    for n in range(0, 40, 4):  # chunked prefills of 4 tokens, side by side
+        for req in reqs:
+            req.num_computed_tokens = n
+            assert bm.allocate(req, n + 4), n
+    assert all(bm.held_blocks(r, 1) <= 3 for r in reqs)
+
+
+def test_remote_load_allocates_only_the_window_and_recompute_refills():
+    bm = hybrid_manager(sliding=9)
+    req = make_request(range(30))
+    assert bm.allocate(req, 29, num_received=29)  # positions 0..28 arrive; 29 is computed here
+    full, sliding = req.block_tables
+    assert len(set(full)) == len(full) == 8
+    assert [i for i, b in enumerate(sliding) if b != 0] == list(range(24 // BS, 8))
+    # The load failed and is recomputed from position 0: every entry needs a real block again.
+    assert bm.allocate(req, 30)
+    assert 0 not in req.block_tables[1] and len(set(req.block_tables[1])) == 8
+
+
+def test_a_short_sliding_pool_refuses_and_keeps_the_request_unchanged():
+    bm = hybrid_manager(full=16, sliding=3)  # 2 usable sliding blocks
+    req = make_request(range(12))
+    assert not bm.allocate(req, 12)  # a 12-token prefill writes 3 blocks of the sliding group
+    assert req.block_tables == [] and bm.num_free_blocks == 16 + 2
+    assert bm.allocate(req, 8)
+    assert bm.num_free_blocks == 14 + 0
+
+
+def test_prefix_caching_is_off_with_a_sliding_group():
+    bm = hybrid_manager()
+    assert not bm.enable_prefix_caching
+    a = make_request(range(13), "a")
+    run_prefill(bm, a)
+    assert bm.match_prefix(make_request(range(13), "b")) == ([], [])

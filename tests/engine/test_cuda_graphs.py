@@ -10,7 +10,7 @@ from engine_helpers import BLOCK_SIZE, prompts_of
 
 from kvxfer.engine import EngineConfig
 from kvxfer.engine.cuda_graphs import DecodeGraphs, batch_buckets, context_buckets
-from kvxfer.engine.model_runner import ModelRunner, StepInput
+from kvxfer.engine.model_runner import ModelRunner, StepInput, layer_views
 from kvxfer.engine.sampler import Sampler, SamplingInfo
 from kvxfer.engine.worker import Worker
 from kvxfer.layers.attention import AttentionMetadata
@@ -32,80 +32,90 @@ def test_buckets():
 
 @pytest.fixture(scope="module", params=["tiny-qwen3", "tiny-deepseek-mla", "tiny-gemma3"])
 def prefilled(request, model_dir):
-    """A CPU worker's model and a cache holding MAX_SEQS prefilled sequences."""
+    """A CPU worker's model and caches (one per KV cache group, tiny-gemma3 has two) holding
+    MAX_SEQS prefilled sequences, at the same block ids in every group."""
     config = EngineConfig(model_dir(request.param), block_size=BLOCK_SIZE)
     worker = Worker(config, 0, 1)
     worker.load_model()
-    cache = torch.zeros((NUM_BLOCKS, *worker.spec.block_shape(1)), dtype=worker.dtype)
+    cache = [torch.zeros((NUM_BLOCKS, *g.spec.block_shape(1)), dtype=worker.dtype) for g in worker.groups]
     prompts = prompts_of(LENGTHS, offset=7)
     tables, next_block = [], 1  # block 0 stays unused, like a pool's never-allocated block
     for n in LENGTHS:
         blocks = -(-(n + 1) // BLOCK_SIZE)  # room for the decoded token
         tables.append(list(range(next_block, next_block + blocks)))
         next_block += blocks
+    groups = len(worker.groups)
     step = StepInput([t for p in prompts for t in p], [i for n in LENGTHS for i in range(n)], list(LENGTHS),
-                     list(LENGTHS), [t[: -(-n // BLOCK_SIZE)] for t, n in zip(tables, LENGTHS)], [], [], [])
-    ModelRunner(worker.model, cache, BLOCK_SIZE, None).run(step)
+                     list(LENGTHS), [[t[: -(-n // BLOCK_SIZE)] for t, n in zip(tables, LENGTHS)]] * groups, [], [], [])
+    ModelRunner(worker.model, worker.groups, cache, BLOCK_SIZE, None).run(step)
     return worker, cache, tables
 
 
-def decode_step(batch: int, tables: list[list[int]], logprobs: int | None = 3) -> StepInput:
+def clone(caches: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [c.clone() for c in caches]
+
+
+def decode_step(batch: int, tables: list[list[int]], logprobs: int | None = 3, groups: int = 1) -> StepInput:
     lens = [n + 1 for n in LENGTHS[:batch]]
     infos = [SamplingInfo(f"r{i}", 0.0, 1.0, None, logprobs) for i in range(batch)]
     return StepInput([11 + i for i in range(batch)], [n - 1 for n in lens], [1] * batch, lens,
-                     [t[: -(-n // BLOCK_SIZE)] for t, n in zip(tables, lens)], list(range(batch)), infos, [])
+                     [[t[: -(-n // BLOCK_SIZE)] for t, n in zip(tables, lens)]] * groups, list(range(batch)), infos, [])
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3, 4, 5, 8, 9, 10])
 def test_static_buffers_match_the_eager_path(prefilled, batch):
     worker, cache, tables = prefilled
-    step = decode_step(batch, tables)
-    eager_cache, static_cache = cache.clone(), cache.clone()
+    step = decode_step(batch, tables, groups=len(cache))
+    eager_cache, static_cache = clone(cache), clone(cache)
     with torch.inference_mode():
-        attn = AttentionMetadata.build(step.query_lens, step.seq_lens, step.block_tables, BLOCK_SIZE, "cpu")
-        eager = worker.model(torch.tensor(step.input_ids), torch.tensor(step.positions), eager_cache, attn)
-    graphs = DecodeGraphs(worker.model, static_cache, BLOCK_SIZE, MAX_SEQS, NUM_BLOCKS * BLOCK_SIZE, capture=False)
+        attn = AttentionMetadata.build(step.query_lens, step.seq_lens, step.block_tables[0], BLOCK_SIZE, "cpu")
+        views, group_of = layer_views(worker.groups, eager_cache)
+        eager = worker.model(torch.tensor(step.input_ids), torch.tensor(step.positions), views, [attn] * len(views))
+    graphs = DecodeGraphs(worker.model, worker.groups, static_cache, BLOCK_SIZE, MAX_SEQS, NUM_BLOCKS * BLOCK_SIZE,
+                          capture=False)
     assert graphs.can_run(step)
     static = graphs.run(step)
     assert static.shape == eager.shape
     torch.testing.assert_close(static, eager, atol=1e-4, rtol=1e-4)
     # Same KV written for the real tokens, nothing anywhere else (padding rows have no slot).
-    torch.testing.assert_close(static_cache, eager_cache, atol=1e-5, rtol=1e-5)
-    changed = (eager_cache != cache).flatten(1).any(1).nonzero().flatten().tolist()
-    assert set(changed) <= {b for t in step.block_tables for b in t}
+    for before, eager_g, static_g in zip(cache, eager_cache, static_cache):
+        torch.testing.assert_close(static_g, eager_g, atol=1e-5, rtol=1e-5)
+        changed = (eager_g != before).flatten(1).any(1).nonzero().flatten().tolist()
+        assert set(changed) <= {b for t in step.block_tables[0] for b in t}
 
 
 def test_runner_hook_samples_what_the_eager_runner_samples(prefilled):
     worker, cache, tables = prefilled
-    eager = ModelRunner(worker.model, cache.clone(), BLOCK_SIZE, Sampler(worker.device, 0))
-    hooked_cache = cache.clone()
-    hooked = ModelRunner(worker.model, hooked_cache, BLOCK_SIZE, Sampler(worker.device, 0))
-    hooked.decode_graphs = DecodeGraphs(worker.model, hooked_cache, BLOCK_SIZE, MAX_SEQS, NUM_BLOCKS * BLOCK_SIZE,
-                                        capture=False)
+    eager = ModelRunner(worker.model, worker.groups, clone(cache), BLOCK_SIZE, Sampler(worker.device, 0))
+    hooked_cache = clone(cache)
+    hooked = ModelRunner(worker.model, worker.groups, hooked_cache, BLOCK_SIZE, Sampler(worker.device, 0))
+    hooked.decode_graphs = DecodeGraphs(worker.model, worker.groups, hooked_cache, BLOCK_SIZE, MAX_SEQS,
+                                        NUM_BLOCKS * BLOCK_SIZE, capture=False)
     # One set of static buffers through shrinking and growing batches: rows a larger batch
     # left behind must not leak into a smaller one.
     for batch in (7, 3, 10, 1, 5):
-        step = decode_step(batch, tables)
+        step = decode_step(batch, tables, groups=len(cache))
         expected = eager.run(step)
         got = hooked.run(step)
         assert [t for t, _ in got] == [t for t, _ in expected]
         for (_, a), (_, b) in zip(got, expected):
             assert a.keys() == b.keys()
             assert all(abs(a[k] - b[k]) < 1e-4 for k in a)
-    torch.testing.assert_close(hooked_cache, eager.kv_cache, atol=1e-5, rtol=1e-5)
+    for hooked_g, eager_g in zip(hooked_cache, eager.kv_caches):
+        torch.testing.assert_close(hooked_g, eager_g, atol=1e-5, rtol=1e-5)
 
 
 def test_steps_the_graphs_cannot_hold_take_the_eager_path(prefilled):
     worker, cache, tables = prefilled
-    graphs = DecodeGraphs(worker.model, cache.clone(), BLOCK_SIZE, 4, 2 * BLOCK_SIZE, capture=False)
+    graphs = DecodeGraphs(worker.model, worker.groups, clone(cache), BLOCK_SIZE, 4, 2 * BLOCK_SIZE, capture=False)
     assert graphs.can_run(decode_step(4, [[1, 2]] * 4))
     assert not graphs.can_run(decode_step(5, [[1, 2]] * 5))  # more sequences than the largest bucket
-    wide = StepInput([1], [39], [1], [40], [[1, 2, 3]], [0], [SamplingInfo("w", 0.0, 1.0, None, None)], [])
+    wide = StepInput([1], [39], [1], [40], [[[1, 2, 3]]], [0], [SamplingInfo("w", 0.0, 1.0, None, None)], [])
     assert not graphs.can_run(wide)  # wider than the padded block tables
-    prefill = StepInput([1, 2], [0, 1], [2], [2], [[1]], [0], [SamplingInfo("p", 0.0, 1.0, None, None)], [])
+    prefill = StepInput([1, 2], [0, 1], [2], [2], [[[1]]], [0], [SamplingInfo("p", 0.0, 1.0, None, None)], [])
     assert not graphs.can_run(prefill)
     with pytest.raises(ValueError, match="CUDA device"):
-        DecodeGraphs(worker.model, cache, BLOCK_SIZE, 4, 64, capture=True)
+        DecodeGraphs(worker.model, worker.groups, cache, BLOCK_SIZE, 4, 64, capture=True)
 
 
 @pytest.mark.cuda

@@ -48,9 +48,9 @@ def test_profile_step_covers_the_longest_batch(max_tokens, max_seqs):
     assert len(step.input_ids) == len(step.positions) == sum(step.query_lens) == max_tokens
     assert len(step.query_lens) == len(step.sample_rows) == len(step.sampling) == seqs
     assert max(step.query_lens) - min(step.query_lens) <= 1
-    used = [b for table in step.block_tables for b in table]
+    used = [b for table in step.block_tables[0] for b in table]
     assert sorted(used) == list(range(blocks))  # each sequence has its own blocks
-    for n, table in zip(step.query_lens, step.block_tables):
+    for n, table in zip(step.query_lens, step.block_tables[0]):
         assert len(table) == -(-n // BLOCK_SIZE)
 
 
@@ -61,7 +61,7 @@ def test_profile_step_runs_through_the_model_runner(model_dir):
     worker.load_model()
     step, blocks = profile_step(config.max_num_batched_tokens, config.max_num_seqs, BLOCK_SIZE)
     cache = torch.zeros((blocks, *worker.spec.block_shape(1)), dtype=worker.dtype)
-    sampled = ModelRunner(worker.model, cache, BLOCK_SIZE, Sampler(worker.device, 0)).run(step)
+    sampled = ModelRunner(worker.model, worker.groups, [cache], BLOCK_SIZE, Sampler(worker.device, 0)).run(step)
     assert len(sampled) == 8
     assert all(len(logprobs) >= 20 for _, logprobs in sampled)
     assert cache.abs().sum() > 0  # the step wrote its keys and values

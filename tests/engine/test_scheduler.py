@@ -125,13 +125,14 @@ class FakeConnector:
         self.calls.append(("match", request.request_id, num_local))
         return request.num_prompt_tokens - num_local if request.kv_transfer_params else 0
 
-    def update_state_after_alloc(self, request, block_ids, num_local, num_external):
+    def update_state_after_alloc(self, request, block_tables, num_local, num_external):
+        (block_ids,) = block_tables  # one KV cache group
         self.calls.append(("alloc", request.request_id, len(block_ids), num_local, num_external))
 
     def build_connector_meta(self, out):
         return None
 
-    def request_finished(self, request, block_ids):
+    def request_finished(self, request, block_tables):
         self.calls.append(("finished", request.request_id))
         return self.delay_free, {"done": request.request_id}
 

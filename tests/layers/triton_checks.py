@@ -213,7 +213,7 @@ def _model_logits(preset, device, dtype, ops):
                 positions = torch.cat([torch.arange(p, p + len(new)) for _, p, new in step]).to(device)
                 batch = [(len(new), first + len(new)) for _, first, new in step]
                 meta = _meta(batch, [tables[b] for b, _, _ in step], block_size, device)
-                hidden = model(ids, positions, cache, meta)
+                hidden = model(ids, positions, attention.layers_of(cache), [meta] * cache.shape[2])
                 logits.append(model.compute_logits(hidden[torch.tensor(meta.query_start_loc_host[1:]) - 1]))
     finally:
         attention._ops = routed

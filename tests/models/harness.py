@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kvxfer.layers.attention import AttentionMetadata
+from kvxfer.layers.attention import AttentionMetadata, layers_of
 
 BLOCK = 4
 
@@ -54,7 +54,8 @@ class PagedRunner:
             tables.append(self.tables[seq])
         attn = AttentionMetadata.build(query_lens, seq_lens, tables, BLOCK, self.device)
         ids_t = torch.tensor(ids, device=self.device)
-        hidden = self.model(ids_t, torch.tensor(positions, device=self.device), self.cache, attn)
+        layers = layers_of(self.cache)  # every layer in one tensor, all sharing one block table
+        hidden = self.model(ids_t, torch.tensor(positions, device=self.device), layers, [attn] * len(layers))
         last = torch.tensor(attn.query_start_loc_host[1:], device=self.device) - 1
         logits = self.model.compute_logits(hidden[last])
         return logits.cpu() if logits is not None else None
@@ -124,8 +125,10 @@ def scenario_logits(
     return run_scenario(runner, make_prompts(config.vocab_size), forced_tokens(config.vocab_size))
 
 
-def run_ranks(worker, tp_size: int, jobs: list[tuple[str, str]], out_dir: str, timeout_s: float = 240) -> None:
-    """Run `worker(rank, tp_size, port, jobs, out_dir)` as `tp_size` real processes (gloo)."""
+def run_ranks(compute, tp_size: int, jobs: list[tuple[str, str]], out_dir: str, timeout_s: float = 240) -> None:
+    """Run `compute(model_dir, rank, tp_size)` for every `(name, model_dir)` job on `tp_size` real
+    processes over gloo; rank 0 saves each job's result as `out_dir/<name>.pt`. `compute` is a
+    module-level function (the ranks are spawned)."""
     import time
 
     import torch.multiprocessing as mp
@@ -133,7 +136,8 @@ def run_ranks(worker, tp_size: int, jobs: list[tuple[str, str]], out_dir: str, t
     from kvxfer.ports import free_port
 
     ctx = mp.start_processes(
-        worker, args=(tp_size, free_port(), jobs, out_dir), nprocs=tp_size, join=False, start_method="spawn"
+        _rank_main, args=(tp_size, free_port(), compute, jobs, out_dir), nprocs=tp_size, join=False,
+        start_method="spawn",
     )
     deadline = time.monotonic() + timeout_s
     try:
@@ -147,9 +151,9 @@ def run_ranks(worker, tp_size: int, jobs: list[tuple[str, str]], out_dir: str, t
             proc.join(timeout=10)
 
 
-def tp_worker(rank: int, tp_size: int, port: int, jobs: list[tuple[str, str]], out_dir: str) -> None:
-    """One TP rank as a real process over gloo; rank 0 saves each job's logits."""
+def _rank_main(rank: int, tp_size: int, port: int, compute, jobs: list[tuple[str, str]], out_dir: str) -> None:
     import os
+    import sys
     from datetime import timedelta
 
     import torch.distributed as dist
@@ -160,10 +164,24 @@ def tp_worker(rank: int, tp_size: int, port: int, jobs: list[tuple[str, str]], o
     )
     try:
         for name, model_dir in jobs:
-            results = scenario_logits(model_dir, rank, tp_size)
+            result = compute(model_dir, rank, tp_size)
             if rank == 0:
-                torch.save(results, os.path.join(out_dir, f"{name}.pt"))
-            else:
-                assert all(logits is None for _, _, logits in results)
+                torch.save(result, os.path.join(out_dir, f"{name}.pt"))
+        # Leave together: no rank tears down its gloo pairs while a peer may still be finishing
+        # the last collective.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Skip interpreter finalization: gloo's threads torn down there aborted a rank that had
+    # finished its work (CI, once: "terminate called without an active exception", SIGABRT).
+    # Everything this rank owes is on disk; its exit code still tells run_ranks it succeeded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def tp_logits(model_dir: str, rank: int, tp_size: int):
+    """`scenario_logits` on one TP rank; only rank 0 holds logits."""
+    results = scenario_logits(model_dir, rank, tp_size)
+    assert rank == 0 or all(logits is None for _, _, logits in results)
+    return results

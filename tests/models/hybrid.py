@@ -4,8 +4,6 @@ carry the short prompt across the window. Runs in one process or as a TP rank.""
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .harness import PagedRunner, recording_step
@@ -73,22 +71,8 @@ def hybrid_logits(
     return results, runner.tokens
 
 
-def hybrid_tp_worker(rank: int, tp_size: int, port: int, jobs: list[tuple[str, str]], out_dir: str) -> None:
-    """One TP rank as a real process over gloo; rank 0 saves each job's results."""
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp_size, timeout=timedelta(seconds=240)
-    )
-    try:
-        for name, model_dir in jobs:
-            results, tokens = hybrid_logits(model_dir, rank, tp_size)
-            if rank == 0:
-                torch.save((results, tokens), os.path.join(out_dir, f"{name}.pt"))
-            else:
-                assert all(logits is None for _, _, logits in results)
-    finally:
-        dist.destroy_process_group()
+def hybrid_tp_logits(model_dir: str, rank: int, tp_size: int):
+    """`hybrid_logits` on one TP rank (for `harness.run_ranks`); only rank 0 holds logits."""
+    results, tokens = hybrid_logits(model_dir, rank, tp_size)
+    assert rank == 0 or all(logits is None for _, _, logits in results)
+    return results, tokens

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from kvxfer.models import load_model_config
 
 from .harness import run_ranks
-from .hybrid import DECODE_STEPS, HYBRID_PRESETS, PROMPT_LENS, WINDOW, hybrid_logits, hybrid_tp_worker
+from .hybrid import DECODE_STEPS, HYBRID_PRESETS, PROMPT_LENS, WINDOW, hybrid_logits, hybrid_tp_logits
 
 
 def hf_reference(model_dir, tokens: dict[int, list[int]]) -> dict[int, torch.Tensor]:
@@ -100,7 +100,7 @@ def test_cuda_float32_matches_hf(preset_dir, name):
 @pytest.mark.parametrize("tp_size", [2, 4])
 def test_tp_ranks_match_hf(tp_size, preset_dir, tmp_path):
     # tiny-gemma3 has 2 KV heads: at TP 4 each is replicated on two ranks.
-    run_ranks(hybrid_tp_worker, tp_size, [(name, preset_dir(name)) for name in HYBRID_PRESETS], str(tmp_path))
+    run_ranks(hybrid_tp_logits, tp_size, [(name, preset_dir(name)) for name in HYBRID_PRESETS], str(tmp_path))
     for name in HYBRID_PRESETS:
         results, tokens = torch.load(tmp_path / f"{name}.pt")
         assert_matches_hf(f"{name} at TP {tp_size}", results, hf_reference(preset_dir(name), tokens))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvxfer.layers import torch_ops
-from kvxfer.layers.attention import AttentionMetadata
+from kvxfer.layers.attention import AttentionMetadata, layers_of
 from kvxfer.layers.moe import MoE
 from kvxfer.models import build_model, load_model_config
 from kvxfer.models import presets
@@ -63,7 +63,8 @@ def test_build_and_forward_with_every_tensor_on_another_device(tmp_path, monkeyp
     ids = torch.zeros(6, dtype=torch.long, device=device)
     positions = torch.tensor([0, 1, 2, 3, 4, 6], device=device)
     with torch.inference_mode():
-        hidden = model(ids, positions, cache, attn)
+        layers = layers_of(cache)
+        hidden = model(ids, positions, layers, [attn] * len(layers))
         logits = model.compute_logits(hidden[torch.tensor([4, 5], device=device)])
     assert hidden.device == device and hidden.shape == (6, config.hidden_size)
     assert logits.device == device and logits.shape == (2, config.vocab_size)

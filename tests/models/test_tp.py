@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from .harness import run_ranks, scenario_logits, tp_worker
+from .harness import run_ranks, scenario_logits, tp_logits
 
 JOBS = {
     2: ["tiny-qwen3", "tiny-llama-gqa2", "tiny-deepseek-mla", "tiny-deepseek-v3"],
@@ -15,7 +15,7 @@ JOBS = {
 @pytest.mark.parametrize("tp_size", sorted(JOBS))
 def test_tp_ranks_match_single_process(tp_size, preset_dir, tmp_path):
     names = JOBS[tp_size]
-    run_ranks(tp_worker, tp_size, [(name, preset_dir(name)) for name in names], str(tmp_path))
+    run_ranks(tp_logits, tp_size, [(name, preset_dir(name)) for name in names], str(tmp_path))
     for name in names:
         expected = scenario_logits(preset_dir(name))
         got = torch.load(tmp_path / f"{name}.pt")

@@ -120,7 +120,7 @@ def _exchange(address: str, frame: bytes, timeout_s: float = 3.0) -> bytes | Non
 def test_side_channel_survives_hostile_frames(pd):
     """Runs last in this module: before the side channel is hardened, a forged registration
     replaces a rank's metadata."""
-    from kvxfer.connectors.metadata import Held, Query, RankMetadata, Register, decode_reply
+    from kvxfer.connectors.metadata import GroupRegion, Held, Query, RankMetadata, Register, decode_reply
 
     prefill, decode = pd
     address = _side_channel(prefill)
@@ -128,10 +128,11 @@ def test_side_channel_survives_hostile_frames(pd):
     meta = decode_reply(_exchange(address, msgspec.msgpack.encode(Query(engine_id=engine_id)))).metadata
     assert meta is not None
     real = msgspec.msgpack.encode(Query(engine_id=engine_id))
+    region = st.builds(GroupRegion, base_addr=st.integers(0, 1 << 48), region_bytes=st.integers(0, 1 << 30),
+                       num_blocks=st.integers(0, 1 << 20))
     forged_rank = st.builds(RankMetadata, tp_rank=st.integers(-5, 64), agent_name=st.text(max_size=8),
-                            agent_metadata=st.binary(max_size=16), base_addr=st.integers(0, 1 << 48),
-                            region_bytes=st.integers(0, 1 << 30), device_id=st.integers(-1, 8),
-                            mem_type=st.sampled_from(["DRAM", "VRAM", "?"]), num_blocks=st.integers(0, 1 << 20),
+                            agent_metadata=st.binary(max_size=16), regions=st.lists(region, max_size=3),
+                            device_id=st.integers(-1, 8), mem_type=st.sampled_from(["DRAM", "VRAM", "?"]),
                             kv_heads=st.integers(0, 64))
     register = forged_rank.map(lambda rank: msgspec.msgpack.encode(
         Register(engine_id=engine_id, secret=b"guessed-secret-0", compat_hash=meta.compat_hash, tp_size=meta.tp_size,
