@@ -9,15 +9,15 @@ the prefill side's held requests in `nixl_sends.SendTracker`.
 Progress: NIXL's own progress thread spins a core per agent, so it is off; instead a light
 thread per agent progresses UCX (every `_PROGRESS_BUSY_S` while it loads a request or has just
 begun holding one, every `_PROGRESS_IDLE_S` otherwise, at once when a handshake or hold check
-answers; never spinning) and drives
-the transfers as events: it posts a load's READs as soon as its hold check is answered, sees
-them end, sends the ReadDone notifications, counts the notifications a held request gets, and
-then wakes the engine loop (a byte on `KVTransferConfig.event_fd`), whose next step collects
-what finished (`get_finished`); state the engine sees still changes only in its steps. The
-trackers are shared by that thread and the engine's calls under one lock. A peer's connection
-set-up also needs this side to progress while its engine is idle. The agent runs in NIXL's
-strict thread-sync mode so that several threads may call it. READs carry no notification: one
-would make their completion wait for the prefill side's progress.
+answers; never spinning) and drives the transfers as events: it posts a load's READs as soon
+as its hold check is answered, sees them end, sends the ReadDone notifications, counts the
+notifications a held request gets, and then wakes the engine loop (a byte on
+`KVTransferConfig.event_fd`), whose next step collects what finished (`get_finished`); state
+the engine sees still changes only in its steps. The trackers are shared by that thread and
+the engine's calls under one lock. A peer's connection set-up also needs this side to progress
+while its engine is idle. The agent runs in NIXL's strict thread-sync mode so that several
+threads may call it. READs carry no notification: one would make their completion wait for
+the prefill side's progress.
 """
 
 from __future__ import annotations
