@@ -101,10 +101,11 @@ class KVConnectorOutput(msgspec.Struct):
     failure_kinds: dict[str, str] = {}  # request id -> the kind of its KVTransferError
     recv_stats: dict[str, TransferStats] = {}
     refused_notifications: int = 0  # ReadDones refused for a wrong token since the last report
+    handshakes: int = 0  # peer handshakes (metadata + NIXL agents) completed since the last report
 
     def is_empty(self) -> bool:
         return not (self.finished_sending or self.finished_recving or self.failed_recving
-                    or self.refused_notifications)
+                    or self.refused_notifications or self.handshakes)
 
 
 @dataclass
@@ -152,6 +153,7 @@ class KVOutputAggregator:
             if out is None:
                 continue
             result.refused_notifications += out.refused_notifications  # summed over ranks
+            result.handshakes += out.handshakes
             for req_id in out.finished_recving | out.failed_recving.keys():
                 recv = self._recv.get(req_id)
                 if recv is None:  # not a load in flight: a repeated report

@@ -57,6 +57,9 @@ class KVTransferConfig:
     # Decode: prefill side channels ("host:port") to handshake with at start, so an incompatible
     # peer or a lease that the transfer time-out does not fit fails the start, not a request.
     peers: tuple[str, ...] = ()
+    # Set by the engine's Executor, not by users: the write end of the pipe on which the ranks'
+    # connectors wake the engine loop when a transfer finished (`engine.rank_events`); -1: none.
+    event_fd: int = -1
 
     def __post_init__(self) -> None:
         if self.connector not in CONNECTORS:
@@ -96,6 +99,8 @@ class KVTransferConfig:
                 raise ValueError(f"KVTransferConfig.peers must be HOST:PORT side-channel addresses, got {peer!r}")
         if self.peers and not self.is_consumer:
             raise ValueError(f"KVTransferConfig.peers is for engines that load KV; role is {self.role!r}")
+        if not isinstance(self.event_fd, int) or self.event_fd < -1:
+            raise ValueError(f"KVTransferConfig.event_fd must be a file descriptor or -1, got {self.event_fd!r}")
         if not isinstance(self.instance_secret, bytes) or len(self.instance_secret) < 16:
             raise ValueError("KVTransferConfig.instance_secret must be at least 16 random bytes")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,11 +73,14 @@ class LoadTracker:
     def __init__(
         self, agent: Any, config: KVTransferConfig, spec: Any, tp_rank: int, tp_size: int, compat: Compat,
         pool: ThreadPoolExecutor, counters: dict[str, int], groups: tuple[KVCacheGroup, ...] | None = None,
+        kick: Callable[[], None] = lambda: None,
     ) -> None:
+        """`kick()` is called (on a pool thread) when a handshake or hold check answered, so that
+        whoever drives `advance` (the worker's progress thread) goes on at once."""
         self.agent, self.config, self.spec = agent, config, spec
         self.groups = groups or one_group(spec)
         self.tp_rank, self.tp_size, self.compat = tp_rank, tp_size, compat
-        self._pool, self.counters = pool, counters
+        self._pool, self.counters, self._kick = pool, counters, kick
         self._auth = FrameAuth(config.auth_key)
         self.regions: list[Region] = []  # this rank's pool of each group, set at registration
         self.mem_type = "DRAM"
@@ -105,13 +109,16 @@ class LoadTracker:
             return
         self._waiting.setdefault(req.remote_engine_id, []).append(req)
         if req.remote_engine_id not in self._handshakes:
-            self._handshakes[req.remote_engine_id] = self._pool.submit(
+            fut = self._pool.submit(
                 fetch_engine_metadata, req.remote_host, req.remote_port, req.remote_engine_id, self.compat,
                 self.config.handshake_timeout_s, self._auth,
             )
+            fut.add_done_callback(lambda _: self._kick())
+            self._handshakes[req.remote_engine_id] = fut
 
     def connect(self, host: str, port: int) -> None:
-        """Handshake with a configured peer now (at start). An incompatible peer, a lease the
+        """Handshake with a configured peer now (at start: metadata, then the NIXL connection to
+        each of its ranks), so its first request pays no handshake. An incompatible peer, a lease the
         transfer time-out does not fit, or an engine id already known elsewhere raise
         KVParamsError; an unreachable one is left to the first request's lazy handshake."""
         try:
@@ -125,7 +132,12 @@ class LoadTracker:
                 f"KV peers {known.address[0]}:{known.address[1]} and {host}:{port} both run engine {meta.engine_id!r}"
             )
         if known is None:
-            self._add_peer(meta, (host, port))
+            peer = self._add_peer(meta, (host, port))
+            for name in peer.agents.values():  # UCX endpoints now, not on the first READ
+                try:
+                    self.agent.make_connection(name)
+                except Exception as e:
+                    logger.warning("connecting to KV peer %s:%d ahead failed (done on first use): %s", host, port, e)
 
     def _finish_handshakes(self) -> None:
         for engine_id, fut in list(self._handshakes.items()):
@@ -169,6 +181,7 @@ class LoadTracker:
             ]
         peer = Peer(meta, address, agents, regions)
         self.peers[meta.engine_id] = peer
+        self.counters["handshakes"] += 1
         return peer
 
     def _drop_peer(self, engine_id: str) -> None:
@@ -205,6 +218,7 @@ class LoadTracker:
         load.check = self._pool.submit(
             check_held, req.remote_host, req.remote_port, held, self.config.handshake_timeout_s, self._auth
         )
+        load.check.add_done_callback(lambda _: self._kick())
 
     def _check_against(self, req: RecvRequest, peer: Peer) -> KVTransferError | None:
         meta = peer.meta
@@ -273,7 +287,11 @@ class LoadTracker:
 
     # --- progress -------------------------------------------------------------------------
 
-    def poll(self, out: KVConnectorOutput) -> None:
+    def advance(self) -> bool:
+        """Move every load on: finished handshakes start their loads, answered hold checks post
+        their READs, ended READs notify the prefill side, time-outs fail. True when a load
+        finished or failed in this call (it waits in the tracker for `poll`)."""
+        reported = len(self._done) + len(self._failed)
         self._finish_handshakes()
         now = time.perf_counter()
         for req_id, load in list(self._loads.items()):
@@ -286,6 +304,11 @@ class LoadTracker:
                     self._finish_check(load)
             else:
                 self._poll_reads(load, now)
+        return len(self._done) + len(self._failed) > reported
+
+    def poll(self, out: KVConnectorOutput) -> None:
+        """Advance, then hand the finished and failed loads to `out` (once each)."""
+        self.advance()
         out.finished_recving, self._done = self._done, set()
         failed, self._failed = self._failed, {}
         out.failed_recving = {req_id: str(e) for req_id, e in failed.items()}

@@ -88,6 +88,7 @@ class NixlConnectorScheduler(KVConnectorScheduler):
             "refused_checks": 0,  # hold checks for what is not held so (token, blocks, instance, ended)
             "refused_releases": 0,  # releases naming a wrong, stale or missing token
             "refused_notifications": 0,  # ReadDones with a wrong token, summed over the ranks
+            "handshakes": 0,  # peer handshakes of this engine's ranks (at start with `peers`, else lazily)
             "bytes": 0,
             "descriptors": 0,
             "seconds": 0.0,
@@ -257,6 +258,7 @@ class NixlConnectorScheduler(KVConnectorScheduler):
                 c["seconds"] += stats.seconds
         c["failures"] += len(output.failed_recving)
         c["refused_notifications"] += output.refused_notifications
+        c["handshakes"] += output.handshakes
         c["expired_leases"] += len(output.expired_sending)
         c["released"] += len(output.released_sending)
         c["sends_completed"] += len(output.finished_sending - output.expired_sending - output.released_sending)

@@ -31,6 +31,7 @@ class _Send:
     expected: int | None = None  # decode ranks that will notify, known from the first ReadDone
     readers: set[tuple[str, int]] = field(default_factory=set)
     ended: str = ""  # "released" | "expired" once the scheduler side ends it
+    since: float = field(default_factory=time.monotonic)  # when this rank learned of the hold
 
 
 class SendTracker:
@@ -49,6 +50,11 @@ class SendTracker:
     def has_pending(self) -> bool:
         return bool(self._sends)
 
+    def has_recent(self, window_s: float) -> bool:
+        """Whether a hold began less than `window_s` ago (its reader is likely about to READ)."""
+        now = time.monotonic()
+        return any(now - entry.since < window_s for entry in self._sends.values())
+
     def hold(self, send: SendRequest) -> None:
         if send.request_id in self._sends:  # the engine never reuses an id it still holds
             logger.error("request %s is already held; ignoring a second hold", send.request_id)
@@ -62,7 +68,9 @@ class SendTracker:
         if entry is not None:  # else already finished here by its readers
             entry.ended = how
 
-    def add_notifications(self, raw_notifs: list[bytes]) -> None:
+    def add_notifications(self, raw_notifs: list[bytes]) -> bool:
+        """Count ReadDones; True when one completed a held request (its readers all notified)."""
+        completed = False
         for raw in raw_notifs:
             try:
                 done = self._decoder.decode(raw)
@@ -70,23 +78,27 @@ class SendTracker:
                 logger.warning("ignoring a malformed NIXL notification %r", raw[:64])
                 continue
             if done.request_id in self._sends:
-                self._count(done)
+                completed |= self._count(done)
             else:
                 self._early.setdefault(done.request_id, (time.monotonic(), []))[1].append(done)
+        return completed
 
-    def _count(self, done: ReadDone) -> None:
+    def _count(self, done: ReadDone) -> bool:
+        """Count one ReadDone of a held request; True when its last expected reader notified."""
         entry = self._sends[done.request_id]
         if not hmac.compare_digest(entry.token, done.transfer_token):
             self.counters["refused_notifications"] += 1
             logger.warning("refusing a ReadDone for %s with a wrong transfer token", done.request_id)
-            return
+            return False
         if entry.expected is None:
             try:
                 entry.expected = len(self.spec.consumers(self.tp_rank, done.decode_tp_size, self.tp_size))
             except ValueError as e:
                 logger.warning("ignoring a notification for %s: %s", done.request_id, e)
-                return
+                return False
+        before = len(entry.readers)
         entry.readers.add((done.decode_engine_id, done.decode_rank))
+        return before < entry.expected <= len(entry.readers)
 
     def poll(self, out: KVConnectorOutput) -> None:
         """Report finished (read, expired or released) requests in `out`, and the notifications

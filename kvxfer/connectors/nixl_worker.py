@@ -7,10 +7,17 @@ secret), and the progress thread. The decode side's loads live in `nixl_loads.Lo
 the prefill side's held requests in `nixl_sends.SendTracker`.
 
 Progress: NIXL's own progress thread spins a core per agent, so it is off; instead a light
-thread per agent drains notifications (every millisecond while busy), which also progresses
-UCX: a peer's connection set-up needs this side to progress even while its engine is idle. The agent runs
-in NIXL's strict thread-sync mode so that thread and the caller's may both call it. READs
-carry no notification: one would make their completion wait for the prefill side's progress.
+thread per agent progresses UCX (every `_PROGRESS_BUSY_S` while it loads a request or has just
+begun holding one, every `_PROGRESS_IDLE_S` otherwise, at once when a handshake or hold check
+answers; never spinning) and drives the transfers as events: it posts a load's READs as soon
+as its hold check is answered, sees them end, sends the ReadDone notifications, counts the
+notifications a held request gets, and then wakes the engine loop (a byte on
+`KVTransferConfig.event_fd`), whose next step collects what finished (`get_finished`); state
+the engine sees still changes only in its steps. The trackers are shared by that thread and
+the engine's calls under one lock. A peer's connection set-up also needs this side to progress
+while its engine is idle. The agent runs in NIXL's strict thread-sync mode so that several
+threads may call it. READs carry no notification: one would make their completion wait for
+the prefill side's progress.
 """
 
 from __future__ import annotations
@@ -35,9 +42,13 @@ from kvxfer.specs import KVCacheGroup
 logger = logging.getLogger(__name__)
 
 _REGISTER_TIMEOUT_S = 120.0  # ranks wait this long for the instance's side channel to come up
-# Progress every millisecond while this rank holds or loads a request, else every 20 ms.
-_PROGRESS_BUSY_S = 0.001
+# Progress period while this rank loads a request or began holding one less than
+# `_PROGRESS_HOLD_WINDOW_S` ago (a held request's READs complete only when this side progresses,
+# and decode engines read within milliseconds of the hold), and otherwise (connection set-up by
+# peers, a late reader: slower, not wrong).
+_PROGRESS_BUSY_S = 0.0005
 _PROGRESS_IDLE_S = 0.02
+_PROGRESS_HOLD_WINDOW_S = 1.0
 
 
 class NixlConnectorWorker(KVConnectorWorker):
@@ -69,14 +80,16 @@ class NixlConnectorWorker(KVConnectorWorker):
         self._register_future: Future | None = None
         self.counters = {
             "transfers": 0, "failures": 0, "expired_leases": 0, "released": 0, "refused_notifications": 0,
-            "bytes": 0, "descriptors": 0,
+            "handshakes": 0, "bytes": 0, "descriptors": 0,
         }
+        self._kick = threading.Event()  # wakes the progress thread early (an answer came, shutdown)
         self._sends = SendTracker(spec, tp_rank, tp_size, config.lease_seconds, self.counters)
         self._loads = LoadTracker(
-            self.agent, config, spec, tp_rank, tp_size, self.compat, self._pool, self.counters, self.groups
+            self.agent, config, spec, tp_rank, tp_size, self.compat, self._pool, self.counters, self.groups,
+            kick=self._kick.set,
         )
-        self._inbox: list[bytes] = []
-        self._inbox_lock = threading.Lock()
+        self._lock = threading.Lock()  # the trackers: the progress thread and the engine's calls
+        self._handshakes_reported = 0
         self._stop = threading.Event()
         self._progress = threading.Thread(target=self._progress_loop, name=f"kv-progress-r{tp_rank}", daemon=True)
         self._progress.start()
@@ -86,9 +99,11 @@ class NixlConnectorWorker(KVConnectorWorker):
         return self._loads.peers
 
     def _progress_loop(self) -> None:
-        while not self._stop.wait(
-            _PROGRESS_BUSY_S if self._sends.has_pending() or self._loads.busy() else _PROGRESS_IDLE_S
-        ):
+        while not self._stop.is_set():
+            with self._lock:
+                busy = self._loads.busy() or self._sends.has_recent(_PROGRESS_HOLD_WINDOW_S)
+            self._kick.wait(_PROGRESS_BUSY_S if busy else _PROGRESS_IDLE_S)
+            self._kick.clear()
             if self._cuda_device is not None:  # UCX progress on VRAM needs this thread's device set
                 import torch
 
@@ -96,13 +111,26 @@ class NixlConnectorWorker(KVConnectorWorker):
                 self._cuda_device = None
             try:
                 notifs = self.agent.get_new_notifs()
-            except Exception as e:  # keep progressing; a broken agent shows up in the caller's calls
+                with self._lock:
+                    finished = self._loads.advance()
+                    if notifs and self.config.is_producer:
+                        finished |= self._sends.add_notifications([m for msgs in notifs.values() for m in msgs])
+            except Exception as e:  # keep progressing; a broken agent shows up in the engine's calls
                 logger.warning("NIXL progress failed: %s", e)
                 continue
-            if notifs:
-                with self._inbox_lock:
-                    for msgs in notifs.values():
-                        self._inbox.extend(msgs)
+            if finished:
+                self._wake_engine()
+
+    def _wake_engine(self) -> None:
+        """Tell the engine loop that the next step has something to collect."""
+        if self.config.event_fd < 0:
+            return
+        try:
+            os.write(self.config.event_fd, b"\x01")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups the loop has not read yet
+        except OSError as e:  # the engine is shutting down
+            logger.debug("waking the engine failed: %s", e)
 
     # --- registration ---------------------------------------------------------------------
 
@@ -137,7 +165,8 @@ class NixlConnectorWorker(KVConnectorWorker):
         ]
         self._loads.mem_type = self.mem_type
         for host, port in self.config.peer_addresses:
-            self._loads.connect(host, port)
+            with self._lock:
+                self._loads.connect(host, port)
         if not self.config.is_producer:
             return
         rank = RankMetadata(
@@ -160,14 +189,17 @@ class NixlConnectorWorker(KVConnectorWorker):
         )
 
     def start_load_kv(self, meta: ConnectorMetadata) -> None:
-        for req in meta.recv:
-            self._loads.start(req)
-        for send in meta.send:
-            self._sends.hold(send)
-        for req_id in meta.release:
-            self._sends.end(req_id, "released")
-        for req_id in meta.expire:
-            self._sends.end(req_id, "expired")
+        with self._lock:
+            for req in meta.recv:
+                self._loads.start(req)
+            for send in meta.send:
+                self._sends.hold(send)
+            for req_id in meta.release:
+                self._sends.end(req_id, "released")
+            for req_id in meta.expire:
+                self._sends.end(req_id, "expired")
+        if meta.recv or meta.send:
+            self._kick.set()  # start progressing at the busy period now
 
     # --- both -----------------------------------------------------------------------------
 
@@ -176,12 +208,12 @@ class NixlConnectorWorker(KVConnectorWorker):
             self._register_future.result()  # a rank that could not register is a startup error
             self._register_future = None
         out = KVConnectorOutput()
-        self._loads.poll(out)
-        if self.config.is_producer:
-            with self._inbox_lock:
-                inbox, self._inbox = self._inbox, []
-            self._sends.add_notifications(inbox)
-            self._sends.poll(out)
+        with self._lock:
+            self._loads.poll(out)
+            handshakes = self.counters["handshakes"]
+            out.handshakes, self._handshakes_reported = handshakes - self._handshakes_reported, handshakes
+            if self.config.is_producer:
+                self._sends.poll(out)
         return out
 
     def has_pending(self) -> bool:
@@ -189,6 +221,7 @@ class NixlConnectorWorker(KVConnectorWorker):
 
     def shutdown(self) -> None:
         self._stop.set()
+        self._kick.set()
         self._progress.join(timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._loads.shutdown()

@@ -11,6 +11,7 @@ that several TP engines can share one process.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import socket
@@ -23,6 +24,7 @@ from typing import Any
 
 from kvxfer.connectors.base import KVConnectorBroken
 from kvxfer.engine.config import EngineConfig
+from kvxfer.engine.rank_events import RankEvents
 from kvxfer.ports import free_port
 
 
@@ -74,11 +76,13 @@ class _ProcessRank:
     def __init__(self, config: EngineConfig, rank: int, tp_size: int) -> None:
         self.rank = rank
         ours, theirs = socket.socketpair()
+        kv = config.kv_transfer_config
+        event_fds = (kv.event_fd,) if kv is not None and kv.event_fd >= 0 else ()
         # PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so it is
         # only armed when the engine is created on the main thread.
         pdeathsig = threading.current_thread() is threading.main_thread()
         argv = [sys.executable, "-m", "kvxfer.engine.rank_process", str(theirs.fileno()), str(os.getpid())]
-        self.process = subprocess.Popen(argv + ["1" if pdeathsig else "0"], pass_fds=(theirs.fileno(),))
+        self.process = subprocess.Popen(argv + ["1" if pdeathsig else "0"], pass_fds=(theirs.fileno(), *event_fds))
         theirs.close()
         self.conn = Connection(ours.detach())
         self._send((config, rank, tp_size))
@@ -138,9 +142,15 @@ class Executor:
     def __init__(self, config: EngineConfig) -> None:
         import torch.distributed as dist
 
-        self.config = config
         self.timeout = config.worker_timeout_s
         tp = config.tensor_parallel_size
+        # With a KV connector the ranks wake the engine loop when transfers finish (rank_events).
+        self.events: RankEvents | None = None
+        if config.kv_transfer_config is not None:
+            self.events = RankEvents()
+            kv = dataclasses.replace(config.kv_transfer_config, event_fd=self.events.write_fd)
+            config = dataclasses.replace(config, kv_transfer_config=kv)
+        self.config = config
         rank0_local = tp == 1 or not dist.is_initialized()
         self.ranks: list[_LocalRank | _ProcessRank] = []
         self._caller_num_threads: int | None = None
@@ -200,6 +210,8 @@ class Executor:
                 rank.stop(timeout=5.0)
             except Exception:
                 pass
+        if self.events is not None:  # every rank, and so every writer, has stopped
+            self.events.close()
         if self._caller_num_threads is not None:
             import torch
 

@@ -11,6 +11,8 @@ from kvxfer.engine.engine import LLMEngine
 from kvxfer.engine.request import RequestOutput
 from kvxfer.engine.sampling_params import SamplingParams
 
+_STALLED_WAIT_S = 0.05  # at most this long between steps while requests only wait for remote KV
+
 
 class LLM:
     def __init__(
@@ -63,14 +65,22 @@ class LLM:
         order = {r.request_id: i for i, r in enumerate(requests)}
         results: list[RequestOutput | None] = [None] * n
         bar = _progress(n, use_tqdm)
+        events = self.engine.executor.events
+        woke = False
         while any(r is None for r in results):
             outputs = self.engine.step()
             for out in outputs:
                 if out.finished and out.request_id in order:
                     results[order[out.request_id]] = out
                     bar.update(1)
-            if not outputs and self.engine.last_step_num_tokens == 0:
-                time.sleep(0.001)  # only remote KV in flight: poll without spinning a core
+            if outputs or self.engine.last_step_num_tokens or woke:
+                woke = False  # after a woken step, what its reports unblocked runs in the next one
+            elif events is not None:
+                # Only remote KV in flight: sleep until a rank reports; the deadline bounds a
+                # report no rank wakes for.
+                woke = events.wait(_STALLED_WAIT_S) > 0
+            else:
+                time.sleep(0.001)
         bar.close()
         return results
 

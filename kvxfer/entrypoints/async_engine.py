@@ -5,6 +5,13 @@ so calls never interleave with a step; only an abort's "is it unfinished?" is de
 arrives (`LLMEngine.abort_request` is thread-safe), so a request that finishes in the running
 step is still ended. Request handlers talk to it through a command queue and read their
 outputs from a per-request asyncio queue fed with `call_soon_threadsafe`.
+
+The thread steps at once while steps compute; otherwise it sleeps until a command, a rank event
+(a KV transfer finished: `engine.rank_events`) or a deadline: `idle_step_s` from the last step
+(held blocks to free, leases to expire), `WAITING_POLL_S` for an engine without rank events
+whose requests wait. A step that applied a rank event's report, or finished a request (which
+may have issued a hold its ranks learn of with the next step's metadata), is followed by
+another at once.
 """
 
 from __future__ import annotations
@@ -13,16 +20,19 @@ import asyncio
 import concurrent.futures
 import logging
 import queue
+import select
+import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from kvxfer.connectors.metadata import RemoteDecodeParams, RemotePrefillParams
+    from kvxfer.engine.rank_events import RankEvents
 
 logger = logging.getLogger(__name__)
 
-WAITING_POLL_S = 0.002  # between steps that computed nothing while requests wait for remote KV
+WAITING_POLL_S = 0.002  # between steps that computed nothing while requests wait (no rank events)
 
 
 class EngineDead(RuntimeError):
@@ -72,6 +82,10 @@ class AsyncEngine:
         self._on_finished = on_finished
         self._idle_step_s = idle_step_s
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        # A byte per queued command wakes the engine thread's select (with the ranks' events).
+        self._wake_recv, self._wake_send = socket.socketpair()
+        self._wake_recv.setblocking(False)
+        self._wake_send.setblocking(False)
         self._streams: dict[str, RequestStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
@@ -97,7 +111,7 @@ class AsyncEngine:
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Stop the loop; the engine (and its TP workers) is shut down on its thread."""
         self._stop.set()
-        self._commands.put(None)  # wake the thread if it is waiting for commands
+        self._put(None)  # wake the thread if it is waiting for commands
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 
@@ -112,8 +126,15 @@ class AsyncEngine:
     def _submit(self, fn: Callable[[Any], Any]) -> concurrent.futures.Future:
         self._check_alive()
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put((fn, future))
+        self._put((fn, future))
         return future
+
+    def _put(self, item: tuple | None) -> None:
+        self._commands.put(item)
+        try:
+            self._wake_send.send(b"\x01")
+        except OSError:
+            pass  # full (the thread has wake-ups to read already) or closed (the thread ended)
 
     @staticmethod
     async def _wait(future: concurrent.futures.Future, timeout_s: float) -> Any:
@@ -121,7 +142,7 @@ class AsyncEngine:
 
     def submit_nowait(self, fn: Callable[[Any], Any]) -> None:
         if self.alive:
-            self._commands.put((fn, None))
+            self._put((fn, None))
 
     async def add_request(
         self, request_id: str, prompt_token_ids: list[int], sampling_params: Any,
@@ -191,36 +212,52 @@ class AsyncEngine:
                 engine.shutdown()
             except Exception:
                 logger.exception("engine shutdown failed")
+            self._wake_recv.close()
+            self._wake_send.close()
 
     def _serve(self, engine: Any) -> None:
-        last_step, stalled = 0.0, False
+        events = engine.executor.events  # None without a KV connector
+        last_step, stalled, again = 0.0, False, False
         while not self._stop.is_set():
             busy = engine.has_unfinished_requests()
-            # Requests that only wait (for remote KV) need polling, not a spinning core.
-            wait_s = self._idle_step_s if not busy else WAITING_POLL_S if stalled else 0.0
-            self._run_commands(engine, wait_s)
-            now = time.monotonic()
-            if engine.has_unfinished_requests() or now - last_step >= self._idle_step_s:
-                last_step = self._step_started = now
+            if again or (busy and not stalled):
+                wait_s = 0.0
+            elif busy and events is None:
+                wait_s = WAITING_POLL_S
+            else:
+                wait_s = max(0.0, last_step + self._idle_step_s - time.monotonic())
+            woke = self._run_commands(engine, wait_s, events)
+            if again or woke or engine.has_unfinished_requests() or time.monotonic() - last_step >= self._idle_step_s:
+                last_step = self._step_started = time.monotonic()
                 try:
                     outputs = engine.step()
                 finally:
                     self._step_started = None
                 stalled = not outputs and engine.last_step_num_tokens == 0
+                again = events is not None and (woke or any(o.finished for o in outputs))
                 if outputs and self._loop is not None:
                     self._loop.call_soon_threadsafe(self._dispatch, outputs)
 
-    def _run_commands(self, engine: Any, wait_s: float) -> None:
+    def _run_commands(self, engine: Any, wait_s: float, events: RankEvents | None) -> bool:
+        """Sleep up to `wait_s` for a command or a rank event, run the queued commands; True
+        when a rank event came."""
+        if wait_s > 0:
+            fds = [self._wake_recv] if events is None else [self._wake_recv, events]
+            select.select(fds, [], [], wait_s)
         try:
-            item = self._commands.get(timeout=wait_s) if wait_s > 0 else self._commands.get_nowait()
-        except queue.Empty:
-            return
-        while item is not None:
-            self._run_command(engine, *item)
+            while self._wake_recv.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        woke = events is not None and events.drain() > 0
+        while True:
             try:
                 item = self._commands.get_nowait()
             except queue.Empty:
-                return
+                return woke
+            if item is None:
+                return woke
+            self._run_command(engine, *item)
 
     @staticmethod
     def _run_command(engine: Any, fn: Callable[[Any], Any], future: concurrent.futures.Future | None) -> None:

@@ -24,6 +24,7 @@ ENGINE_STATS = {
     "kv_refused_checks": ("kvxfer_kv_refused_checks", "Side-channel hold checks refused (wrong token, blocks, instance, or no longer held)", "counter"),
     "kv_refused_releases": ("kvxfer_kv_refused_releases", "Releases of a held request refused (wrong, stale or missing transfer token)", "counter"),
     "kv_refused_notifications": ("kvxfer_kv_refused_notifications", "ReadDone notifications refused for a wrong transfer token (summed over TP ranks)", "counter"),
+    "kv_handshakes": ("kvxfer_kv_handshakes", "KV peer handshakes of this engine's ranks (summed over TP ranks)", "counter"),
     "kv_recomputed": ("kvxfer_kv_recomputed", "Requests whose KV pull failed and were prefilled locally instead", "counter"),
     "num_preemptions": ("kvxfer_preemptions", "Requests preempted for lack of blocks", "counter"),
     "prefix_hit_blocks": ("kvxfer_prefix_cache_hit_blocks", "Blocks served from the prefix cache", "counter"),
