@@ -147,20 +147,26 @@ def _rank_main(conn, role: str, rank: int, tp: int, shape: Shape, block_size: in
     from kvxfer.connectors.base import ConnectorMetadata
     from kvxfer.connectors.descriptors import read_descriptors
     from kvxfer.connectors.nixl_worker import NixlConnectorWorker
+    from kvxfer.engine.rank_events import RankEvents
 
     spec, groups = make_spec(shape, block_size), make_groups(shape, block_size)
     heads = global_heads(shape.num_kv_heads, rank, tp)
     worker = None
 
-    def wait_for(pred, timeout: float, sleep: float = 0.0):
+    # The connector's progress thread signals finished transfers on a rank-event pipe, as in the
+    # engine; collecting only then (not spinning on `get_finished`, whose lock that thread takes
+    # each period) leaves it the core, so the pull is timed as the engine sees it.
+    events = RankEvents()
+    config = replace(config, event_fd=events.write_fd)
+
+    def wait_for(pred, timeout: float):
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            out = worker.get_finished()
-            if (result := pred(out)) is not None:
-                return result
-            if sleep:
-                time.sleep(sleep)
-        raise TimeoutError(f"{role} rank {rank}: no result after {timeout}s")
+        while (result := pred(worker.get_finished())) is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{role} rank {rank}: no result after {timeout}s")
+            events.wait(left)
+        return result
 
     def sync() -> None:
         """Wait for the kernels writing the pool: CUDA runs them asynchronously, and another
@@ -204,7 +210,7 @@ def _rank_main(conn, role: str, rank: int, tp: int, shape: Shape, block_size: in
             elif cmd == "hold":  # prefill: serve one request (the hold table's metadata) until its readers notify
                 meta, req_id, timeout = arg
                 worker.start_load_kv(meta)
-                wait_for(lambda o: o if req_id in o.finished_sending else None, timeout, sleep=0.001)
+                wait_for(lambda o: o if req_id in o.finished_sending else None, timeout)
                 conn.send(("ok", None))
             elif cmd == "pull":  # decode: one request through the connector's worker path
                 req, start_at = arg
@@ -266,6 +272,7 @@ def _rank_main(conn, role: str, rank: int, tp: int, shape: Shape, block_size: in
     finally:
         if worker is not None:
             worker.shutdown()
+        events.close()
 
 
 class Ranks:

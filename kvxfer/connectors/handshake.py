@@ -6,8 +6,10 @@ the engine; decode ranks fetch the metadata (`Query`) and, before each pull, ask
 request is held under its token with exactly the named blocks (`Held`, answered and pinned by
 the hold table). With an auth key every frame is signed (`auth.FrameAuth`). A request that is
 malformed, unknown, unauthenticated or out of range gets an error reply; nothing a peer sends
-stops the serving thread. Every wait has a deadline: a client uses a fresh REQ socket per
-attempt (a REQ that missed its reply cannot be reused) and gives up at its timeout.
+stops the serving thread. Every wait has a deadline: a client gives up at its timeout and closes
+a REQ socket that missed its reply (it cannot be reused). Hold checks, one per pull on its
+critical path, reuse answered connections (`ReqSockets`): a new connection's set-up was most of
+the check's round trip. Handshakes use a fresh socket.
 """
 
 from __future__ import annotations
@@ -157,8 +159,57 @@ class HandshakeServer:
         self._thread.join(timeout=5)
 
 
-def _request(host: str, port: int, msg: Register | Query | Held, timeout_s: float, auth: FrameAuth) -> Reply:
-    """Send `msg` until a reply other than "not ready" arrives or `timeout_s` passes."""
+def _req_socket(host: str, port: int) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://{host}:{port}")
+    return sock
+
+
+class ReqSockets:
+    """REQ sockets whose last request was answered, by peer address, ready for the next one.
+    Any thread may take one; the lock hands it over, so one thread uses it at a time (as zmq
+    requires). Its owner discards a peer's sockets when it drops the peer and closes all at
+    shutdown; a socket given back after that is closed."""
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[str, int], list[zmq.Socket]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def take(self, host: str, port: int) -> zmq.Socket:
+        with self._lock:
+            idle = self._idle.get((host, port))
+            if idle:
+                return idle.pop()
+        return _req_socket(host, port)
+
+    def give_back(self, host: str, port: int, sock: zmq.Socket) -> None:
+        with self._lock:
+            if not self._closed:
+                self._idle.setdefault((host, port), []).append(sock)
+                return
+        sock.close()
+
+    def discard(self, host: str, port: int) -> None:
+        with self._lock:
+            socks = self._idle.pop((host, port), [])
+        for sock in socks:
+            sock.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            socks = [sock for idle in self._idle.values() for sock in idle]
+            self._idle.clear()
+        for sock in socks:
+            sock.close()
+
+
+def _request(host: str, port: int, msg: Register | Query | Held, timeout_s: float, auth: FrameAuth,
+             sockets: ReqSockets | None = None) -> Reply:
+    """Send `msg` until a reply other than "not ready" arrives or `timeout_s` passes (on a
+    socket from `sockets` when given, returned there once answered)."""
     deadline = time.monotonic() + timeout_s
     payload = msgspec.msgpack.encode(msg)
     last_error = "no reply"
@@ -169,14 +220,14 @@ def _request(host: str, port: int, msg: Register | Query | Held, timeout_s: floa
                 f"KV handshake with {host}:{port} (engine {msg.engine_id!r}) timed out after {timeout_s:.1f}s: "
                 f"{last_error}"
             )
-        sock = zmq.Context.instance().socket(zmq.REQ)
-        sock.setsockopt(zmq.LINGER, 0)
+        sock = sockets.take(host, port) if sockets is not None else _req_socket(host, port)
+        answered = False
         try:
-            sock.connect(f"tcp://{host}:{port}")
             frame, nonce = auth.seal_request(payload)
             sock.send(frame)
             if sock.poll(int(min(remaining, _ATTEMPT_S) * 1000), zmq.POLLIN):
                 raw = sock.recv()
+                answered = True
                 try:
                     opened = auth.open_reply(raw, nonce)
                     reply = decode_reply(raw if opened is None else opened)
@@ -189,7 +240,10 @@ def _request(host: str, port: int, msg: Register | Query | Held, timeout_s: floa
                 last_error = reply.error
                 time.sleep(min(_NOT_READY_RETRY_S, max(deadline - time.monotonic(), 0)))
         finally:
-            sock.close()
+            if sockets is not None and answered:
+                sockets.give_back(host, port, sock)
+            else:
+                sock.close()
 
 
 def register_rank(host: str, port: int, msg: Register, timeout_s: float, auth: FrameAuth) -> None:
@@ -198,10 +252,11 @@ def register_rank(host: str, port: int, msg: Register, timeout_s: float, auth: F
         raise HandshakeError(f"KV side channel {host}:{port} refused rank {msg.rank.tp_rank}: {reply.error}")
 
 
-def check_held(host: str, port: int, msg: Held, timeout_s: float, auth: FrameAuth) -> float:
+def check_held(host: str, port: int, msg: Held, timeout_s: float, auth: FrameAuth,
+               sockets: ReqSockets | None = None) -> float:
     """Seconds the prefill side pins the hold from receipt; KVParamsError when it refuses
     (not held: made up, finished, released, expired; another token, blocks or instance)."""
-    reply = _request(host, port, msg, timeout_s, auth)
+    reply = _request(host, port, msg, timeout_s, auth, sockets)
     if not reply.ok:
         raise KVParamsError(f"KV side channel {host}:{port}: {reply.error}")
     return reply.pin_seconds

@@ -39,7 +39,7 @@ from kvxfer.connectors.base import (
 )
 from kvxfer.connectors.config import PIN_MARGIN_S, KVTransferConfig, lease_fit_error
 from kvxfer.connectors.descriptors import Region, group_read_descriptors
-from kvxfer.connectors.handshake import HandshakeError, check_held, fetch_engine_metadata
+from kvxfer.connectors.handshake import HandshakeError, ReqSockets, check_held, fetch_engine_metadata
 from kvxfer.connectors.metadata import Compat, EngineMetadata, Held, ReadDone, one_group
 from kvxfer.specs import KVCacheGroup
 
@@ -82,6 +82,7 @@ class LoadTracker:
         self.tp_rank, self.tp_size, self.compat = tp_rank, tp_size, compat
         self._pool, self.counters, self._kick = pool, counters, kick
         self._auth = FrameAuth(config.auth_key)
+        self._sockets = ReqSockets()  # hold checks' answered connections to the peers
         self.regions: list[Region] = []  # this rank's pool of each group, set at registration
         self.mem_type = "DRAM"
         self.peers: dict[str, Peer] = {}
@@ -189,6 +190,7 @@ class LoadTracker:
         peer = self.peers.pop(engine_id, None)
         if peer is None:
             return
+        self._sockets.discard(*peer.address)
         for req_id, load in list(self._loads.items()):
             if load.peer_id == engine_id and load.error is None:
                 self._fail(req_id, KVPeerError(f"remote engine {engine_id!r} failed during the transfer"))
@@ -216,7 +218,8 @@ class LoadTracker:
             reader_rank=self.tp_rank, transfer_timeout_s=self.config.transfer_timeout_s,
         )
         load.check = self._pool.submit(
-            check_held, req.remote_host, req.remote_port, held, self.config.handshake_timeout_s, self._auth
+            check_held, req.remote_host, req.remote_port, held, self.config.handshake_timeout_s, self._auth,
+            self._sockets,
         )
         load.check.add_done_callback(lambda _: self._kick())
 
@@ -421,3 +424,4 @@ class LoadTracker:
             self._report_failure(req_id, KVTransferError("connector shut down"))
         for engine_id in list(self.peers):
             self._drop_peer(engine_id)
+        self._sockets.close()

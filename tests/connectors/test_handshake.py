@@ -15,6 +15,7 @@ from kvxfer.connectors.config import KVTransferConfig
 from kvxfer.connectors.handshake import (
     HandshakeError,
     HandshakeServer,
+    ReqSockets,
     check_held,
     fetch_engine_metadata,
     register_rank,
@@ -29,6 +30,7 @@ from kvxfer.connectors.metadata import (
     compat_of,
 )
 from kvxfer.connectors.nixl_scheduler import NixlConnectorScheduler
+from kvxfer.ports import free_port
 from kvxfer.specs import FullAttentionSpec
 
 SPEC = FullAttentionSpec(num_kv_heads=4, head_size=8, num_layers=2, block_size=16, dtype="float32")
@@ -128,12 +130,12 @@ def table(port):
     sched.shutdown()
 
 
-def held(table, params, **override):
+def held(table, params, sockets=None, **override):
     fields = dict(engine_id=params.remote_engine_id, instance_id=params.remote_instance_id,
                   request_id=params.remote_request_id, transfer_token=params.transfer_token,
                   block_ids=list(params.remote_block_ids), reader="dec", reader_rank=0, transfer_timeout_s=0.5)
     fields.update(override)
-    return check_held("127.0.0.1", table.config.side_channel_port, Held(**fields), 2.0, NO_AUTH)
+    return check_held("127.0.0.1", table.config.side_channel_port, Held(**fields), 2.0, NO_AUTH, sockets)
 
 
 def test_held_answers_exactly_for_the_token_blocks_and_instance(table):
@@ -160,6 +162,33 @@ def test_held_answers_exactly_for_the_token_blocks_and_instance(table):
     with pytest.raises(KVParamsError, match="'r1' is not held"):
         held(table, params)
     assert table.stats()["held_requests"] == 0
+
+
+def test_hold_checks_reuse_answered_connections_only(table):
+    """A REQ socket that got its answer (a pin or a refusal) carries the next check; one that
+    missed its reply is closed, never kept; after `close` a socket given back is closed."""
+    params = table.hold("r1", [3, 4, 5], 40)
+    sockets, addr = ReqSockets(), ("127.0.0.1", table.config.side_channel_port)
+    assert held(table, params, sockets) > 0
+    sock = sockets.take(*addr)
+    sockets.give_back(*addr, sock)
+    with pytest.raises(KVParamsError, match="not held by engine 'eng-h' under this token"):
+        held(table, params, sockets, transfer_token="0" * 32)
+    assert held(table, params, sockets) > 0
+    assert sockets.take(*addr) is sock  # the same connection all along
+    sockets.give_back(*addr, sock)
+
+    dead = ("127.0.0.1", free_port())
+    with pytest.raises(KVPeerError, match="timed out"):
+        check_held(*dead, Held("eng-h", "i", "r1", "t", [3], "dec", 0, 0.5), 0.8, NO_AUTH, sockets)
+    assert dead not in sockets._idle
+    sockets.discard(*addr)
+    assert sock.closed and addr not in sockets._idle
+
+    sock = sockets.take(*addr)
+    sockets.close()
+    sockets.give_back(*addr, sock)
+    assert sock.closed and not sockets._idle
 
 
 def test_release_names_the_token_and_waits_for_pins(table):
