@@ -31,7 +31,9 @@ SHAPES = {"tiny-qwen3": (8, 4, 32), "qwen3-0.6b": (16, 8, 128)}  # (query heads,
 
 
 def _old_paged_attention(query, kv_layer, attn, scale):
-    """The implementation before the causal fast path and the per-step decode plans (no windows)."""
+    """The implementation before the causal fast path and the per-step decode plans (no windows):
+    it gathers the paged context per sequence; the attention over it is today's `_attend`."""
+    attend = torch_ops._attend
     out = query.new_empty(query.shape[0], query.shape[1], kv_layer.shape[4])
     starts = attn.query_start_loc_host
     decodes = []
@@ -46,7 +48,7 @@ def _old_paged_attention(query, kv_layer, attn, scale):
             keys, values = keys[:, :seq_len], values[:, :seq_len]
             rows = torch.arange(q_len)[:, None] + (seq_len - q_len)
             mask = torch.arange(seq_len)[None, :] <= rows
-            out[start:end] = _old_attend(query[start:end].transpose(0, 1), keys, values, mask, scale).transpose(0, 1)
+            out[start:end] = attend(query[start:end].transpose(0, 1), keys, values, mask, scale).transpose(0, 1)
     if decodes:
         longest = -(-max(attn.seq_lens_host[b] for b in decodes) // kv_layer.shape[3]) * kv_layer.shape[3]
         chunk = max(1, (1 << 26) // (longest * kv_layer[0, :, :, 0].numel()))
@@ -60,7 +62,7 @@ def _old_paged_attention(query, kv_layer, attn, scale):
             columns = columns[None, :].expand(len(group), -1)
             keys, values = _old_gather(kv_layer, attn.block_tables[index[:, None], columns])
             mask = torch.arange(num_blocks * kv_layer.shape[3])[None, :] < lens[:, None]
-            result = _old_attend(query.index_select(0, tokens).unsqueeze(2), keys, values, mask[:, None, :], scale)
+            result = attend(query.index_select(0, tokens).unsqueeze(2), keys, values, mask[:, None, :], scale)
             out.index_copy_(0, tokens, result.squeeze(2))
     return out
 
@@ -71,16 +73,6 @@ def _old_gather(kv_layer, block_ids):
     shape = (*block_ids.shape[:-1], heads, block_ids.shape[-1] * block_size, head_size)
     tiles = [kv_layer[:, :, s].reshape(num_blocks * heads, -1).index_select(0, rows).view(shape) for s in (0, 1)]
     return tiles[0], tiles[1]
-
-
-def _old_attend(query, keys, values, mask, scale):
-    *lead, num_q_heads, q_len, _ = query.shape
-    heads = keys.shape[-3]
-    group = num_q_heads // heads
-    query = query.reshape(*lead, heads, group * q_len, query.shape[-1])
-    mask = mask.unsqueeze(-3).expand(*lead, group, q_len, mask.shape[-1]).reshape(*lead, 1, group * q_len, -1)
-    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
-    return out.reshape(*lead, num_q_heads, q_len, out.shape[-1])
 
 
 def _case(shape: str, dtype: torch.dtype, seqs: list[tuple[int, int]], block_size: int, gen):
