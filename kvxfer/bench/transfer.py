@@ -11,8 +11,9 @@ baseline.
 Hybrid (sliding-window) shapes are cached in KV cache groups as the engine caches them: the
 prefill side holds what `held_entries` names, the decode side's `RecvRequest` comes from the
 decode scheduler's own path (`update_state_after_alloc`), and the bytes moved per group are
-checked against what the specs predict (`blocks_to_read(P - 1)` blocks of each group: the whole
-prompt of a full group, about one window of a sliding group).
+checked against what the specs predict (`blocks_to_read(P)` blocks of each group: the decode
+side receives the whole prompt and computes the prefill's first token; the whole prompt of a full
+group, about one window of a sliding group).
 """
 
 from __future__ import annotations
@@ -377,12 +378,12 @@ def run(shape: Shape, tokens: int, p_tp: int, d_tp: int, block_size: int = 16, i
     spec.validate_tp(p_tp)
     spec.validate_tp(d_tp)
     lay = layout(groups, tokens, seed)
-    # What the specs predict: each group's blocks holding what position P - 1 (computed on the
-    # decode side) attends to, read in full by every decode rank's heads.
-    reads = [g.spec.blocks_to_read(tokens - 1) for g in groups]
+    # What the specs predict: each group's blocks holding what position P (the prefill's first
+    # token, computed on the decode side) attends to, read in full by every decode rank's heads.
+    reads = [g.spec.blocks_to_read(tokens) for g in groups]
     predicted = [len(r) * g.spec.bytes_per_block(d_tp) * d_tp for r, g in zip(reads, groups)]
     # What the one-tensor layout (all layers in one cache) moved: every layer's whole prompt.
-    one_tensor = -(-(tokens - 1) // block_size) * spec.bytes_per_block(d_tp) * d_tp
+    one_tensor = -(-tokens // block_size) * spec.bytes_per_block(d_tp) * d_tp
     ranks = Ranks(shape, block_size, lay.pools, p_tp, d_tp, lease=REPLY_TIMEOUT_S, device=device)
     cfg = ranks.prefill_config
     try:
@@ -393,7 +394,7 @@ def run(shape: Shape, tokens: int, p_tp: int, d_tp: int, block_size: int = 16, i
             data_seeds = [(seed * 1000 + it) * 16 + g for g in range(len(groups))]
             ranks.call(ranks.prefill, "fill", [list(zip(data_seeds, lay.held))] * p_tp)
             req_id = f"bench-{it}"
-            params = ranks.table.hold(req_id, [b for held in lay.held for b in held], tokens)
+            params = ranks.table.hold(req_id, [b for held in lay.held for b in held], tokens, first_token_id=0)
             meta = ranks.table.build_connector_meta(None)
             request = Request(req_id, list(range(tokens)), SamplingParams(max_tokens=1), params)
             sched = ranks.decode_scheduler
@@ -443,7 +444,7 @@ def run(shape: Shape, tokens: int, p_tp: int, d_tp: int, block_size: int = 16, i
     connector_gbps, raw_gbps = statistics.median(connector), statistics.median(raw)
     return {
         "shape": shape.__dict__, "tokens": tokens, "block_size": block_size, "prefill_tp": p_tp, "decode_tp": d_tp,
-        "blocks": -(-(tokens - 1) // block_size), "bytes": result["bytes"], "predicted_bytes": sum(predicted),
+        "blocks": -(-tokens // block_size), "bytes": result["bytes"], "predicted_bytes": sum(predicted),
         "one_tensor_bytes": one_tensor, "descriptors": result["descriptors"], "iterations": iterations,
         "groups": [{"group": name, "blocks": len(r), "bytes": b} for name, r, b in
                    zip(describe_groups(groups), reads, predicted)],

@@ -214,6 +214,12 @@ class RemotePrefillParams(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     remote_tp_size: PosInt
     remote_num_tokens: PosInt
     transfer_token: Token
+    # The token the prefill sampled from the prompt (t1): the decode side starts its output with
+    # it and computes its position. Its log-prob entry (best first) when the request asked.
+    first_token_id: NonNegInt
+    first_token_logprobs: list[tuple[NonNegInt, float]] | None = None
+    # Set by a router that already sent t1 to the client: the decode stream does not repeat it.
+    first_token_streamed: bool = False
 
 
 KVTransferParams = RemotePrefillParams | RemoteDecodeParams
@@ -247,10 +253,11 @@ def parse_kv_transfer_params(params: Any) -> KVTransferParams | None:
 
 def held_entries(groups: Sequence[KVCacheGroup], num_prompt_tokens: int) -> list[range]:
     """Per group, the block-table entries a prefill side holds for a prompt: all of them for full
-    attention, and from the first one a decode side reads (it receives every position but the
-    last, which it computes) for a sliding window."""
+    attention, and from the first one a decode side reads for a sliding window. The decode side
+    receives every prompt position `0 .. N-1` and computes position N (the prefill's first
+    token): the window is the one ending at N."""
     end = -(-num_prompt_tokens // groups[0].spec.block_size)
-    return [range(g.spec.blocks_to_read(num_prompt_tokens - 1).start, end) for g in groups]
+    return [range(g.spec.blocks_to_read(num_prompt_tokens).start, end) for g in groups]
 
 
 def split_held(groups: Sequence[KVCacheGroup], num_prompt_tokens: int, block_ids: list[int]) -> list[list[int]]:

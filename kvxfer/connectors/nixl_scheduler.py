@@ -1,10 +1,11 @@
 """NIXL connector, scheduler side: which requests load or hold KV, and the one table of holds.
 
-Decode: a request with `do_remote_prefill` loads its prompt minus the last token (always
-computed here, for its logits) minus what the local prefix cache already holds; only the
-uncached suffix blocks, owned by this request alone, are read; per KV cache group, and for a
-sliding-window group only the blocks inside the window at the end of the prompt. A full local
-hit still sends a notify-only load, so the prefill side frees its blocks.
+Decode: a request with `do_remote_prefill` starts with the prefill's first token (t1) as its
+first output and loads its whole prompt (positions 0 .. N-1) minus what the local prefix cache
+already holds; it then computes position N (t1) here and samples t2. Only the uncached suffix
+blocks, owned by this request alone, are read; per KV cache group, and for a sliding-window
+group only the blocks inside the window that position N sees. A full local hit still sends a
+notify-only load, so the prefill side frees its blocks.
 
 Prefill: a finished `do_remote_decode` request is held under a fresh transfer token (128
 random bits) with its exact block ids; the params name the token. This table, in the engine
@@ -119,11 +120,16 @@ class NixlConnectorScheduler(KVConnectorScheduler):
                 f"request has {request.num_prompt_tokens} (the params belong to another prompt)"
             )
         split_held(self.groups, params.remote_num_tokens, params.remote_block_ids)
+        if request.sampling_params.logprobs is not None:
+            entry = params.first_token_logprobs
+            if entry is None or params.first_token_id not in {t for t, _ in entry}:
+                raise KVParamsError("kv_transfer_params: first_token_logprobs must hold first_token_id's log-prob "
+                                    "when the request asks for logprobs")
 
     def get_num_new_matched_tokens(self, request: Any, num_local_computed_tokens: int) -> int:
         if not isinstance(request.kv_transfer_params, RemotePrefillParams):
             return 0
-        return max(request.num_prompt_tokens - 1 - num_local_computed_tokens, 0)
+        return max(request.num_prompt_tokens - num_local_computed_tokens, 0)
 
     def update_state_after_alloc(
         self, request: Any, block_tables: list[list[int]], num_local_computed_tokens: int, num_external_tokens: int
@@ -167,15 +173,21 @@ class NixlConnectorScheduler(KVConnectorScheduler):
         held = [b for table, entry in zip(block_tables, entries) for b in table[entry.start : entry.stop]]
         if not held:
             return False, None
+        first_logprobs = sorted(request.logprobs[0].items(), key=lambda x: -x[1]) if request.logprobs else None
         try:
-            params = self.hold(request.request_id, held, request.num_prompt_tokens)
+            params = self.hold(request.request_id, held, request.num_prompt_tokens, request.output_token_ids[0],
+                               first_logprobs)
         except ValueError as e:  # the engine let an id still held run again: never merge two holds
             logger.error("%s; its blocks are freed without a hold", e)
             return False, None
         return True, msgspec.to_builtins(params)
 
-    def hold(self, request_id: str, block_ids: list[int], num_tokens: int) -> RemotePrefillParams:
-        """Hold `block_ids` for a remote reader under a fresh token; the params name them."""
+    def hold(
+        self, request_id: str, block_ids: list[int], num_tokens: int, first_token_id: int,
+        first_token_logprobs: list[tuple[int, float]] | None = None,
+    ) -> RemotePrefillParams:
+        """Hold `block_ids` for a remote reader under a fresh token; the params name them and the
+        first token sampled from the prompt (with its log-prob entry, best first, when asked)."""
         token = secrets.token_hex(16)
         with self._lock:
             if request_id in self._holds:  # the engine refuses ids still held (RequestIdInUse)
@@ -185,7 +197,7 @@ class NixlConnectorScheduler(KVConnectorScheduler):
         c = self.config
         return RemotePrefillParams(
             True, c.engine_id, c.instance_id, c.side_channel_host, c.side_channel_port, list(block_ids),
-            request_id, self.tp_size, num_tokens, token,
+            request_id, self.tp_size, num_tokens, token, first_token_id, first_token_logprobs,
         )
 
     def _check_hold(self, msg: Held) -> Reply:

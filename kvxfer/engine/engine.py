@@ -15,6 +15,7 @@ import threading
 import weakref
 from typing import Any
 
+from kvxfer.connectors.base import KVParamsError
 from kvxfer.connectors.metadata import RemoteDecodeParams, RemotePrefillParams, parse_kv_transfer_params
 from kvxfer.engine.block_manager import BlockManager, engine_kv_cache_groups, group_windows
 from kvxfer.engine.config import EngineConfig
@@ -136,6 +137,9 @@ class LLMEngine:
             )
         if not isinstance(kv_transfer_params, (RemotePrefillParams, RemoteDecodeParams, type(None))):
             kv_transfer_params = parse_kv_transfer_params(kv_transfer_params)
+        if isinstance(kv_transfer_params, RemotePrefillParams) and kv_transfer_params.first_token_id >= vocab:
+            raise KVParamsError(f"kv_transfer_params: first_token_id {kv_transfer_params.first_token_id} is out of "
+                                f"range (vocab size {vocab})")
         if kv_transfer_params is not None and self.connector is None:
             raise ValueError(f"request {request_id!r}: kv_transfer_params given, but the engine has no kv_transfer_config")
         request = Request(request_id, tokens, sampling_params, kv_transfer_params, self.model_config.eos_token_ids)

@@ -52,7 +52,8 @@ class StepInput:
                 params = request.sampling_params
                 step.sample_rows.append(row)
                 step.sampling.append(
-                    SamplingInfo(request.request_id, params.temperature, params.top_p, params.seed, params.logprobs)
+                    SamplingInfo(request.request_id, params.temperature, params.top_p, params.seed, params.logprobs,
+                                 len(request.output_token_ids))
                 )
         return step
 
@@ -91,8 +92,6 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, step: StepInput) -> list[tuple[int, dict[int, float] | None]] | None:
         """Sampled (token, log-probs) per sample row on rank 0; None on the other ranks."""
-        if self.sampler is not None:
-            self.sampler.forget(step.finished_request_ids)
         if not step.query_lens:
             return [] if self.sampler is not None else None
         # --- CUDA graphs hook (engine/cuda_graphs.py): decode-only steps replay a graph ---

@@ -46,6 +46,13 @@ class Request:
         self.max_tokens = 1 if isinstance(kv_transfer_params, RemoteDecodeParams) else sampling_params.max_tokens
         self.output_token_ids: list[int] = []
         self.logprobs: list[dict[int, float]] = []  # per output token, when asked
+        self.finish_reason: str | None = None
+        if isinstance(kv_transfer_params, RemotePrefillParams):
+            # The prefill sampled the first token (t1): this side continues from it, and t1 may
+            # already end the request (EOS, or max_tokens 1: it counts).
+            entry = kv_transfer_params.first_token_logprobs
+            wants = sampling_params.logprobs is not None and entry is not None
+            self.append_token(kv_transfer_params.first_token_id, dict(entry) if wants else None)
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         # One block table per KV cache group (BlockManager), [] while the request holds none.
@@ -55,7 +62,6 @@ class Request:
         self.num_external_tokens = 0  # prompt tokens arriving from a remote engine
         self.remote_kv_checked = False  # the connector was asked once; recompute never asks again
         self.num_preemptions = 0
-        self.finish_reason: str | None = None
         self.error: str | None = None
         self.error_kind: str | None = None  # a failed KV transfer's KVTransferError.kind
         self.output_kv_transfer_params: dict[str, Any] | None = None

@@ -3,9 +3,11 @@
 Greedy rows take the argmax. Random rows are sampled together: temperature, top-p and the
 draw run on all of them at once (exponential race: the argmax of `probs / E`, `E ~ Exp(1)`
 per token, is a draw from `probs`), and one host transfer returns every row's token. Only
-the noise is drawn per row where the request has a seed, from its own `torch.Generator` (so
-a seeded request gives the same tokens whatever it is batched with); the other rows share
-one draw from the worker's generator. Log-probs are those of the model's distribution
+the noise is drawn per row where the request has a seed: the n-th output token's noise comes
+from a generator seeded by (seed, n), so a seeded request gives the same tokens whatever it
+is batched with, after a preemption, and wherever a token was drawn (a decode engine that
+continues from a prefill engine's first token draws the second as a colocated one would);
+the other rows share one draw from the worker's generator. Log-probs are those of the model's distribution
 (before temperature and top-p): per sampled row that asks for them, a {token id: log-prob}
 map of the chosen token and the row's top-k tokens, from one log_softmax and one topk over
 the rows that ask.
@@ -13,6 +15,7 @@ the rows that ask.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -27,17 +30,20 @@ class SamplingInfo:
     top_p: float
     seed: int | None
     logprobs: int | None  # None: none; k: the chosen token and the top k
+    n: int = 0  # the index of the output token drawn (seeded rows draw from (seed, n))
+
+
+def draw_seed(seed: int, n: int) -> int:
+    """The generator seed of a seeded request's n-th output token (64 bits of a hash, so that no
+    two (seed, n) pairs are related the way `seed + n` would relate them)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{n}".encode(), digest_size=8).digest(), "little")
 
 
 class Sampler:
     def __init__(self, device: torch.device, seed: int) -> None:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        self._request_generators: dict[str, torch.Generator] = {}
-
-    def forget(self, request_ids: list[str]) -> None:
-        for request_id in request_ids:
-            self._request_generators.pop(request_id, None)
+        self._seeded = torch.Generator(device=device)  # reseeded per seeded draw
 
     def __call__(self, logits: torch.Tensor, infos: list[SamplingInfo]) -> list[tuple[int, dict[int, float] | None]]:
         logits = logits.float()
@@ -87,13 +93,6 @@ class Sampler:
         noise.exponential_(generator=self.generator)
         for row, info in enumerate(infos):
             if info.seed is not None:
-                noise[row].exponential_(generator=self._generator(info))
+                noise[row].exponential_(generator=self._seeded.manual_seed(draw_seed(info.seed, info.n)))
         # An exact zero draw would turn a removed token's 0 / 0 into NaN, which argmax picks.
         return (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
-
-    def _generator(self, info: SamplingInfo) -> torch.Generator:
-        gen = self._request_generators.get(info.request_id)
-        if gen is None:
-            gen = torch.Generator(device=self.device).manual_seed(info.seed)
-            self._request_generators[info.request_id] = gen
-        return gen

@@ -71,6 +71,16 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         self.requests[request.request_id] = request
+        if request.finish_reason is not None:
+            # The prefill's first token already ends it: nothing is loaded, and the answer says
+            # so, so that a router releases the prefill's hold at once.
+            request.kv_transfer_stats = {
+                "unread": True, "reason": f"the first token finished the request ({request.finish_reason})",
+                "bytes": 0, "descriptors": 0, "seconds": 0.0, "gbps": 0.0,
+            }
+            self._finish(request, request.finish_reason)
+            self.finished.append(request)
+            return
         self.waiting.append(request)
 
     def holds(self, request_id: str) -> bool:
@@ -276,7 +286,8 @@ class Scheduler:
         self.connector.update_connector_output(output)
 
     def _load_done(self, request: Request) -> None:
-        # The last prompt token is always computed here: its logits give the first token.
+        # The newest token (the prefill's first one) is always computed here: its logits give
+        # the next token.
         total = request.num_computed_tokens + request.num_external_tokens
         request.num_computed_tokens = min(total, request.num_tokens - 1)
         request.status = RequestStatus.WAITING

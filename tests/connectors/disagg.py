@@ -35,9 +35,8 @@ def decode_llm(model: str, tp: int, policy: str = "fail", **kw) -> LLM:
 
 def run_and_capture(engine, prompts, sp, params, timeout: float = 120.0):
     """Run requests to the end; capture each prompt's KV blocks (per KV cache group, per rank)
-    once its first token is out, i.e. after the last prompt token was computed and before
-    anything reuses the blocks (a sliding group's entries before the window read as its null
-    block)."""
+    once the whole prompt is computed or received and before anything reuses the blocks (a
+    sliding group's entries before the window read as its null block)."""
     ids = [f"t-{uuid.uuid4().hex[:8]}-{i}" for i in range(len(prompts))]
     for rid, prompt, kv in zip(ids, prompts, params):
         engine.add_request(rid, prompt, sp, kv)
@@ -51,7 +50,7 @@ def run_and_capture(engine, prompts, sp, params, timeout: float = 120.0):
                 outputs[out.request_id] = out
         for rid, prompt in zip(ids, prompts):
             request = engine.scheduler.requests.get(rid)
-            if rid not in captured and request is not None and request.output_token_ids:
+            if rid not in captured and request is not None and request.num_computed_tokens >= len(prompt):
                 n = math.ceil(len(prompt) / bs)
                 captured[rid] = [
                     engine.collective_rpc("read_kv_blocks", table[:n], g)

@@ -36,9 +36,10 @@ def test_bench_on_vram():
 
 
 def window_blocks(tokens: int, window: int, block_size: int) -> int:
-    """Blocks holding what position `tokens - 1` (computed on the decode side) sees of the received
-    positions 0 .. tokens - 2 through a window: positions max(0, tokens - window) .. tokens - 2."""
-    first, last = max(0, tokens - window), tokens - 2
+    """Blocks holding what position `tokens` (the prefill's first token, computed on the decode
+    side) sees of the received positions 0 .. tokens - 1 through a window: positions
+    max(0, tokens - window + 1) .. tokens - 1."""
+    first, last = max(0, tokens - window + 1), tokens - 1
     return last // block_size - first // block_size + 1
 
 
@@ -55,9 +56,9 @@ def test_bench_hybrid_moves_full_group_bytes_plus_window_bytes(preset, p_tp, d_t
     result = bench_shape(preset, "--tokens", str(tokens), "--block-size", str(bs), "--prefill-tp", str(p_tp),
                          "--decode-tp", str(d_tp))
     block = 2 * bs * head_dim * 4 * heads_read  # K and V of one layer's block, float32, every head the ranks read
-    full = -(-(tokens - 1) // bs) * full_layers * block  # the whole received prompt
-    sliding = window_blocks(tokens, window, bs) * sliding_layers * block  # 2 blocks: positions 54..58
+    full = -(-tokens // bs) * full_layers * block  # the whole received prompt
+    sliding = window_blocks(tokens, window, bs) * sliding_layers * block  # 2 blocks: positions 55..59
     assert result["verified"]
     assert result["bytes"] == result["predicted_bytes"] == full + sliding
     assert [g["bytes"] for g in result["groups"]] == [b for b in (full, sliding) if b]
-    assert result["one_tensor_bytes"] == -(-(tokens - 1) // bs) * (full_layers + sliding_layers) * block
+    assert result["one_tensor_bytes"] == -(-tokens // bs) * (full_layers + sliding_layers) * block

@@ -56,7 +56,7 @@ TOKEN = "ab" * 16
 
 def good_params(**override):
     params = msgspec.to_builtins(
-        RemotePrefillParams(True, "eng-1", "inst-1", "127.0.0.1", 5600, [4, 9, 2], "req-1", 2, 40, TOKEN)
+        RemotePrefillParams(True, "eng-1", "inst-1", "127.0.0.1", 5600, [4, 9, 2], "req-1", 2, 40, TOKEN, 5)
     )
     params.update(override)
     return params

@@ -67,7 +67,7 @@ def test_cached_prefix_is_not_read_and_shared_blocks_stay_untouched(engines):
     engine.block_manager.reset_prefix_cache()
     [prefix] = prompts(1, 3 * BLOCK_SIZE)
     a = prefix + prompts(2, 5)[0]
-    b = prefix + prompts(3, 12)[0]  # 36 tokens: 35 to load, 3 blocks of them cached locally
+    b = prefix + prompts(3, 12)[0]  # 36 tokens to load, 3 blocks of them cached locally
     [params] = [o.kv_transfer_params for o in engines.prefill.generate([b], GREEDY, kv_transfer_params=HANDOFF)]
 
     engine.add_request("a", a, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
@@ -94,7 +94,7 @@ def test_cached_prefix_is_not_read_and_shared_blocks_stay_untouched(engines):
 
     out_b = outputs["b"]
     assert out_b.error is None and out_b.num_cached_tokens == 3 * BLOCK_SIZE
-    suffix_blocks = math.ceil((len(b) - 1) / BLOCK_SIZE) - 3
+    suffix_blocks = math.ceil(len(b) / BLOCK_SIZE) - 3
     assert out_b.kv_transfer_stats["bytes"] == expected_read_bytes(engine.spec, 2, suffix_blocks)
     assert out_b.output_token_ids == local_tokens(decode, [b])[0]
     drain(engines.prefill)
@@ -104,7 +104,7 @@ def test_cached_prefix_is_not_read_and_shared_blocks_stay_untouched(engines):
 def test_full_local_hit_reads_nothing_but_frees_the_prefill_blocks(engines):
     decode = engines.decode_fail
     decode.engine.block_manager.reset_prefix_cache()
-    [p] = prompts(4, 2 * BLOCK_SIZE + 1)  # all but the last token in two full blocks
+    [p] = prompts(4, 2 * BLOCK_SIZE)  # the whole prompt in two full blocks; the first token is computed
     decode.generate([p], GREEDY)  # caches both blocks locally
     [params] = [o.kv_transfer_params for o in engines.prefill.generate([p], GREEDY, kv_transfer_params=HANDOFF)]
     [out] = decode.generate([p], GREEDY, kv_transfer_params=params)
@@ -265,10 +265,12 @@ def test_params_are_bound_to_their_blocks_and_never_read_a_victims_kv(engines):
     before = prefill.engine.stats()["connector"]["refused_checks"]
     theirs = {"remote_block_ids": victim["remote_block_ids"]}
     [out] = decode.generate([a], GREEDY, kv_transfer_params={**attacker, **theirs})
-    assert out.error_kind == "params" and "held with other blocks" in out.error and not out.output_token_ids
+    # Nothing is computed: the output holds only the token the attacker's own params carry.
+    own_first = [attacker["first_token_id"]]
+    assert out.error_kind == "params" and "held with other blocks" in out.error and out.output_token_ids == own_first
     stolen = {**attacker, **theirs, "remote_request_id": victim["remote_request_id"]}
     [out] = decode.generate([a], GREEDY, kv_transfer_params=stolen)
-    assert out.error_kind == "params" and "not held" in out.error and not out.output_token_ids
+    assert out.error_kind == "params" and "not held" in out.error and out.output_token_ids == own_first
     assert prefill.engine.stats()["connector"]["refused_checks"] >= before + 2  # every decode rank asked
     # Nothing changed for the real holders: both genuine pulls still work.
     outs = decode.generate([v, a], GREEDY, kv_transfer_params=[victim, attacker])

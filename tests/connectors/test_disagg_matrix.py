@@ -3,7 +3,8 @@ engine computes itself, and greedy continuations equal the colocated ones.
 
 Each model's six engines (prefill and decode at TP 1, 2, 4) are shared by its cases. Hybrid
 (sliding-window) models run a few layouts with their own engines: per KV cache group, a
-sliding group receives only the blocks inside the window at the end of the prompt, and the
+sliding group receives only the blocks inside the window of the position after the prompt (the
+prefill's first token, computed on the decode side), and the
 bytes moved are each group's blocks read times its bytes per block.
 """
 
@@ -95,7 +96,7 @@ def check_transfer(prefill, decode, p_tp: int, d_tp: int, prompt_lengths: list[i
     for prompt, lo, re, lkv, rkv in zip(prompts, local, remote, local_kv, remote_kv):
         assert re.finish_reason == "length" and re.error is None, re.error
         assert re.output_token_ids == lo.output_token_ids
-        received = len(prompt) - 1  # the last prompt token is computed on the decode side
+        received = len(prompt)  # the whole prompt; the prefill's first token is computed on the decode side
         expected_bytes = 0
         for g, group in enumerate(groups):
             # Position `received` sees keys in (received - W, received]: the blocks holding the
@@ -130,6 +131,7 @@ def test_hybrid_failed_load_recomputes_every_group(checkpoint):
             "remote_host": "127.0.0.1", "remote_port": free_port(), "remote_request_id": "r",
             "remote_block_ids": [b for entries in held for b in range(len(entries))], "remote_tp_size": 1,
             "remote_num_tokens": len(prompt), "transfer_token": "0" * 32,
+            "first_token_id": local.output_token_ids[0],
         }
         (out,) = decode.generate([prompt], sp, kv_transfer_params=params)
         assert out.error is None and out.kv_transfer_stats["recomputed"] is True

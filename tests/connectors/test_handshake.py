@@ -139,7 +139,7 @@ def held(table, params, sockets=None, **override):
 
 
 def test_held_answers_exactly_for_the_token_blocks_and_instance(table):
-    params = table.hold("r1", [3, 4, 5], 40)
+    params = table.hold("r1", [3, 4, 5], 40, 0)
     assert len(params.transfer_token) == 32 and params.remote_instance_id == table.config.instance_id
     assert held(table, params) == pytest.approx(2.5)  # transfer time-out + margin
     cases = {
@@ -167,7 +167,7 @@ def test_held_answers_exactly_for_the_token_blocks_and_instance(table):
 def test_hold_checks_reuse_answered_connections_only(table):
     """A REQ socket that got its answer (a pin or a refusal) carries the next check; one that
     missed its reply is closed, never kept; after `close` a socket given back is closed."""
-    params = table.hold("r1", [3, 4, 5], 40)
+    params = table.hold("r1", [3, 4, 5], 40, 0)
     sockets, addr = ReqSockets(), ("127.0.0.1", table.config.side_channel_port)
     assert held(table, params, sockets) > 0
     sock = sockets.take(*addr)
@@ -192,7 +192,7 @@ def test_hold_checks_reuse_answered_connections_only(table):
 
 
 def test_release_names_the_token_and_waits_for_pins(table):
-    params = table.hold("r2", [7], 10)
+    params = table.hold("r2", [7], 10, 0)
     meta = table.build_connector_meta(None)
     assert [s.request_id for s in meta.send] == ["r2"] and meta.send[0].transfer_token == params.transfer_token
     assert not table.release_request("r2", None) and not table.release_request("r2", "f" * 32)
@@ -212,7 +212,7 @@ def test_release_names_the_token_and_waits_for_pins(table):
 
 
 def test_lease_expiry_is_decided_once_by_the_table(table):
-    params = table.hold("r3", [1, 2], 20)
+    params = table.hold("r3", [1, 2], 20, 0)
     deadline = time.monotonic() + 30
     while not (meta := table.build_connector_meta(None)).expire:
         assert time.monotonic() < deadline, "the lease never expired"

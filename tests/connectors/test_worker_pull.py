@@ -70,7 +70,7 @@ class Cluster:
         """Hold a request on the prefill engine the way the engine does: in its table, then (at
         the next step) on every rank."""
         table = self.tables[p_key]
-        params = table.hold(req_id, prefill_ids, len(prefill_ids) * SPECS[p_key[1]].block_size)
+        params = table.hold(req_id, prefill_ids, len(prefill_ids) * SPECS[p_key[1]].block_size, 0)
         if apply:
             self.step(p_key)
         return params
@@ -394,11 +394,11 @@ def test_dead_prefill_peer_fails_the_load_promptly(cluster):
         victim.call("add_worker", "victim", config, spec, 0, 1, POOL)
         wait_for(lambda: table.server.metadata() is not None, "the victim to register")
         decode, d_key, _ = cluster.engine("decode", "gqa4", 2)
-        [out, _] = pull(decode, d_key, [recv_request("alive", table.hold("alive", [1, 2], 8), [5, 6])])
+        [out, _] = pull(decode, d_key, [recv_request("alive", table.hold("alive", [1, 2], 8, 0), [5, 6])])
         assert "alive" in out["finished_recving"]
         victim.kill()
         start = time.monotonic()
-        outs = pull(decode, d_key, [recv_request("orphan", table.hold("orphan", [1, 2], 8), [5, 6])])
+        outs = pull(decode, d_key, [recv_request("orphan", table.hold("orphan", [1, 2], 8, 0), [5, 6])])
         for o in outs:
             assert "orphan" in o["failed_recving"]
         assert time.monotonic() - start < 12  # within the transfer time-out, not a hang
@@ -424,7 +424,7 @@ def test_vram_pull_between_processes():
         wait_for(lambda: table.server.metadata() is not None, "the prefill ranks to register")
         prefill_ids, decode_ids = [3, 4, 5, 11], [0, 1, 7, 8]
         data = fill_prefill(prefill, "p", spec, 2, prefill_ids, seed=3)
-        params = table.hold("vram", prefill_ids, 16)
+        params = table.hold("vram", prefill_ids, 16, 0)
         [out] = pull(decode, "d", [recv_request("vram", params, decode_ids)])
         assert "vram" in out["finished_recving"], out["failed_recving"]
         expected = np.zeros((POOL, spec.num_kv_heads, spec.bytes_per_head_block()), np.uint8)

@@ -112,8 +112,9 @@ def test_prefix_caching_reuses_every_group_and_matches_hf(model_dir, hf_referenc
 
 def test_decode_side_prefix_hit_reads_only_what_every_group_lacks(model_dir, hf_reference):
     """P/D over the real connector (NIXL over UCX) with a 24-token prefix cached on both sides: the
-    decode side reads, per group, the entries past its cached prefix that position P - 1's window
-    still needs; greedy outputs equal HF."""
+    decode side receives the whole prompt and reads, per group, the entries past its cached prefix
+    that position P's window (the prefill's first token, computed on the decode side) still needs;
+    greedy outputs equal HF."""
     preset = "tiny-qwen3-hybrid"  # a full group of 1 layer, a sliding group (window 6) of 3
     ref = hf_reference(preset)
     (base,) = prompts_of((40,), vocab=ref.model.config.vocab_size, offset=6)
@@ -121,8 +122,8 @@ def test_decode_side_prefix_hit_reads_only_what_every_group_lacks(model_dir, hf_
     block = 2 * BLOCK * 32 * 4 * 4  # K and V of one layer's block: head_dim 32, float32, 4 KV heads
     # (prompt, cached tokens, full-group entries read, sliding entries read), with cached
     # entries 0..5 (24 tokens, whose window 19..23 is entries 4, 5):
-    # 38 tokens: received 0..36; entries 6..9 of the full group, 8..9 (positions 32..36) sliding.
-    # 27 tokens: received 0..25; entry 6 of the full group; sliding 21..25 is entries 5, 6: only 6.
+    # 38 tokens: received 0..37; entries 6..9 of the full group, 8..9 (positions 33..37) sliding.
+    # 27 tokens: received 0..26; entry 6 of the full group; sliding 22..26 is entries 5, 6: only 6.
     cases = [(long_tail, 24, 4, 2), (short_tail, 24, 1, 1)]
     params = SamplingParams(max_tokens=4, ignore_eos=True)
     kw = dict(block_size=BLOCK, num_kv_blocks=48)

@@ -42,8 +42,8 @@ def engines(model_dir):
         prefill.shutdown()
 
 
-def run(engine, request_id, prompt, params=None, timeout=60.0):
-    engine.add_request(request_id, prompt, GREEDY, params)
+def run(engine, request_id, prompt, params=None, timeout=60.0, sampling=GREEDY):
+    engine.add_request(request_id, prompt, sampling, params)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for out in engine.step():
@@ -182,3 +182,62 @@ def test_an_abort_names_one_request_never_a_later_one_of_its_id(engines):
     second = run(prefill, "reused", prompt)
     assert second.finish_reason == "length" and len(second.output_token_ids) == GREEDY.max_tokens
     assert_all_free(prefill)
+
+
+def test_the_decode_side_continues_from_the_prefill_token_seeded_and_with_logprobs(engines):
+    """The decode side starts its output with the prefill's token (and its log-prob entry) and
+    samples the rest: a seeded request (temperature > 0) gives the colocated tokens, and the
+    log-probs equal the colocated ones, t1's included."""
+    prefill, decode = engines
+    (prompt,) = prompts_of((21,), offset=35)
+    sp = SamplingParams(max_tokens=8, temperature=1.0, seed=11, ignore_eos=True, logprobs=2)
+    colocated = run(decode, "seeded-local", prompt, sampling=sp)
+    handoff = run(prefill, "seeded-p", prompt, HANDOFF, sampling=sp)
+    params = handoff.kv_transfer_params
+    assert params["first_token_id"] == colocated.output_token_ids[0] == handoff.output_token_ids[0]
+    out = run(decode, "seeded-d", prompt, params, sampling=sp)
+    assert out.error is None and out.kv_transfer_stats["bytes"] > 0
+    assert out.output_token_ids == colocated.output_token_ids and len(set(out.output_token_ids)) > 1
+    assert len(out.logprobs) == 8
+    for got, want in zip(out.logprobs, colocated.logprobs):
+        assert got.keys() == want.keys() and all(abs(got[t] - want[t]) < 1e-4 for t in want)
+    drain(prefill)
+    assert_all_free(prefill, decode)
+
+
+def test_a_first_token_that_completes_the_request_pulls_nothing(engines):
+    """max_tokens 1 counts the prefill's token: the decode side answers it at once, says the
+    prefill's blocks were not read, and the hold stays for the router to release by its token."""
+    prefill, decode = engines
+    (prompt,) = prompts_of((19,), offset=36)
+    one = SamplingParams(max_tokens=1, temperature=0.0)
+    params = run(prefill, "one-p", prompt, HANDOFF, sampling=one).kv_transfer_params
+    transfers = decode.stats()["connector"]["transfers"]
+    out = run(decode, "one-d", prompt, params, sampling=one)
+    assert out.error is None and out.finish_reason == "length" and out.output_token_ids == [params["first_token_id"]]
+    assert out.kv_transfer_stats["unread"] is True and out.kv_transfer_stats["bytes"] == 0
+    assert decode.stats()["connector"]["transfers"] == transfers
+    prefill.step()
+    assert prefill.stats()["connector"]["held_requests"] == 1
+    assert prefill.abort_request("one-p", params["transfer_token"]) == "released"
+    drain(prefill)
+    assert_all_free(prefill, decode)
+
+
+def test_first_token_fields_are_checked_when_the_request_is_accepted(engines):
+    prefill, decode = engines
+    (prompt,) = prompts_of((17,), offset=37)
+    params = run(prefill, "ft-p", prompt, HANDOFF).kv_transfer_params  # asked no logprobs: none carried
+    assert params["first_token_logprobs"] is None
+    with_logprobs = SamplingParams(max_tokens=4, logprobs=1)
+    with pytest.raises(KVParamsError, match="first_token_logprobs"):
+        decode.add_request("ft-lp", prompt, with_logprobs, params)
+    with pytest.raises(KVParamsError, match="first_token_id"):
+        decode.add_request("ft-vocab", prompt, GREEDY, {**params, "first_token_id": decode.model_config.vocab_size})
+    missing = {k: v for k, v in params.items() if k != "first_token_id"}
+    with pytest.raises(KVParamsError, match="first_token_id"):
+        decode.add_request("ft-missing", prompt, GREEDY, missing)
+    assert not decode.has_unfinished_requests()
+    assert prefill.abort_request("ft-p", params["transfer_token"]) == "released"
+    drain(prefill)
+    assert_all_free(prefill, decode)

@@ -21,7 +21,7 @@ def make(rid, n_prompt, max_tokens=3):
 def remote_request(rid, prompt, max_tokens=2):
     """A decode-side request whose prompt KV comes from a (made-up) prefill engine."""
     params = RemotePrefillParams(True, "prefill", "inst", "127.0.0.1", 5600, list(range(len(prompt) // BS + 1)), rid, 1,
-                                 len(prompt), "0" * 32)
+                                 len(prompt), "0" * 32, 0)
     return Request(rid, list(prompt), SamplingParams(max_tokens=max_tokens), params)
 
 
@@ -168,7 +168,7 @@ def test_remote_kv_wait_does_not_block_others_and_resumes():
     run_step(sched)
     sched.update_connector_output(Out(recv=["remote"]))
     out, _ = run_step(sched)
-    # Only the last prompt token is computed locally.
+    # Only the prefill's first token (position 9) is computed locally.
     assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [("local", 1), ("remote", 1)]
 
 
@@ -185,13 +185,34 @@ def test_remote_failure_fails_or_recomputes_by_policy():
             assert err.finish_reason == "error" and "peer died" in err.error and err.error_kind == "peer"
             assert bm.num_free_blocks == 16
         else:
-            assert out.scheduled[0].num_new_tokens == 9 and sched.num_recomputed == 1
-            assert sched.requests["r"].kv_transfer_stats == {
+            # The prompt and the prefill's first token are recomputed; the next token is sampled.
+            assert out.scheduled[0].num_new_tokens == 10 and sched.num_recomputed == 1
+            r = out.scheduled[0].request
+            assert r.output_token_ids == [0, 7] and r.finish_reason == "length"  # t1, then the sampled t2
+            assert r.kv_transfer_stats == {
                 "recomputed": True, "error_kind": "peer", "reason": "peer died",
                 "bytes": 0, "descriptors": 0, "seconds": 0.0, "gbps": 0.0,
             }
             run_all(sched)
             assert bm.num_free_blocks == 16
+
+
+def test_a_first_token_that_ends_the_request_finishes_it_without_a_load():
+    """max_tokens 1 (the prefill's token counts) or an EOS first token: finished at once, no blocks
+    taken, no load, and the answer says the prefill's blocks were not read."""
+    for rid, max_tokens, eos in (("one", 1, ()), ("eos", 5, (0,))):
+        bm = BlockManager(16, BS)
+        conn = FakeConnector()
+        sched = Scheduler(bm, 8, 64, conn)
+        r = remote_request(rid, list(range(1, 10)), max_tokens=max_tokens)
+        r = Request(rid, r.prompt_token_ids, r.sampling_params, r.kv_transfer_params, eos)
+        sched.add(r)
+        (done,) = sched.pop_finished()
+        assert done is r and r.finish_reason == ("length" if max_tokens == 1 else "stop")
+        assert r.output_token_ids == [0] and r.kv_transfer_stats["unread"] is True
+        out, _ = run_step(sched)
+        assert not out.scheduled and not sched.has_unfinished() and bm.num_free_blocks == 16
+        assert not [c for c in conn.calls if c[0] in ("match", "alloc")]
 
 
 def test_delayed_free_until_the_connector_reports_sending_done():
