@@ -7,6 +7,11 @@ parsed once here (`parse_kv_transfer_params`) and checked by the engine when it 
 request, so a bad request is a 4xx that changes nothing (an id in use: 409). The response
 status is sent only once the first output exists, so a failed KV pull is an HTTP error rather
 than a broken stream.
+
+A P/D request's text continues across servers: a prefill leg's stream holds back a trailing
+incomplete UTF-8 sequence (the decode side completes it), and a decode leg whose router already
+streamed the prefill's first token (`first_token_streamed`) starts its stream after that token,
+with the text state the prefill's stream ended in.
 """
 
 from __future__ import annotations
@@ -22,7 +27,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvxfer.connectors.base import KVParamsError
-from kvxfer.connectors.metadata import parse_kv_transfer_params
+from kvxfer.connectors.metadata import (
+    KVTransferParams,
+    RemoteDecodeParams,
+    RemotePrefillParams,
+    parse_kv_transfer_params,
+)
 from kvxfer.engine.request import RequestIdInUse
 from kvxfer.entrypoints.async_engine import AsyncEngine, EngineDead, RequestStream
 from kvxfer.entrypoints.metrics import ServerMetrics
@@ -156,7 +166,7 @@ async def _generate(
     except ValueError as exc:  # incl. KVParamsError from the engine's check of the params
         raise BadRequest(str(exc)) from None
 
-    view = _ResponseView(ctx, request_id, req, chat, top_logprobs)
+    view = _ResponseView(ctx, request_id, req, chat, top_logprobs, kv)
     watch = _DisconnectWatch(request)
     try:
         first = await _next_or_disconnect(stream, watch)
@@ -248,7 +258,8 @@ def _event(payload: dict) -> str:
 class _ResponseView:
     """Builds the OpenAI JSON of one request (completion or chat; full or chunks)."""
 
-    def __init__(self, ctx: ServerContext, request_id: str, req: Any, chat: bool, top_logprobs: int | None):
+    def __init__(self, ctx: ServerContext, request_id: str, req: Any, chat: bool, top_logprobs: int | None,
+                 kv: KVTransferParams | None):
         self.ctx = ctx
         self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
         self.created = int(time.time())
@@ -256,7 +267,14 @@ class _ResponseView:
         self.chat = chat
         self.top_logprobs = top_logprobs
         self.text = IncrementalText(ctx.renderer)
-        self.num_logprobs_sent = 0
+        self.num_sent = 0  # output tokens already in a chunk
+        # A prefill leg's text continues on the decode side: never flush an incomplete character.
+        self.continues = isinstance(kv, RemoteDecodeParams)
+        if isinstance(kv, RemotePrefillParams) and kv.first_token_streamed:
+            # The router sent the prefill's chunk of t1: resume from exactly where it ended (the
+            # same function on the same tokenizer gives the same held-back state).
+            self.text.delta([kv.first_token_id], final=False)
+            self.num_sent = 1
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.ctx.model_name}
@@ -290,8 +308,8 @@ class _ResponseView:
 
     def chunk(self, output: Any) -> dict:
         ids = list(output.output_token_ids)
-        delta = self.text.delta(ids, final=output.finished)
-        start, self.num_logprobs_sent = self.num_logprobs_sent, len(ids)
+        delta = self.text.delta(ids, final=output.finished and not self.continues)
+        start, self.num_sent = self.num_sent, len(ids)
         choice: dict[str, Any] = {"index": 0, "finish_reason": output.finish_reason if output.finished else None,
                                   "logprobs": self._logprobs(output, start)}
         if self.chat:

@@ -1,9 +1,16 @@
 """P/D proxy router: prefill leg on one server, decode leg (streamed through) on another.
 
-For each request: the prefill leg (max_tokens=1, not streamed, `do_remote_decode`) returns the
-`kv_transfer_params` the decode leg needs; both legs carry one X-Request-Id. Backends are
-health-checked in the background and on every failed connection; a failure after a successful
-prefill aborts the prefill request on its server so its held blocks are freed at once.
+For each request: the prefill leg (max_tokens=1, `do_remote_decode`) computes the prompt,
+samples the first token (t1) and returns the `kv_transfer_params` the decode leg needs (they
+carry t1); both legs carry one X-Request-Id. With `--first-token prefill` (the default) a
+streamed request's prefill leg is streamed too, and its event (t1) is the client's first chunk
+at once; the decode leg (`first_token_streamed`: its stream starts after t1) pulls the prompt's
+KV, computes t1's position and continues, so the pull and the decode leg's hops land between
+t1 and t2, not before t1. A request that t1 already completes (the prefill stopped, or the
+client asked one token) is answered from the prefill alone and its hold released. With
+`--first-token decode` the decode leg's answer is relayed as is (t1 included, as a vLLM-style
+backend answers). Backends are health-checked in the background and on every failed
+connection; a failure after a successful prefill releases the prefill's held blocks at once.
 
 Health is whether a backend can serve, not how busy it is: a refused connection or a 503 marks
 it down at once, a slow /health answer only after several in a row (a server's /health does not
@@ -20,6 +27,7 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable
 
 import anyio
 import httpx
@@ -32,6 +40,8 @@ from kvxfer.entrypoints.protocol import REQUEST_ID_RE
 logger = logging.getLogger("kvxfer.proxy")
 
 DISCONNECT_POLL_S = 1.0
+FIRST_TOKEN_MODES = ("prefill", "decode")
+DONE_EVENT = b"data: [DONE]\n\n"
 SLOW_CHECKS_TO_FAIL = 3  # consecutive timed-out /health checks before a backend is marked down
 
 
@@ -81,7 +91,10 @@ def error_json(status: int, message: str, kind: str = "proxy_error") -> JSONResp
 
 class Router:
     def __init__(self, prefill: list[str], decode: list[str], policy: str, request_timeout_s: float,
-                 health_interval_s: float, health_timeout_s: float):
+                 health_interval_s: float, health_timeout_s: float, first_token: str = "prefill"):
+        if first_token not in FIRST_TOKEN_MODES:
+            raise ValueError(f"first_token must be one of {FIRST_TOKEN_MODES}, got {first_token!r}")
+        self.first_token = first_token  # who sends the client its first token (module docstring)
         self.prefill = Pool("prefill", [Backend(u.rstrip("/")) for u in prefill], policy)
         self.decode = Pool("decode", [Backend(u.rstrip("/")) for u in decode], policy)
         self.health_interval_s = health_interval_s
@@ -142,6 +155,20 @@ class Router:
                 raise UpstreamError(502, f"{pool.role} server {backend.url} failed: {exc!r}", backend) from None
         raise UpstreamError(503, f"no healthy {pool.role} server ({pool.describe()})")
 
+    async def _prefill_leg(self, path: str, body: dict, headers: dict, stream: bool):
+        """`_send` to a prefill server, its answer read to the end (one token: a streamed answer
+        is one event and [DONE], sent together once the token exists)."""
+        backend, resp = await self._send(self.prefill, path, body, headers, stream)
+        try:
+            await resp.aread()
+        except BaseException as exc:
+            backend.in_flight -= 1
+            await resp.aclose()
+            if isinstance(exc, httpx.HTTPError):
+                raise UpstreamError(502, f"prefill server {backend.url} failed: {exc!r}", backend) from None
+            raise
+        return backend, resp
+
     @staticmethod
     async def _unless_gone(request: Request, task: asyncio.Future, cancel: bool = True):
         """Await `task`, polling the client; if it disconnects raise ClientGone, cancelling the
@@ -185,7 +212,7 @@ class Router:
                 await self.abort(exc.backend, request_id)
             return
         prefill.in_flight -= 1
-        params = _prefill_params(resp) if resp.status_code == 200 else None
+        params = _prefill_params(_prefill_answer(resp)) if resp.status_code == 200 else None
         if params is not None:
             await self.abort(prefill, request_id, _token(params))
 
@@ -208,11 +235,14 @@ class Router:
         if not any(b.healthy for b in self.decode.backends):  # do not prefill for nobody
             return error_json(503, f"no healthy decode server ({self.decode.describe()})")
 
-        prefill_body = body | {"max_tokens": 1, "stream": False, "kv_transfer_params": {"do_remote_decode": True}}
+        stream = bool(body.get("stream"))
+        first_streamed = stream and self.first_token == "prefill"  # the prefill's event goes to the client
+        prefill_body = body | {"max_tokens": 1, "stream": first_streamed,
+                               "kv_transfer_params": {"do_remote_decode": True}}
         prefill_body.pop("stream_options", None)
         if "max_completion_tokens" in body:
             prefill_body["max_completion_tokens"] = 1
-        leg = asyncio.ensure_future(self._send(self.prefill, path, prefill_body, headers, stream=False))
+        leg = asyncio.ensure_future(self._prefill_leg(path, prefill_body, headers, first_streamed))
         try:
             prefill, resp = await self._unless_gone(request, leg, cancel=False)
         except UpstreamError as exc:
@@ -225,15 +255,27 @@ class Router:
         prefill.in_flight -= 1
         if resp.status_code != 200:  # it holds nothing for us (and a 409 names another client's request)
             return _passthrough_error(resp, f"prefill server {prefill.url}")
-        params = _prefill_params(resp)
+        answer = _prefill_answer(resp)
+        params = _prefill_params(answer)
         if params is None:
             await self.abort(prefill, request_id)  # its answer is unreadable: end what may still run
             return error_json(502, f"prefill server {prefill.url} returned no readable kv_transfer_params "
                                    f"({resp.text[:200]!r})")
         token = _token(params)
+        complete = self.first_token == "prefill" and _completed_by_first_token(body, answer)
+        if first_streamed:
+            return StreamingResponse(self._stream_from_first(answer, complete, path, body, headers, prefill, params),
+                                     media_type="text/event-stream", headers=headers)
+        if complete:  # nothing for a decode side to do: answer from the prefill, release its hold
+            await self.abort(prefill, request_id, token)
+            return JSONResponse(answer | {"kv_transfer_params": None}, headers=headers)
 
-        decode_body = body | {"kv_transfer_params": params}
-        stream = bool(body.get("stream"))
+        return await self._decode_leg(request, path, body | {"kv_transfer_params": params}, headers, prefill, token)
+
+    async def _decode_leg(self, request: Request, path: str, decode_body: dict, headers: dict, prefill: Backend,
+                          token: str | None) -> Response:
+        """The decode leg whose answer is the client's (not streamed, or `decode` mode)."""
+        request_id, stream = headers["X-Request-Id"], bool(decode_body.get("stream"))
         try:
             decode, resp = await self._unless_gone(
                 request, asyncio.ensure_future(self._send(self.decode, path, decode_body, headers, stream)))
@@ -252,32 +294,68 @@ class Router:
             if self._unread(resp.content):
                 await self.abort(prefill, request_id, token)
             return Response(resp.content, media_type="application/json", headers=headers)
-        return StreamingResponse(self._relay(resp, prefill, decode, request_id, token),
+        return StreamingResponse(self._relay(lambda: _ready(decode, resp), prefill, request_id, token),
                                  media_type="text/event-stream", headers=headers)
+
+    def _stream_from_first(self, answer: dict, complete: bool, path: str, body: dict, headers: dict,
+                           prefill: Backend, params: dict) -> AsyncIterator[bytes]:
+        """The client's stream in `prefill` mode: the prefill's event (t1) as a continuing chunk,
+        then either a final chunk (t1 completed the request; the hold is released) or the decode
+        leg's stream, which starts after t1."""
+        request_id, token = headers["X-Request-Id"], _token(params)
+        first = _event(_continuing(answer))
+        if complete:
+            return self._finish_after_first([first, _event(_final_after(answer)), DONE_EVENT], prefill, request_id,
+                                            token)
+        decode_body = body | {"kv_transfer_params": params | {"first_token_streamed": True}}
+        return self._relay(lambda: self._send(self.decode, path, decode_body, headers, True), prefill, request_id,
+                           token, lead=first)
+
+    async def _finish_after_first(self, events: list[bytes], prefill: Backend, request_id: str,
+                                  token: str | None) -> AsyncIterator[bytes]:
+        try:
+            for event in events:
+                yield event
+        finally:  # also when the client left: nobody reads the prefill's blocks
+            with anyio.CancelScope(shield=True):
+                await self.abort(prefill, request_id, token)
 
     def _unread(self, payload: bytes) -> bool:
         """Whether a decode answer (or its final event) says nobody may have read the prefill's
         blocks, so the proxy releases them now rather than leave them to the lease: its KV was
         recomputed locally (`kv_transfer_stats.recomputed`; counted, so a broken transfer path
-        never passes as healthy), or it was aborted (finish_reason "abort", perhaps before its
-        pull started). Releasing one that was read is harmless: a hold pinned by its reader
-        is released only after its ReadDone or pin, one already freed answers "unknown"."""
-        if b'"recomputed"' not in payload and b'"abort"' not in payload:
+        never passes as healthy), the prefill's first token already finished it so nothing was
+        pulled (`kv_transfer_stats.unread`), or it was aborted (finish_reason "abort", perhaps
+        before its pull started). Releasing one that was read is harmless: a hold pinned by its
+        reader is released only after its ReadDone or pin, one already freed answers "unknown"."""
+        if b'"recomputed"' not in payload and b'"unread"' not in payload and b'"abort"' not in payload:
             return False
         try:
             answer = json.loads(payload)
-            recomputed = (answer.get("kv_transfer_stats") or {}).get("recomputed") is True
+            stats = answer.get("kv_transfer_stats") or {}
+            recomputed, unread = stats.get("recomputed") is True, stats.get("unread") is True
             aborted = any(c.get("finish_reason") == "abort" for c in answer.get("choices") or ())
         except (ValueError, AttributeError):
             return False
         if recomputed:
             self.metrics.recomputed.inc()
-        return recomputed or aborted
+        return recomputed or unread or aborted
 
-    async def _relay(self, resp: httpx.Response, prefill: Backend, decode: Backend, request_id: str,
-                     token: str | None):
-        completed, unread, pending = False, False, b""
+    async def _relay(self, decode_leg: Callable[[], Awaitable[tuple[Backend, httpx.Response]]], prefill: Backend,
+                     request_id: str, token: str | None, lead: bytes = b"") -> AsyncIterator[bytes]:
+        """Stream `lead` (what the client is due already), then the decode leg's stream; once the
+        client's stream has started, a failure becomes an error event and [DONE]. The prefill's
+        hold is released unless the decode leg completed and read it."""
+        completed, unread, pending, decode, resp = False, False, b"", None, None
         try:
+            if lead:
+                yield lead
+            decode, resp = await decode_leg()
+            if resp.status_code != 200:
+                await resp.aread()
+                yield _error_event(*_upstream_error(resp, f"decode server {decode.url}"))
+                yield DONE_EVENT
+                return
             async for chunk in resp.aiter_raw():
                 yield chunk
                 # Scan whole events for the final one's kv_transfer_stats; chunks may split them.
@@ -286,17 +364,22 @@ class Router:
                     if event.startswith(b"data: {"):
                         unread |= self._unread(event[6:])
             completed = True
+        except UpstreamError as exc:  # the decode leg was not taken (no server, connection failed)
+            yield _error_event(exc.status, exc.message)
+            yield DONE_EVENT
         except httpx.HTTPError as exc:
             decode.healthy, decode.problem = False, f"failed mid-stream ({type(exc).__name__})"
             message = f"decode server {decode.url} failed mid-stream: {exc!r}"
             logger.warning("%s: %s", request_id, message)
-            payload = {"error": {"message": message, "type": "upstream_error", "code": 502}}
-            yield f"data: {json.dumps(payload)}\n\n".encode()
+            yield _error_event(502, message, "upstream_error")
+            yield DONE_EVENT
         finally:
-            decode.in_flight -= 1
+            if decode is not None:
+                decode.in_flight -= 1
             # Also runs when the client disconnected (cancellation): shield the clean-up.
             with anyio.CancelScope(shield=True):
-                await resp.aclose()
+                if resp is not None:
+                    await resp.aclose()
                 if unread or not completed:  # nobody read (or will read) the prefill's blocks
                     await self.abort(prefill, request_id, token)
 
@@ -320,14 +403,76 @@ class Router:
         return JSONResponse(body, status_code=200 if ok else 503)
 
 
-def _prefill_params(resp: httpx.Response) -> dict | None:
-    """The `kv_transfer_params` object of a prefill answer, or None when there is none or the
-    body is not a JSON object."""
+async def _ready(decode: Backend, resp: httpx.Response) -> tuple[Backend, httpx.Response]:
+    return decode, resp
+
+
+def _prefill_answer(resp: httpx.Response) -> dict | None:
+    """A prefill answer read to its end: its JSON object, or a streamed one's first event; None
+    when it is neither."""
+    content = resp.content
     try:
-        params = resp.json().get("kv_transfer_params")
-    except (ValueError, AttributeError):
+        if content.startswith(b"data: "):
+            content = content[6:].split(b"\n\n", 1)[0]
+        answer = json.loads(content)
+    except ValueError:
         return None
+    return answer if isinstance(answer, dict) else None
+
+
+def _prefill_params(answer: dict | None) -> dict | None:
+    """The `kv_transfer_params` object of a prefill answer, or None when there is none."""
+    params = (answer or {}).get("kv_transfer_params")
     return params if isinstance(params, dict) else None
+
+
+def _completed_by_first_token(body: dict, answer: dict) -> bool:
+    """Whether the prefill's token completes the client's request: the prefill stopped (EOS), or
+    the client asked for one token."""
+    choices = answer.get("choices")
+    stopped = isinstance(choices, list) and bool(choices) and isinstance(choices[0], dict) \
+        and choices[0].get("finish_reason") == "stop"
+    return stopped or (body.get("max_completion_tokens") or body.get("max_tokens")) == 1
+
+
+def _continuing(event: dict) -> dict:
+    """The prefill's (final) event as a chunk the stream continues after, as a colocated server
+    sends it: no finish_reason and none of the final chunk's fields."""
+    skip = ("usage", "kv_transfer_params", "kv_transfer_stats", "prompt_token_ids")
+    chunk = {k: v for k, v in event.items() if k not in skip}
+    chunk["choices"] = [c | {"finish_reason": None} for c in event.get("choices") or ()]
+    return chunk
+
+
+def _final_after(event: dict) -> dict:
+    """The final chunk after the prefill's event when its token completed the request: no new
+    text or tokens, the prefill's finish_reason and usage."""
+    choices = []
+    for c in event.get("choices") or ():
+        empty = {"content": ""} if "delta" in c else {}
+        choices.append(c | {"logprobs": None} | ({"delta": empty} if "delta" in c else {"text": ""})
+                       | ({"token_ids": []} if "token_ids" in c else {}))
+    return event | {"choices": choices, "kv_transfer_params": None}
+
+
+def _event(payload: dict) -> bytes:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+
+def _error_event(status: int, message: str, kind: str = "proxy_error") -> bytes:
+    return _event({"error": {"message": message, "type": kind, "code": status}})
+
+
+def _upstream_error(resp: httpx.Response, who: str) -> tuple[int, str, str]:
+    """(status, message, type) of a backend's error answer: a 4xx (the client's request was bad)
+    keeps the server's own status and message."""
+    try:
+        detail = resp.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        detail = resp.text[:500]
+    if 400 <= resp.status_code < 500:
+        return resp.status_code, detail, "invalid_request_error"
+    return 502, f"{who} returned {resp.status_code}: {detail}", "proxy_error"
 
 
 def _token(params: dict) -> str | None:
@@ -338,11 +483,8 @@ def _token(params: dict) -> str | None:
 def _passthrough_error(resp: httpx.Response, who: str) -> Response:
     if 400 <= resp.status_code < 500:  # the client's request was bad: pass the server's answer on
         return Response(resp.content, status_code=resp.status_code, media_type="application/json")
-    try:
-        detail = resp.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        detail = resp.text[:500]
-    return error_json(502, f"{who} returned {resp.status_code}: {detail}")
+    status, message, kind = _upstream_error(resp, who)
+    return error_json(status, message, kind)
 
 
 def build_app(router: Router) -> FastAPI:
@@ -391,6 +533,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--health-timeout", type=float, default=10.0,
                         help=f"seconds a /health check may take; {SLOW_CHECKS_TO_FAIL} slow checks in a row mark "
                              "a backend down (a refused connection or a 503 does at once)")
+    parser.add_argument("--first-token", choices=FIRST_TOKEN_MODES, default="prefill",
+                        help="who sends a streamed client its first token: the prefill server, at once (the decode "
+                             "server continues after it), or the decode server (its stream relayed as is)")
     parser.add_argument("--log-level", default="info")
 
 
@@ -399,7 +544,7 @@ def main(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     router = Router(args.prefill, args.decode, args.policy, args.request_timeout, args.health_interval,
-                    args.health_timeout)
+                    args.health_timeout, args.first_token)
     uvicorn.run(build_app(router), host=args.host, port=args.port, log_level=args.log_level.lower(),
                 timeout_graceful_shutdown=5)
     return 0

@@ -27,7 +27,8 @@ LEASE_S = 20  # far beyond a leg and a failed handshake, short enough to wait fo
 class PrefillWrapper:
     """ASGI wrapper: in mode "hold" a /v1/completions answer waits for `gate` (after `ready`
     is set), in mode "garbage" it is replaced by a 200 whose body is not JSON, in mode
-    "misdirect" its kv_transfer_params name a side-channel port where nobody listens."""
+    "misdirect" its kv_transfer_params (in a JSON answer or a streamed one's event) name a
+    side-channel port where nobody listens."""
 
     def __init__(self, app):
         self.app = app
@@ -51,15 +52,26 @@ class PrefillWrapper:
             held: list[dict] = []
 
             async def rewrite(message):
+                # A JSON answer (its length changes: the start waits for it) or a streamed one's
+                # events, each in its own body message.
                 if message["type"] == "http.response.start":
-                    held.append(message)
-                    return
-                body = json.loads(message["body"])
-                body["kv_transfer_params"]["remote_port"] = CLOSED_PORT
-                raw = json.dumps(body).encode()
-                headers = [(k, v) for k, v in held[0]["headers"] if k != b"content-length"]
-                await send(held[0] | {"headers": headers + [(b"content-length", str(len(raw)).encode())]})
-                await send({"type": "http.response.body", "body": raw})
+                    if any(k == b"content-length" for k, _ in message["headers"]):
+                        held.append(message)
+                        return
+                    return await send(message)
+                raw = message.get("body", b"")
+                sse = raw.startswith(b"data: ")
+                payload = raw[6:].strip() if sse else raw
+                if payload.startswith(b"{"):
+                    body = json.loads(payload)
+                    if body.get("kv_transfer_params"):
+                        body["kv_transfer_params"]["remote_port"] = CLOSED_PORT
+                    raw = json.dumps(body).encode()
+                    raw = b"data: " + raw + b"\n\n" if sse else raw
+                if held:
+                    headers = [(k, v) for k, v in held[0]["headers"] if k != b"content-length"]
+                    await send(held.pop() | {"headers": headers + [(b"content-length", str(len(raw)).encode())]})
+                await send(message | {"body": raw})
 
             return await self.app(scope, receive, rewrite)
 

@@ -39,8 +39,9 @@ def prompt_of(n: int, seed: int) -> list[int]:
 
 
 def prefill_leg(prefill, prompt) -> dict:
+    # Greedy, as the decode legs below: the params carry the first token, which they continue from.
     r = httpx.post(f"{prefill.url}/v1/completions", timeout=60, json={
-        "prompt": prompt, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}})
+        "prompt": prompt, "max_tokens": 1, "temperature": 0.0, "kv_transfer_params": {"do_remote_decode": True}})
     assert r.status_code == 200, r.text
     return r.json()["kv_transfer_params"]
 
@@ -58,8 +59,10 @@ def test_decode_killed_mid_stream(cluster, servers):
                 events.append(line[6:])
                 if len(events) == 3:
                     decode.kill()
-    # The client is told (an error event), not left waiting (the 30 s read time-out).
-    last = json.loads(events[-1])
+    # The client is told (an error event, then the stream's end), not left waiting (the 30 s read
+    # time-out).
+    assert events[-1] == "[DONE]"
+    last = json.loads(events[-2])
     assert "decode server" in last["error"]["message"] and "mid-stream" in last["error"]["message"]
     assert len(events) < 3000
     # The decode side had already pulled and notified: the prefill blocks are free, not leased.

@@ -2,7 +2,11 @@
 pull gathers heads from both prefill ranks) behind the proxy. Outputs are checked against
 HF transformers; bytes pulled against the KV spec's block size; block lifecycles through
 /metrics. Covers prompts shorter than a block, full and partial decode-side prefix hits,
-forged params, and one request id across both legs."""
+forged params, and one request id across both legs. The first-token handoff in both proxy modes
+(`--first-token prefill`: the prefill's token streamed at once, the decode stream continues after
+it; `decode`: the decode answer relayed as is) gives the colocated output: text, token ids and
+log-probs, streamed or not, completions and chat, seeded sampling, a first token that ends the
+request (its hold released), and a character split across the first two tokens."""
 
 from __future__ import annotations
 
@@ -54,8 +58,8 @@ def fresh_prompt(n: int) -> list[int]:
 
 
 def blocks_read(prompt_len: int, cached_blocks: int = 0) -> int:
-    # The decode side computes the last prompt token itself, for its logits.
-    return math.ceil((prompt_len - 1) / BLOCK_SIZE) - cached_blocks
+    # The decode side receives the whole prompt and computes the prefill's first token itself.
+    return math.ceil(prompt_len / BLOCK_SIZE) - cached_blocks
 
 
 def complete(url: str, prompt: list[int], max_tokens: int = 6, **extra) -> dict:
@@ -143,7 +147,7 @@ def test_one_request_id_for_both_legs(pd):
 
 def test_full_prefix_hit_on_decode_not_on_prefill(pd, hf):
     prefill, decode, proxy = pd
-    prompt = fresh_prompt(2 * BLOCK_SIZE + 1)
+    prompt = fresh_prompt(2 * BLOCK_SIZE)
     complete(decode.url, prompt, max_tokens=1)  # colocated on decode: caches both full blocks there
     before = metrics(prefill.url)
     body = complete(proxy.url, prompt)
@@ -271,6 +275,145 @@ def test_client_leaving_a_non_streamed_request_aborts_it(pd):
                    json={"prompt": fresh_prompt(40), "max_tokens": 3000, "ignore_eos": True})
     # The proxy notices, closes its decode leg, and the decode server aborts the request.
     wait_metric(decode.url, 'kvxfer_requests_total{finish_reason="abort"}', before + 1, timeout_s=60)
+    settle(prefill, decode)
+
+
+@pytest.fixture(scope="module")
+def proxies(pd, cluster):
+    """The module's proxy (`--first-token prefill`, the default) and one with `--first-token decode`."""
+    prefill, decode, proxy = pd
+    relay = cluster.proxy([prefill], [decode], "--health-interval", "1", "--first-token", "decode")
+    relay.wait_healthy(60)
+    return {"prefill": proxy, "decode": relay}
+
+
+def _logprob_pairs(logprobs: dict | None, chat: bool) -> list[tuple[int, float]]:
+    if logprobs is None:
+        return []
+    if chat:
+        return [(e["token_id"], e["logprob"]) for e in logprobs["content"]]
+    return list(zip(logprobs["token_ids"], logprobs["token_logprobs"]))
+
+
+def ask(url: str, body: dict, chat: bool, stream: bool) -> dict:
+    """One request's answer, streamed or not, as text, token ids, (token id, log-prob) pairs,
+    finish_reason and usage; a stream's chunks are checked for the shape a colocated server sends."""
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    body = body | {"stream": stream, "return_token_ids": True}
+    if not stream:
+        r = httpx.post(f"{url}{path}", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        choice = answer["choices"][0]
+        assert answer["kv_transfer_params"] is None  # nothing of the legs leaks to the client
+        return {"text": choice["message"]["content"] if chat else choice["text"], "ids": choice["token_ids"],
+                "logprobs": _logprob_pairs(choice["logprobs"], chat), "finish": choice["finish_reason"],
+                "usage": answer["usage"]}
+    with httpx.stream("POST", f"{url}{path}", json=body, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert not any("error" in c for c in chunks), chunks
+    out = {"text": "", "ids": [], "logprobs": [], "chunks": chunks}
+    for i, c in enumerate(chunks):
+        choice = c["choices"][0]
+        last = i == len(chunks) - 1
+        assert (choice["finish_reason"] is None) != last and ("usage" in c) == last, chunks
+        if chat:
+            assert ("role" in choice["delta"]) == (i == 0), chunks
+        out["text"] += choice["delta"]["content"] if chat else choice["text"]
+        out["ids"] += choice["token_ids"]
+        out["logprobs"] += _logprob_pairs(choice["logprobs"], chat)
+    out |= {"finish": chunks[-1]["choices"][0]["finish_reason"], "usage": chunks[-1]["usage"]}
+    return out
+
+
+def assert_same_answer(got: dict, want: dict) -> None:
+    assert got["ids"] == want["ids"] and got["text"] == want["text"] and got["finish"] == want["finish"]
+    assert got["usage"] == want["usage"]
+    assert [t for t, _ in got["logprobs"]] == [t for t, _ in want["logprobs"]]
+    assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(got["logprobs"], want["logprobs"]))
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+def test_both_first_token_modes_answer_as_colocated_with_logprobs(pd, proxies, hf, mode, stream):
+    prefill, decode, _ = pd
+    for chat in (False, True):
+        body = {"max_tokens": 6, "temperature": 0.0, "ignore_eos": True}
+        if chat:
+            body |= {"messages": [{"role": "user", "content": f"Count the stones {mode} {stream}"}],
+                     "logprobs": True, "top_logprobs": 2}
+        else:
+            body |= {"prompt": fresh_prompt(37), "logprobs": 2}
+        got = ask(proxies[mode].url, body, chat, stream)
+        want = ask(decode.url, body, chat, stream)  # colocated on the decode server
+        assert_same_answer(got, want)
+        if not chat:
+            assert got["ids"] == hf.generate(body["prompt"], 6)[0]
+        if stream:
+            first = got["chunks"][0]["choices"][0]["token_ids"]
+            # The prefill's token comes alone, at once; a relayed decode stream starts with t1 and t2.
+            assert first == (got["ids"][:1] if mode == "prefill" else got["ids"][:2])
+    settle(prefill, decode)
+
+
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+def test_seeded_sampling_through_the_proxy_equals_colocated(pd, proxies, mode):
+    prefill, decode, _ = pd
+    body = {"prompt": fresh_prompt(21), "max_tokens": 10, "temperature": 3.0, "seed": 1234, "ignore_eos": True}
+    for stream in (False, True):
+        got, want = ask(proxies[mode].url, body, False, stream), ask(decode.url, body, False, stream)
+        assert got["ids"] == want["ids"] and len(set(got["ids"])) > 1
+    settle(prefill, decode)
+
+
+@pytest.fixture(scope="module")
+def eos_first_prompt(hf) -> list[int]:
+    """A prompt whose greedy first token is EOS (id 0 in the tiny tokenizer)."""
+    torch = hf.torch
+    candidates = torch.randint(3, 500, (4096, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        first = hf.model(candidates).logits[:, -1].argmax(-1)
+    hits = (first == hf.model.config.eos_token_id).nonzero()
+    assert len(hits), "no prompt of 6 tokens starts with EOS under this model"
+    return candidates[int(hits[0])].tolist()
+
+
+@pytest.mark.parametrize("mode", ["prefill", "decode"])
+def test_a_first_token_that_ends_the_request_is_answered_and_releases_the_hold(pd, proxies, mode,
+                                                                               eos_first_prompt):
+    """max_tokens 1, or EOS as the first token: the answer equals colocated's, and the prefill's
+    hold is released (its pool free, nothing held) rather than left to its lease."""
+    prefill, decode, _ = pd
+    cases = [({"prompt": fresh_prompt(40), "max_tokens": 1, "temperature": 0.0, "ignore_eos": True}, "length"),
+             ({"prompt": eos_first_prompt, "max_tokens": 5, "temperature": 0.0}, "stop")]
+    for body, finish in cases:
+        for stream in (False, True):
+            got, want = ask(proxies[mode].url, body, False, stream), ask(decode.url, body, False, stream)
+            assert_same_answer(got, want)
+            assert got["finish"] == finish and len(got["ids"]) == 1
+            settle(prefill, decode)
+    assert metrics(prefill.url)["kvxfer_kv_expired_leases_total"] == 0
+
+
+def test_a_character_split_across_the_first_two_tokens_streams_whole(pd, proxies, hf, tiny_qwen3):
+    """The prefill's first token is an incomplete UTF-8 sequence: its chunk holds it back, and the
+    decode stream resumes from that state, so the streamed text is the colocated one."""
+    from transformers import AutoTokenizer
+
+    prefill, decode, _ = pd
+    tok = AutoTokenizer.from_pretrained(tiny_qwen3)
+    prompt = next(p for p in (fresh_prompt(12) for _ in range(200))
+                  if tok.decode(hf.generate(p, 1)[0]).endswith("\ufffd"))
+    body = {"prompt": prompt, "max_tokens": 6, "temperature": 0.0, "ignore_eos": True}
+    want = ask(decode.url, body, False, True)
+    for mode in ("prefill", "decode"):
+        got = ask(proxies[mode].url, body, False, True)
+        assert got["ids"] == want["ids"] and got["text"] == want["text"]
+        assert got["text"] == ask(decode.url, body, False, False)["text"]
+    assert ask(proxies["prefill"].url, body, False, True)["chunks"][0]["choices"][0]["text"] == ""
     settle(prefill, decode)
 
 
