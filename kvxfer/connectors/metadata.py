@@ -28,6 +28,7 @@ PosInt = Annotated[int, Meta(ge=1)]
 Port = Annotated[int, Meta(ge=1, le=65535)]
 Name = Annotated[str, Meta(min_length=1, max_length=256)]
 Token = Annotated[str, Meta(min_length=32, max_length=128)]  # >= 128 random bits, hex
+LogProb = Annotated[float, Meta(le=0.0)]  # also refuses NaN
 
 
 class Compat(msgspec.Struct, frozen=True):
@@ -217,7 +218,7 @@ class RemotePrefillParams(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     # The token the prefill sampled from the prompt (t1): the decode side starts its output with
     # it and computes its position. Its log-prob entry (best first) when the request asked.
     first_token_id: NonNegInt
-    first_token_logprobs: list[tuple[NonNegInt, float]] | None = None
+    first_token_logprobs: list[tuple[NonNegInt, LogProb]] | None = None
     # Set by a router that already sent t1 to the client: the decode stream does not repeat it.
     first_token_streamed: bool = False
 

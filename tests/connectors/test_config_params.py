@@ -86,6 +86,12 @@ def test_params_round_trip():
         (good_params(transfer_token="guess"), "transfer_token"),
         ({k: v for k, v in good_params().items() if k != "transfer_token"}, "transfer_token"),
         ({k: v for k, v in good_params().items() if k != "remote_instance_id"}, "remote_instance_id"),
+        ({k: v for k, v in good_params().items() if k != "first_token_id"}, "first_token_id"),
+        (good_params(first_token_id=-1), "first_token_id"),
+        (good_params(first_token_logprobs=[[5, 0.5]]), r"first_token_logprobs\[0\]\[1\]"),  # a log-prob is <= 0
+        (good_params(first_token_logprobs=[[5, float("nan")]]), "first_token_logprobs"),
+        (good_params(first_token_logprobs=[5]), "first_token_logprobs"),
+        (good_params(first_token_streamed=1), "first_token_streamed"),
         ([1, 2], "must be an object"),
     ],
 )
@@ -96,7 +102,8 @@ def test_malformed_params_are_a_clear_error(params, match):
 
 def test_held_blocks_split_per_group_with_the_window_clipped():
     # Layers 0 and 2 full, 1 and 3 a window of 6; blocks of 4; a prompt of 30 tokens (8 blocks):
-    # the decode side receives positions 0..28 and computes 29, whose window starts at 24.
+    # the decode side receives positions 0..29 and computes 30 (the prefill's first token), whose
+    # window starts at 25: entries 6 and 7.
     groups = group_layers((None, 6, None, 6), 2, 8, 4, "float32")
     ids = list(range(100, 108)) + [100, 101]  # the full group's 8 blocks, the sliding group's entries 6, 7
     assert split_held(groups, 30, ids) == [list(range(100, 108)), [100, 101]]  # ids repeat across groups
