@@ -215,6 +215,30 @@ def test_a_first_token_that_ends_the_request_finishes_it_without_a_load():
         assert not [c for c in conn.calls if c[0] in ("match", "alloc")]
 
 
+def test_a_preempted_loaded_request_recomputes_prompt_and_outputs_without_asking_again():
+    """A P/D request that started from the prefill's token and loaded its prompt, preempted while
+    decoding: it recomputes prompt and outputs (the first token included) locally, never loads
+    again, and ends with exactly max_tokens outputs, the prefill's token first."""
+    bm = BlockManager(8, BS)
+    conn = FakeConnector()
+    sched = Scheduler(bm, 8, 64, conn)
+    local = make("l", 8, max_tokens=20)  # 7 blocks at its end
+    sched.add(local)
+    run_step(sched)
+    remote = remote_request("r", list(range(50, 56)), max_tokens=12)  # 5 blocks at its end
+    sched.add(remote)
+    run_step(sched)
+    assert remote.status == RequestStatus.WAITING_FOR_REMOTE_KV and remote.output_token_ids == [0]
+    sched.update_connector_output(Out(recv=["r"]))
+    out, _ = run_step(sched)
+    assert ("r", 1) in [(s.request.request_id, s.num_new_tokens) for s in out.scheduled]  # t1's position
+    finished = run_all(sched)
+    assert remote.num_preemptions >= 1 and set(finished) == {"l", "r"}
+    assert remote.output_token_ids[0] == 0 and len(remote.output_token_ids) == 12
+    assert [c for c in conn.calls if c[:2] == ("match", "r")] == [("match", "r", 0)]
+    assert bm.num_free_blocks == 8
+
+
 def test_delayed_free_until_the_connector_reports_sending_done():
     bm = BlockManager(16, BS)
     conn = FakeConnector(delay_free=True)
