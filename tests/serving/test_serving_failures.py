@@ -81,9 +81,11 @@ def test_decode_killed_mid_stream(cluster, servers):
 
 def test_decode_leg_failure_releases_the_prefill_blocks(cluster, servers):
     prefill, decode = servers["prefill"], servers["decode_dead"]
-    # Health checks far apart: the proxy still believes the decode server is up.
+    # Health checks far apart: the proxies still believe the decode server is up.
     proxy = cluster.proxy([prefill], [decode], "--health-interval", "600")
+    streamed = cluster.proxy([prefill], [decode], "--health-interval", "600")
     proxy.wait_healthy(60)
+    streamed.wait_healthy(60)
     decode.kill()
     before = metrics(prefill.url)
     r = httpx.post(f"{proxy.url}/v1/completions", json={"prompt": prompt_of(50, 2), "max_tokens": 4}, timeout=60)
@@ -91,6 +93,17 @@ def test_decode_leg_failure_releases_the_prefill_blocks(cluster, servers):
     after = metrics(prefill.url)
     assert after["kvxfer_prompt_tokens_total"] == before["kvxfer_prompt_tokens_total"] + 50  # prefill ran
     # ... and its held blocks were released at once, not after the 300 s lease.
+    wait_all_blocks_free(prefill.url, timeout_s=60)
+    assert metrics(prefill.url)["kvxfer_kv_held_requests"] == 0
+    # Streamed, the client already has the prefill's token when the decode leg fails: an error
+    # event and the stream's end, and the hold released as well.
+    with httpx.stream("POST", f"{streamed.url}/v1/completions", timeout=60, json={
+            "prompt": prompt_of(50, 6), "max_tokens": 4, "stream": True, "return_token_ids": True}) as r:
+        assert r.status_code == 200
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert len(events) == 3 and events[-1] == "[DONE]", events
+    assert len(json.loads(events[0])["choices"][0]["token_ids"]) == 1
+    assert "no healthy decode server" in json.loads(events[1])["error"]["message"]
     wait_all_blocks_free(prefill.url, timeout_s=60)
     assert metrics(prefill.url)["kvxfer_kv_held_requests"] == 0
 
