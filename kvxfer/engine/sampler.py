@@ -7,10 +7,10 @@ the noise is drawn per row where the request has a seed: the n-th output token's
 from a generator seeded by (seed, n), so a seeded request gives the same tokens whatever it
 is batched with, after a preemption, and wherever a token was drawn (a decode engine that
 continues from a prefill engine's first token draws the second as a colocated one would);
-the other rows share one draw from the worker's generator. Log-probs are those of the model's distribution
-(before temperature and top-p): per sampled row that asks for them, a {token id: log-prob}
-map of the chosen token and the row's top-k tokens, from one log_softmax and one topk over
-the rows that ask.
+the other rows share one draw from the worker's generator. Log-probs are those of the
+model's distribution (before temperature and top-p): per sampled row that asks for them, a
+{token id: log-prob} map of the chosen token and the row's top-k tokens, from one log_softmax
+and one topk over the rows that ask.
 """
 
 from __future__ import annotations
