@@ -52,7 +52,7 @@ class LlamaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         store_kv(kv_layer, k, v, attn.slot_mapping)
-        out = paged_attention(q, kv_layer, attn, self.scale, sliding_window=self.sliding_window)
+        out = paged_attention(q, kv_layer, attn, self.scale, sliding_window=self.sliding_window, new_kv=(k, v))
         return self.o_proj(out.reshape(num_tokens, -1))
 
     def load(self, ckpt, prefix: str) -> None:
