@@ -1,4 +1,4 @@
-"""Free TCP ports on the loopback interface, for ranks' rendezvous, side channels and servers.
+"""Free TCP ports on the loopback interface, for side channels and servers.
 
 A probed port may be taken by another process before its user binds it; callers that start
 servers retry on that.

@@ -14,9 +14,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -25,7 +27,6 @@ from typing import Any
 from kvxfer.connectors.base import KVConnectorBroken
 from kvxfer.engine.config import EngineConfig
 from kvxfer.engine.rank_events import RankEvents
-from kvxfer.ports import free_port
 
 
 def threads_per_rank(tp_size: int) -> int:
@@ -169,7 +170,14 @@ class Executor:
             # Load first, then join the group: a rank failing to load is reported as such
             # instead of leaving the others waiting in a rendezvous.
             self.collective_rpc("load_model")
-            self.num_blocks = self.collective_rpc("init_kv_cache", free_port())[0]
+            # The ranks meet in a file store (they all run on this host): a TCP port probed free
+            # here could be taken by another process before rank 0 binds it, leaving the other
+            # ranks waiting out their time-out. The group needs the file only to form.
+            rendezvous = tempfile.mkdtemp(prefix="kvxfer-tp-")
+            try:
+                self.num_blocks = self.collective_rpc("init_kv_cache", os.path.join(rendezvous, "store"))[0]
+            finally:
+                shutil.rmtree(rendezvous, ignore_errors=True)
         except BaseException:
             self.shutdown()
             raise

@@ -75,3 +75,8 @@ def main(fd: int, parent_pid: int, pdeathsig: bool) -> None:
 
 if __name__ == "__main__":
     main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1")
+    # Everything this rank owns is shut down; skip interpreter finalization, where torch's gloo
+    # threads being torn down aborted a finished rank once (tests/models/harness.py does the same).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -134,13 +134,14 @@ class Worker:
             self.model, self.groups, caches, self.config.block_size, self.config.max_num_seqs, max_model_len, capture
         )
 
-    def init_kv_cache(self, dist_port: int) -> tuple[int, ...]:
-        """Join the TP group, size this rank's pools, agree on their sizes (MIN over ranks, per
-        group), allocate; returns the blocks per group."""
+    def init_kv_cache(self, rendezvous_file: str) -> tuple[int, ...]:
+        """Join the TP group (meeting at `rendezvous_file`, see `Executor`), size this rank's
+        pools, agree on their sizes (MIN over ranks, per group), allocate; returns the blocks per
+        group."""
         if self.tp_size > 1 and not dist.is_initialized():
             dist.init_process_group(
                 "nccl" if self.device.type == "cuda" else "gloo",
-                init_method=f"tcp://127.0.0.1:{dist_port}",
+                init_method=f"file://{rendezvous_file}",
                 rank=self.rank,
                 world_size=self.tp_size,
                 timeout=datetime.timedelta(seconds=self.config.worker_timeout_s),

@@ -33,7 +33,9 @@ import anyio
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
+from kvxfer.entrypoints import http_server
 from kvxfer.entrypoints.metrics import ProxyMetrics
 from kvxfer.entrypoints.protocol import REQUEST_ID_RE
 
@@ -43,6 +45,9 @@ DISCONNECT_POLL_S = 1.0
 FIRST_TOKEN_MODES = ("prefill", "decode")
 DONE_EVENT = b"data: [DONE]\n\n"
 SLOW_CHECKS_TO_FAIL = 3  # consecutive timed-out /health checks before a backend is marked down
+# The pool drops a connection idle this long, well before a backend closes it
+# (http_server.KEEP_ALIVE_S, which says why), whatever a busy host delays.
+UPSTREAM_IDLE_S = 30.0
 
 
 @dataclass
@@ -101,7 +106,8 @@ class Router:
         self.health_timeout_s = health_timeout_s
         self.health_rounds = 0  # completed rounds of checks, shown in /health
         timeout = httpx.Timeout(connect=5.0, read=request_timeout_s, write=30.0, pool=30.0)
-        self.client = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=1000))
+        limits = httpx.Limits(max_connections=1000, keepalive_expiry=UPSTREAM_IDLE_S)
+        self.client = httpx.AsyncClient(timeout=timeout, limits=limits)
         self.metrics = ProxyMetrics()
         self._cleanups: set[asyncio.Future] = set()
 
@@ -219,11 +225,16 @@ class Router:
     async def route(self, request: Request, path: str) -> Response:
         response = await self._route(request, path)
         self.metrics.requests.labels(str(response.status_code)).inc()
+        if response.status_code >= 500:  # ours, or a backend's: say which and why (error class, message)
+            logger.warning("%s: %d %s", request.headers.get("x-request-id", "(no id)"), response.status_code,
+                           bytes(getattr(response, "body", b""))[:1000].decode(errors="replace"))
         return response
 
     async def _route(self, request: Request, path: str) -> Response:
         try:
             body = json.loads(await request.body())
+        except ClientDisconnect:  # left while sending its body: nothing was started
+            return Response(status_code=499)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return error_json(400, f"request body is not valid JSON: {exc}", "invalid_request_error")
         if not isinstance(body, dict):
@@ -540,11 +551,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import uvicorn
-
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     router = Router(args.prefill, args.decode, args.policy, args.request_timeout, args.health_interval,
                     args.health_timeout, args.first_token)
-    uvicorn.run(build_app(router), host=args.host, port=args.port, log_level=args.log_level.lower(),
-                timeout_graceful_shutdown=5)
+    http_server.run(build_app(router), args.host, args.port, args.log_level)
     return 0

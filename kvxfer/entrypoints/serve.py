@@ -170,13 +170,12 @@ def build_server(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
-    import uvicorn
+    from kvxfer.entrypoints import http_server
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine, app = build_server(args)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                    timeout_graceful_shutdown=5)
+        http_server.run(app, args.host, args.port, args.log_level)
     finally:
         engine.shutdown()
     return 0

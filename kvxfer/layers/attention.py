@@ -121,9 +121,15 @@ def paged_attention(
     scale: float,
     v_dim: int | None = None,
     sliding_window: int | None = None,
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its paged context (see `torch_ops`);
-    with `sliding_window` `W`, a token at position `p` sees keys at `p - W + 1 .. p` only."""
+    with `sliding_window` `W`, a token at position `p` sees keys at `p - W + 1 .. p` only.
+    `new_kv`: the step's K and V as just stored, which the torch ops attend to in place for a
+    prefill with no cached prefix (the Triton kernels read the cache)."""
     if sliding_window is not None and (type(sliding_window) is not int or sliding_window < 1):
         raise ValueError(f"sliding_window must be None or a positive integer, got {sliding_window!r}")
-    return _ops(query).paged_attention(query, kv_layer, attn, scale, v_dim, sliding_window)
+    ops = _ops(query)
+    if ops is torch_ops:
+        return torch_ops.paged_attention(query, kv_layer, attn, scale, v_dim, sliding_window, new_kv)
+    return ops.paged_attention(query, kv_layer, attn, scale, v_dim, sliding_window)

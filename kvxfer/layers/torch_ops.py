@@ -63,12 +63,15 @@ def paged_attention(
     scale: float,
     v_dim: int | None = None,
     sliding_window: int | None = None,
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its paged context.
 
     `query` is `[T, Hq, Dk]`; query head `h` uses KV head `h // (Hq // H)`. With one slot per
     token (MLA, absorbed form) K is the cached latent and V its first `v_dim` features.
-    `sliding_window` `W`: position `p` attends to keys `p - W + 1 .. p` only. Returns `[T, Hq, Dv]`.
+    `sliding_window` `W`: position `p` attends to keys `p - W + 1 .. p` only. `new_kv`: this
+    step's K and V `[T, H, D]`, as just stored: a prefill with no cached prefix attends to them
+    in place instead of gathering them back from the cache. Returns `[T, Hq, Dv]`.
     """
     num_slots = kv_layer.shape[2]
     if num_slots == 1 and v_dim is None:
@@ -76,9 +79,13 @@ def paged_attention(
     out_dim = v_dim if num_slots == 1 else kv_layer.shape[4]
     out = query.new_empty(query.shape[0], query.shape[1], out_dim)
     starts = attn.query_start_loc_host
+    # The stored copy equals the new K/V only when the cache keeps their dtype.
+    if new_kv is not None and (num_slots == 1 or new_kv[0].dtype != kv_layer.dtype):
+        new_kv = None
     for b in attn.multi_token_seqs:
         start, end = starts[b], starts[b + 1]
-        out[start:end] = _attend_one(query[start:end], kv_layer, attn, b, scale, out_dim, sliding_window)
+        fresh = None if new_kv is None else (new_kv[0][start:end], new_kv[1][start:end])
+        out[start:end] = _attend_one(query[start:end], kv_layer, attn, b, scale, out_dim, sliding_window, fresh)
     for plan in _decode_plans(attn, kv_layer, sliding_window):
         keys, values = _gather_rows(kv_layer, plan.rows, plan.shape, out_dim)
         if isinstance(plan.tokens, slice):
@@ -217,20 +224,26 @@ def _attend_one(
     scale: float,
     out_dim: int,
     sliding_window: int | None,
+    fresh: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """A multi-token sequence (prefill, chunked prefill) over its visible blocks."""
+    """A multi-token sequence (prefill, chunked prefill) over its visible blocks; `fresh`: its
+    new K and V `[q_len, H, D]`, attended in place when they are its whole context."""
     q_len = query.shape[0]
     seq_len = attn.seq_lens_host[b]
     block_size, heads = kv_layer.shape[3], kv_layer.shape[1]
     if sliding_window is not None and sliding_window >= seq_len:
         sliding_window = None  # the window hides nothing: take the unmasked path when it applies
     first = first_visible_block(seq_len, q_len, block_size, sliding_window)
-    num_blocks = -(-seq_len // block_size)
-    block_ids = torch.tensor(attn.block_tables_host[b][first:num_blocks], device=query.device)
-    shape = (heads, (num_blocks - first) * block_size)
-    keys, values = _gather_rows(kv_layer, _tile_rows(block_ids, heads), shape, out_dim)
-    offset = first * block_size  # position of the first gathered key
-    keys, values = keys[:, : seq_len - offset], values[:, : seq_len - offset]
+    if fresh is not None and q_len == seq_len:
+        # No cached prefix: the context is this step's K/V, head-major views (no copy).
+        keys, values, offset = fresh[0].transpose(0, 1), fresh[1].transpose(0, 1), 0
+    else:
+        num_blocks = -(-seq_len // block_size)
+        block_ids = torch.tensor(attn.block_tables_host[b][first:num_blocks], device=query.device)
+        shape = (heads, (num_blocks - first) * block_size)
+        keys, values = _gather_rows(kv_layer, _tile_rows(block_ids, heads), shape, out_dim)
+        offset = first * block_size  # position of the first gathered key
+        keys, values = keys[:, : seq_len - offset], values[:, : seq_len - offset]
     # SDPA gets 4-D tensors (a batch of one): torch's CPU flash kernel takes only those, 3-D
     # inputs fall back to the math path, about 10x slower on a 1024-token prefill. GQA through
     # `enable_gqa`: the kernel shares each KV head among its query heads, nothing is copied.

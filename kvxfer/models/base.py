@@ -61,10 +61,14 @@ class CausalLM(nn.Module):
         """Hidden states `[T, hidden]` of the flattened batch; writes the new tokens' KV. Per layer:
         its cache view (`[num_blocks, heads, 2, block_size, head_size]`, in its KV cache group's
         tensor) and its group's attention metadata."""
-        hidden = self.embed_tokens(input_ids)
+        hidden = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             hidden = layer(positions, hidden, kv_layers[i], attns[i])
         return self.norm(hidden)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The input embeddings (a model that scales them overrides this)."""
+        return self.embed_tokens(input_ids)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Full-vocab float32 logits `[S, vocab]` on rank 0; None on the other ranks."""

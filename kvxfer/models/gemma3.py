@@ -6,19 +6,18 @@ optional final logit soft-capping."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvxfer.layers.attention import AttentionMetadata, paged_attention, store_kv
-from kvxfer.layers.linear import QKVParallelLinear, RowParallelLinear
+from kvxfer.layers.attention import AttentionMetadata
 from kvxfer.layers.mlp import GatedMLP
 from kvxfer.layers.parallel import TPInfo
 from kvxfer.layers.rotary import RotaryEmbedding
 from kvxfer.models.base import CausalLM, DecoderLayer
 from kvxfer.models.config import ModelConfig
+from kvxfer.models.llama import LlamaAttention
 
 
 class GemmaRMSNorm(nn.Module):
@@ -46,45 +45,6 @@ class GeluTanhMLP(GatedMLP):
         return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
-class Gemma3Attention(nn.Module):
-    def __init__(
-        self, config: ModelConfig, rotary: RotaryEmbedding, tp: TPInfo, dtype, device, sliding_window: int | None
-    ) -> None:
-        super().__init__()
-        hf = config.hf_config
-        self.head_size = config.head_size
-        bias = bool(hf.attention_bias)
-        self.qkv_proj = QKVParallelLinear(
-            hf.hidden_size, self.head_size, hf.num_attention_heads, config.num_kv_heads, tp, bias, dtype, device
-        )
-        self.o_proj = RowParallelLinear(
-            hf.num_attention_heads * self.head_size, hf.hidden_size, tp, bias, dtype=dtype, device=device
-        )
-        self.q_norm = GemmaRMSNorm(self.head_size, hf.rms_norm_eps, dtype, device)
-        self.k_norm = GemmaRMSNorm(self.head_size, hf.rms_norm_eps, dtype, device)
-        self.rotary = rotary
-        self.scale = hf.query_pre_attn_scalar**-0.5
-        self.sliding_window = sliding_window
-
-    def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, kv_layer: torch.Tensor, attn: AttentionMetadata
-    ) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split(self.qkv_proj.split_sizes, dim=-1)
-        q = self.q_norm(q.view(num_tokens, -1, self.head_size))
-        k = self.k_norm(k.view(num_tokens, -1, self.head_size))
-        q, k = self.rotary(positions, q, k)
-        store_kv(kv_layer, k, v.view(num_tokens, -1, self.head_size), attn.slot_mapping)
-        out = paged_attention(q, kv_layer, attn, self.scale, sliding_window=self.sliding_window)
-        return self.o_proj(out.reshape(num_tokens, -1))
-
-    def load(self, ckpt, prefix: str) -> None:
-        self.qkv_proj.load(ckpt, f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj")
-        self.o_proj.load(ckpt, f"{prefix}.o_proj")
-        self.q_norm.load(ckpt, f"{prefix}.q_norm")
-        self.k_norm.load(ckpt, f"{prefix}.k_norm")
-
-
 class Gemma3DecoderLayer(DecoderLayer):
     """Sandwich norms: each sub-block's output is normalised again before the residual add."""
 
@@ -96,7 +56,9 @@ class Gemma3DecoderLayer(DecoderLayer):
         norm = lambda: GemmaRMSNorm(hf.hidden_size, hf.rms_norm_eps, dtype, device)  # noqa: E731
         self.input_layernorm, self.post_attention_layernorm = norm(), norm()
         self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
-        self.self_attn = Gemma3Attention(config, rotary, tp, dtype, device, sliding_window)
+        self.self_attn = LlamaAttention(
+            config, rotary, tp, dtype, device, sliding_window, GemmaRMSNorm, scale=hf.query_pre_attn_scalar**-0.5
+        )
         self.mlp = GeluTanhMLP(hf.hidden_size, hf.intermediate_size, tp, dtype=dtype, device=device)
 
     def forward(
@@ -131,17 +93,8 @@ class Gemma3ForCausalLM(CausalLM):
             for window in config.sliding_windows
         )
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_layers: Sequence[torch.Tensor],
-        attns: Sequence[AttentionMetadata],
-    ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids) * self.embed_scale
-        for i, layer in enumerate(self.layers):
-            hidden = layer(positions, hidden, kv_layers[i], attns[i])
-        return self.norm(hidden)
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids) * self.embed_scale
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         logits = super().compute_logits(hidden)

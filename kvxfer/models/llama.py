@@ -17,8 +17,12 @@ from kvxfer.models.config import ModelConfig
 
 
 class LlamaAttention(nn.Module):
+    """GQA attention with rotary positions; `qk_norm` (a norm class, or None) normalises each head
+    of q and k before the rotation, `scale` defaults to 1/sqrt(head size). Gemma 3 uses it too."""
+
     def __init__(
-        self, config: ModelConfig, rotary: RotaryEmbedding, tp: TPInfo, dtype, device, sliding_window: int | None
+        self, config: ModelConfig, rotary: RotaryEmbedding, tp: TPInfo, dtype, device, sliding_window: int | None,
+        qk_norm: type[nn.Module] | None = None, scale: float | None = None,
     ) -> None:
         super().__init__()
         hf = config.hf_config
@@ -32,12 +36,14 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(
             hf.num_attention_heads * self.head_size, hf.hidden_size, tp, o_bias, dtype=dtype, device=device
         )
-        self.qk_norm = config.architecture == "Qwen3ForCausalLM"
-        if self.qk_norm:
-            self.q_norm = RMSNorm(self.head_size, hf.rms_norm_eps, dtype, device)
-            self.k_norm = RMSNorm(self.head_size, hf.rms_norm_eps, dtype, device)
+        if qk_norm is None and config.architecture == "Qwen3ForCausalLM":
+            qk_norm = RMSNorm
+        self.qk_norm = qk_norm is not None
+        if qk_norm is not None:
+            self.q_norm = qk_norm(self.head_size, hf.rms_norm_eps, dtype, device)
+            self.k_norm = qk_norm(self.head_size, hf.rms_norm_eps, dtype, device)
         self.rotary = rotary
-        self.scale = self.head_size**-0.5
+        self.scale = self.head_size**-0.5 if scale is None else scale
         self.sliding_window = sliding_window
 
     def forward(
@@ -52,7 +58,7 @@ class LlamaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         store_kv(kv_layer, k, v, attn.slot_mapping)
-        out = paged_attention(q, kv_layer, attn, self.scale, sliding_window=self.sliding_window)
+        out = paged_attention(q, kv_layer, attn, self.scale, sliding_window=self.sliding_window, new_kv=(k, v))
         return self.o_proj(out.reshape(num_tokens, -1))
 
     def load(self, ckpt, prefix: str) -> None:

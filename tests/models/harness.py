@@ -129,14 +129,15 @@ def run_ranks(compute, tp_size: int, jobs: list[tuple[str, str]], out_dir: str, 
     """Run `compute(model_dir, rank, tp_size)` for every `(name, model_dir)` job on `tp_size` real
     processes over gloo; rank 0 saves each job's result as `out_dir/<name>.pt`. `compute` is a
     module-level function (the ranks are spawned)."""
+    import os
     import time
 
     import torch.multiprocessing as mp
 
-    from kvxfer.ports import free_port
-
+    # A file store (a fresh path in out_dir): no probed TCP port another process could take.
+    store = os.path.join(out_dir, "rendezvous")
     ctx = mp.start_processes(
-        _rank_main, args=(tp_size, free_port(), compute, jobs, out_dir), nprocs=tp_size, join=False,
+        _rank_main, args=(tp_size, store, compute, jobs, out_dir), nprocs=tp_size, join=False,
         start_method="spawn",
     )
     deadline = time.monotonic() + timeout_s
@@ -151,7 +152,7 @@ def run_ranks(compute, tp_size: int, jobs: list[tuple[str, str]], out_dir: str, 
             proc.join(timeout=10)
 
 
-def _rank_main(rank: int, tp_size: int, port: int, compute, jobs: list[tuple[str, str]], out_dir: str) -> None:
+def _rank_main(rank: int, tp_size: int, store: str, compute, jobs: list[tuple[str, str]], out_dir: str) -> None:
     import os
     import sys
     from datetime import timedelta
@@ -160,7 +161,7 @@ def _rank_main(rank: int, tp_size: int, port: int, compute, jobs: list[tuple[str
 
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp_size, timeout=timedelta(seconds=240)
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=tp_size, timeout=timedelta(seconds=240)
     )
     try:
         for name, model_dir in jobs:

