@@ -19,7 +19,6 @@ from kvxfer.connectors.base import KVParamsError
 from kvxfer.connectors.metadata import RemoteDecodeParams, RemotePrefillParams, parse_kv_transfer_params
 from kvxfer.engine.block_manager import BlockManager, engine_kv_cache_groups, group_windows
 from kvxfer.engine.config import EngineConfig
-from kvxfer.engine.detokenizer import text_delta
 from kvxfer.engine.executor import EngineDeadError, Executor, RankBrokenError
 from kvxfer.engine.model_runner import StepInput
 from kvxfer.engine.request import KVTransferParams, Request, RequestIdInUse, RequestOutput
@@ -38,7 +37,6 @@ class LLMEngine:
         _check_device(config)
         self.spec = self.model_config.kv_cache_spec(config.block_size, config.torch_dtype_name)
         self.kv_cache_groups = engine_kv_cache_groups(self.model_config, config)
-        self.tokenizer = _load_tokenizer(config.model_dir)
         self.executor = Executor(config)
         # Stops the ranks even when the caller forgets shutdown() (collected, or at exit).
         self._finalizer = weakref.finalize(self, self.executor.shutdown)
@@ -232,14 +230,11 @@ class LLMEngine:
             with self._queue_lock:
                 if self._known.get(request.request_id) is request:
                     del self._known[request.request_id]
-        if self.tokenizer is not None:
-            self._detokenize(request)
         return RequestOutput(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=list(request.output_token_ids),
             new_token_ids=new_ids,
-            text=request.text,
             finished=finished,
             finish_reason=request.finish_reason if finished else None,
             logprobs=list(request.logprobs) if request.sampling_params.logprobs is not None else None,
@@ -249,16 +244,6 @@ class LLMEngine:
             kv_transfer_stats=request.kv_transfer_stats,
             num_cached_tokens=request.num_cached_tokens,
         )
-
-    def _detokenize(self, request: Request) -> None:
-        ids, decode = request.output_token_ids, self.tokenizer.decode
-        if request.is_finished:
-            request.text = decode(ids, skip_special_tokens=True)
-            return
-        delta, request.detok_offsets = text_delta(
-            lambda window: decode(window, skip_special_tokens=True), ids, request.detok_offsets
-        )
-        request.text += delta
 
     # ---------------------------------------------------------------- utilities
     def collective_rpc(self, method: str, *args: Any) -> list:
@@ -328,13 +313,3 @@ def _check_device(config: EngineConfig) -> None:
     if not torch.cuda.is_available():
         raise ValueError("device='cuda' but torch.cuda.is_available() is false")
     config.check_cuda_devices(torch.cuda.device_count())
-
-
-def _load_tokenizer(model_dir: str):
-    """The checkpoint's tokenizer, or None when it ships none (token-id prompts only)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError):
-        return None

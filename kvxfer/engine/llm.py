@@ -37,7 +37,7 @@ class LLM:
             **engine_kwargs,
         )
         self.engine = LLMEngine(config)
-        self.tokenizer = self.engine.tokenizer
+        self.tokenizer = _load_tokenizer(config.model_dir)
         self._ids = itertools.count()
 
     def generate(
@@ -71,6 +71,8 @@ class LLM:
             outputs = self.engine.step()
             for out in outputs:
                 if out.finished and out.request_id in order:
+                    if self.tokenizer is not None:
+                        out.text = self.tokenizer.decode(out.output_token_ids, skip_special_tokens=True)
                     results[order[out.request_id]] = out
                     bar.update(1)
             if outputs or self.engine.last_step_num_tokens or woke:
@@ -117,3 +119,13 @@ def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc="generate")
+
+
+def _load_tokenizer(model_dir: str):
+    """The checkpoint's tokenizer, or None when it ships none (token-id prompts only)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError):
+        return None

@@ -66,8 +66,6 @@ class Request:
         self.error_kind: str | None = None  # a failed KV transfer's KVTransferError.kind
         self.output_kv_transfer_params: dict[str, Any] | None = None
         self.kv_transfer_stats: dict[str, Any] | None = None
-        self.text = ""
-        self.detok_offsets = (0, 0)  # (window start, end of the tokens already in `text`)
         self.num_new_tokens_emitted = 0  # output tokens already reported in a RequestOutput
 
     @property
@@ -122,7 +120,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     new_token_ids: list[int]
-    text: str = ""
+    text: str = ""  # the whole output's text, set by `LLM.generate` (the engine works in token ids)
     finished: bool = False
     finish_reason: str | None = None
     # Per output token: {token id: log-prob} of the chosen token and the top-k alternatives.

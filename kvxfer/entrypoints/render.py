@@ -1,13 +1,14 @@
-"""Text <-> token ids for the API server: prompts, chat templates, incremental detokenization."""
+"""Text <-> token ids for the API server: prompts, chat templates, incremental detokenization
+(the one detokenizer: the engine works in token ids; `LLM` decodes finished outputs whole)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 from transformers import AutoTokenizer
 
-from kvxfer.engine.detokenizer import Offsets, text_delta
 from kvxfer.entrypoints.protocol import BadRequest, ChatMessage
 
 # Used when the tokenizer config has no chat template.
@@ -60,9 +61,30 @@ class Renderer:
         return self.tokenizer.decode([token_id])
 
 
+Offsets = tuple[int, int]  # (window start, end of the tokens whose text was already emitted)
+
+
+def text_delta(
+    decode: Callable[[list[int]], str], token_ids: list[int], offsets: Offsets, final: bool = False
+) -> tuple[str, Offsets]:
+    """The new text of `token_ids` since `offsets`, and the offsets to pass next time.
+
+    Decodes the window from the start offset twice, without and with the new tokens (so a
+    tokenizer that merges or spaces tokens by context sees them in context), and emits what
+    the second adds. While that ends in an incomplete UTF-8 sequence (U+FFFD) nothing is
+    emitted and the offsets stay, so the next token completes it; `final` emits it anyway.
+    """
+    start, read = offsets
+    before = decode(token_ids[start:read])
+    after = decode(token_ids[start:])
+    if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+        return after[len(before) :], (read, len(token_ids))
+    return "", offsets
+
+
 class IncrementalText:
-    """Text deltas for streaming one output (`kvxfer.engine.detokenizer`: a short window per
-    token, a trailing incomplete UTF-8 sequence held back until the next token completes it)."""
+    """Text deltas for streaming one output (`text_delta`: a short window per token, a trailing
+    incomplete UTF-8 sequence held back until the next token completes it)."""
 
     def __init__(self, renderer: Renderer):
         self.renderer = renderer

@@ -1,7 +1,7 @@
 """Incremental detokenization against the tokenizer's own full decode, on text whose
 characters span several byte-level tokens."""
 
-from kvxfer.engine.detokenizer import text_delta
+from kvxfer.entrypoints.render import text_delta
 from kvxfer.models.presets import make_model
 
 TEXT = "Prefill → décode: 日本語 KV 🙂 caches, done."
