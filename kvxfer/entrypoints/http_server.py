@@ -1,5 +1,6 @@
 """How kvxfer's HTTP servers (`kvxfer serve`, `kvxfer proxy`) run under uvicorn, and how long
-they keep an idle connection open."""
+they keep an idle connection open. uvicorn's "auto" event loop and HTTP parser are uvloop and
+httptools when installed (they are dependencies: each proxied leg costs about 1 ms less)."""
 
 from __future__ import annotations
 
