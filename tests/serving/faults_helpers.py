@@ -78,6 +78,11 @@ async def complete(client: httpx.AsyncClient, url: str, plan: Plan) -> tuple[str
                 continue
             event = json.loads(line[6:])
             if "error" in event:
+                # With the first-token handoff the client's stream starts with the prefill's
+                # token, so a refusal of the decode leg (409: a concurrent request uses the id)
+                # arrives as an error event carrying its status.
+                if event["error"].get("code") == 409:
+                    return "409", None
                 return "stream-error", None
             choice = event["choices"][0]
             tokens += choice.get("token_ids", [])
