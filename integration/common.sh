@@ -105,3 +105,22 @@ kvx_wait_healthy() {
     sleep 1
   done
 }
+
+# kvx_bench NAME ARGS...: one `kvxfer bench serve` comparison of the ENDPOINTS array (SEED) into
+# OUT/NAME.{json,png,txt}; an endpoint that completed nothing is reported (its errors are in the
+# JSON by kind) and the caller's next stage still runs.
+kvx_bench() {
+  local name=$1; shift
+  kvx_cli bench serve "${ENDPOINTS[@]}" --seed "$SEED" --no-progress "$@" --out "$OUT/$name.json" \
+    | tee "$OUT/$name.txt" || kvx_log "warning: an endpoint completed no request in $name (see $OUT/$name.json)"
+}
+
+# kvx_ttft_stage: the TTFT protocol, one request at a time per prompt length in TTFT_LENS, 4 output
+# tokens, median of TTFT_REPEATS after 3 warm-ups, the endpoints alternating request by request.
+kvx_ttft_stage() {
+  local n
+  for n in $TTFT_LENS; do
+    kvx_log "ttft: $n-token prompts (uptime: $(uptime))"
+    kvx_bench "ttft_$n" --sequential --input-len "$n" --output-len 4 --num-requests "$TTFT_REPEATS" --warmup 3
+  done
+}

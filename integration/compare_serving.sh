@@ -45,26 +45,13 @@ for i in 0 1 2 3; do
 done
 
 ENDPOINTS=(--endpoint "colocated=http://127.0.0.1:$C_PORT" --endpoint "pd=http://127.0.0.1:$X_PORT")
-# bench NAME ARGS...: one comparison run into OUT/NAME.{json,png,txt}; an endpoint that completed
-# nothing is reported (its errors are in the JSON by kind) and the next stage still runs.
-bench() {
-  local name=$1; shift
-  kvx_cli bench serve "${ENDPOINTS[@]}" --seed "$SEED" --no-progress "$@" --out "$OUT/$name.json" \
-    | tee "$OUT/$name.txt" || kvx_log "warning: an endpoint completed no request in $name (see $OUT/$name.json)"
-}
-
 for stage in $STAGES; do
   case $stage in
     load)
       kvx_log "load: ${LOAD[*]} (uptime: $(uptime))"
-      bench load "${LOAD[@]}" --slo-ttft-ms "$SLO_TTFT_MS" --slo-tpot-ms "$SLO_TPOT_MS"
+      kvx_bench load "${LOAD[@]}" --slo-ttft-ms "$SLO_TTFT_MS" --slo-tpot-ms "$SLO_TPOT_MS"
       ;;
-    ttft)
-      for n in $TTFT_LENS; do
-        kvx_log "ttft: $n-token prompts (uptime: $(uptime))"
-        bench "ttft_$n" --sequential --input-len "$n" --output-len 4 --num-requests "$TTFT_REPEATS" --warmup 3
-      done
-      ;;
+    ttft) kvx_ttft_stage ;;
     *) kvx_die "unknown stage $stage (load, ttft)" ;;
   esac
 done

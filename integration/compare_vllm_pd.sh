@@ -99,26 +99,13 @@ for entry in "${HEALTH[@]}"; do
   kvx_wait_healthy "$url" "${KVX_PIDS[$i]}" "${KVX_NAMES[$i]}" "${KVX_LOGS[$i]}" "${START_TIMEOUT_S:-900}"
 done
 
-# bench NAME ARGS...: one comparison run into OUT/NAME.{json,png,txt}; an endpoint that completed
-# nothing is reported (its errors are in the JSON by kind) and the next stage still runs.
-bench() {
-  local name=$1; shift
-  kvx_cli bench serve "${ENDPOINTS[@]}" --seed "$SEED" --no-progress "$@" --out "$OUT/$name.json" \
-    | tee "$OUT/$name.txt" || kvx_log "warning: an endpoint completed no request in $name (see $OUT/$name.json)"
-}
-
 for stage in $STAGES; do
   case $stage in
     load)
       kvx_log "load: ${LOAD[*]} --rounds $LOAD_ROUNDS (uptime: $(uptime))"
-      bench load "${LOAD[@]}" --rounds "$LOAD_ROUNDS" --warmup 4
+      kvx_bench load "${LOAD[@]}" --rounds "$LOAD_ROUNDS" --warmup 4
       ;;
-    ttft)
-      for n in $TTFT_LENS; do
-        kvx_log "ttft: $n-token prompts (uptime: $(uptime))"
-        bench "ttft_$n" --sequential --input-len "$n" --output-len 4 --num-requests "$TTFT_REPEATS" --warmup 3
-      done
-      ;;
+    ttft) kvx_ttft_stage ;;
     *) kvx_die "unknown stage $stage (load, ttft)" ;;
   esac
 done
