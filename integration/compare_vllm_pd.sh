@@ -85,10 +85,8 @@ kvx_start vllm-decode "$OUT/vllm_decode.log" env VLLM_NIXL_SIDE_CHANNEL_PORT="$V
   VLLM_CPU_OMP_THREADS_BIND="$DECODE_CPUS" taskset -c "$DECODE_CPUS" "${VLLM[@]}" --port "$VD_PORT"
 
 # kvxfer's proxy for both; vLLM's backends return the first token from the decode side.
-VLLM_PROXY_ARGS=()
-if kvx_cli proxy --help 2>/dev/null | grep -q -- --first-token; then VLLM_PROXY_ARGS=(--first-token decode); fi
 HEALTH+=("http://127.0.0.1:$VX_PORT ${#KVX_PIDS[@]}")
-kvx_start vllm-proxy "$OUT/vllm_proxy.log" "$PYTHON" "$KVX_ROOT/integration/proxy.py" "${VLLM_PROXY_ARGS[@]}" \
+kvx_start vllm-proxy "$OUT/vllm_proxy.log" "$PYTHON" "$KVX_ROOT/integration/proxy.py" --first-token decode \
   --prefill "http://127.0.0.1:$VP_PORT" --decode "http://127.0.0.1:$VD_PORT" --port "$VX_PORT" --log-level warning
 
 ENDPOINTS+=(--endpoint "vllm=http://127.0.0.1:$VX_PORT")

@@ -383,7 +383,8 @@ def run(shape: Shape, tokens: int, p_tp: int, d_tp: int, block_size: int = 16, i
     reads = [g.spec.blocks_to_read(tokens) for g in groups]
     predicted = [len(r) * g.spec.bytes_per_block(d_tp) * d_tp for r, g in zip(reads, groups)]
     # What the one-tensor layout (all layers in one cache) moved: every layer's whole prompt.
-    one_tensor = -(-tokens // block_size) * spec.bytes_per_block(d_tp) * d_tp
+    prompt_blocks = -(-tokens // block_size)
+    one_tensor = prompt_blocks * spec.bytes_per_block(d_tp) * d_tp
     ranks = Ranks(shape, block_size, lay.pools, p_tp, d_tp, lease=REPLY_TIMEOUT_S, device=device)
     cfg = ranks.prefill_config
     try:
@@ -444,7 +445,7 @@ def run(shape: Shape, tokens: int, p_tp: int, d_tp: int, block_size: int = 16, i
     connector_gbps, raw_gbps = statistics.median(connector), statistics.median(raw)
     return {
         "shape": shape.__dict__, "tokens": tokens, "block_size": block_size, "prefill_tp": p_tp, "decode_tp": d_tp,
-        "blocks": -(-tokens // block_size), "bytes": result["bytes"], "predicted_bytes": sum(predicted),
+        "blocks": prompt_blocks, "bytes": result["bytes"], "predicted_bytes": sum(predicted),
         "one_tensor_bytes": one_tensor, "descriptors": result["descriptors"], "iterations": iterations,
         "groups": [{"group": name, "blocks": len(r), "bytes": b} for name, r, b in
                    zip(describe_groups(groups), reads, predicted)],

@@ -460,9 +460,10 @@ def _final_after(event: dict) -> dict:
     text or tokens, the prefill's finish_reason and usage."""
     choices = []
     for c in event.get("choices") or ():
-        empty = {"content": ""} if "delta" in c else {}
-        choices.append(c | {"logprobs": None} | ({"delta": empty} if "delta" in c else {"text": ""})
-                       | ({"token_ids": []} if "token_ids" in c else {}))
+        nothing_new = {"delta": {"content": ""}} if "delta" in c else {"text": ""}
+        if "token_ids" in c:
+            nothing_new["token_ids"] = []
+        choices.append(c | {"logprobs": None} | nothing_new)
     return event | {"choices": choices, "kv_transfer_params": None}
 
 
