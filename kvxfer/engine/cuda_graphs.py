@@ -21,8 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
-from kvxfer.engine.model_runner import StepInput, layer_views
-from kvxfer.layers.attention import AttentionMetadata
+from kvxfer.engine.step import StepInput, layer_views
+from kvxfer.layers.attention_metadata import AttentionMetadata
 from kvxfer.specs import KVCacheGroup
 
 

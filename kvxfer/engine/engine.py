@@ -20,7 +20,7 @@ from kvxfer.connectors.metadata import RemoteDecodeParams, RemotePrefillParams, 
 from kvxfer.engine.block_manager import BlockManager, engine_kv_cache_groups, group_windows
 from kvxfer.engine.config import EngineConfig
 from kvxfer.engine.executor import EngineDeadError, Executor, RankBrokenError
-from kvxfer.engine.model_runner import StepInput
+from kvxfer.engine.step import StepInput
 from kvxfer.engine.request import KVTransferParams, Request, RequestIdInUse, RequestOutput
 from kvxfer.engine.sampling_params import SamplingParams
 from kvxfer.engine.scheduler import Scheduler

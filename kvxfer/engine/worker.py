@@ -13,7 +13,8 @@ from kvxfer.engine.block_manager import engine_kv_cache_groups
 from kvxfer.engine.config import EngineConfig
 from kvxfer.engine.cuda_graphs import DecodeGraphs
 from kvxfer.engine.memory import CudaMemoryPlan, available_ram_bytes, cpu_kv_budget_bytes
-from kvxfer.engine.model_runner import ModelRunner, StepInput
+from kvxfer.engine.model_runner import ModelRunner
+from kvxfer.engine.step import StepInput
 from kvxfer.engine.sampler import Sampler, SamplingInfo
 from kvxfer.specs import SlidingWindowSpec
 

@@ -11,15 +11,13 @@ from gather plans built once per step (figures: docs/benchmarks.md, "Attention (
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from kvxfer.layers.attention_metadata import AttentionMetadata
 from kvxfer.layers.linear import bfloat16_matmul_is_slow
 
-if TYPE_CHECKING:
-    from kvxfer.layers.attention import AttentionMetadata
 
 # Upper bound on gathered context elements per batched-decode chunk (8 MB of float32 K and V).
 # Measured on CPU (`python -m kvxfer.bench.attention`, docs/benchmarks.md): chunks of 64M elements,

@@ -21,15 +21,13 @@ MLA's absorbed form, is also V: the first `v_dim` features of the latent) plus a
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
 
 import torch
 import triton
 
 from kvxfer.layers import triton_kernels as kernels
+from kvxfer.layers.attention_metadata import AttentionMetadata
 
-if TYPE_CHECKING:  # attention.py imports this module
-    from kvxfer.layers.attention import AttentionMetadata
 
 _LOG2E = 1.4426950408889634
 _MIN_DOT = 16  # smallest tl.dot tile dimension on NVIDIA GPUs

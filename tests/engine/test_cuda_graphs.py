@@ -10,7 +10,8 @@ from engine_helpers import BLOCK_SIZE, prompts_of
 
 from kvxfer.engine import EngineConfig
 from kvxfer.engine.cuda_graphs import DecodeGraphs, batch_buckets, context_buckets
-from kvxfer.engine.model_runner import ModelRunner, StepInput, layer_views
+from kvxfer.engine.model_runner import ModelRunner
+from kvxfer.engine.step import StepInput, layer_views
 from kvxfer.engine.sampler import Sampler, SamplingInfo
 from kvxfer.engine.worker import Worker
 from kvxfer.layers.attention import AttentionMetadata
