@@ -29,15 +29,10 @@ kvx_model_dir() {
   echo "$dir"
 }
 
-# kvx_free_ports N: N distinct free TCP ports on 127.0.0.1, space-separated.
+# kvx_free_ports N: N distinct free TCP ports on 127.0.0.1, space-separated (kvxfer.ports: drawn
+# outside the kernel's ephemeral range, so no client connection can take one before its server binds).
 kvx_free_ports() {
-  "$PYTHON" - "$1" <<'EOF'
-import socket, sys
-socks = [socket.socket() for _ in range(int(sys.argv[1]))]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
+  PYTHONPATH="$KVX_ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m kvxfer.ports "$1"
 }
 
 # kvx_gpu_count: how many GPUs this process sees (CUDA_VISIBLE_DEVICES entries, else all;

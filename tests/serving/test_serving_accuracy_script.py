@@ -17,9 +17,18 @@ from serving_helpers import child_pids
 SCRIPT = Path(__file__).resolve().parents[2] / "integration" / "run_accuracy_test.sh"
 
 
+def _interruptible() -> None:
+    """In the script's process, before exec: SIGINT back to its default. A suite started in the
+    background of a non-interactive shell (`make test &`, CI runners) inherits SIGINT ignored, and
+    a signal ignored on entry to bash can be neither trapped nor delivered to its children: Ctrl-C
+    would do nothing there, unlike in the user's terminal this test stands for."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(env: dict, tmp_path: Path) -> subprocess.Popen:
     return subprocess.Popen(["bash", str(SCRIPT)], env=os.environ | {"WORK_DIR": str(tmp_path / "run")} | env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=_interruptible)
 
 
 def finish(proc: subprocess.Popen, timeout_s: float) -> str:
