@@ -320,6 +320,10 @@ class _ResponseView:
             choice["token_ids"] = ids[start:]
         body = self._head("chat.completion.chunk" if self.chat else "text_completion")
         body["choices"] = [choice]
+        if output.finished and self.continues:
+            # What a colocated final chunk would flush (an incomplete character as U+FFFD): a router
+            # whose request this token completes ends the client's stream with it.
+            body["held_back_text"] = self.text.held_back(ids)
         return body | self._tail(output) if output.finished else body
 
     def _logprobs(self, output: Any, start: int) -> dict | None:

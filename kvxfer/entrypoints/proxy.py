@@ -449,7 +449,7 @@ def _completed_by_first_token(body: dict, answer: dict) -> bool:
 def _continuing(event: dict) -> dict:
     """The prefill's (final) event as a chunk the stream continues after, as a colocated server
     sends it: no finish_reason and none of the final chunk's fields."""
-    skip = ("usage", "kv_transfer_params", "kv_transfer_stats", "prompt_token_ids")
+    skip = ("usage", "kv_transfer_params", "kv_transfer_stats", "prompt_token_ids", "held_back_text")
     chunk = {k: v for k, v in event.items() if k not in skip}
     chunk["choices"] = [c | {"finish_reason": None} for c in event.get("choices") or ()]
     return chunk
@@ -457,14 +457,17 @@ def _continuing(event: dict) -> dict:
 
 def _final_after(event: dict) -> dict:
     """The final chunk after the prefill's event when its token completed the request: no new
-    text or tokens, the prefill's finish_reason and usage."""
+    tokens, the text the prefill held back (what a colocated server flushes at the end: an
+    incomplete character as U+FFFD), the prefill's finish_reason and usage."""
+    flushed = event.get("held_back_text") or ""
     choices = []
     for c in event.get("choices") or ():
-        nothing_new = {"delta": {"content": ""}} if "delta" in c else {"text": ""}
+        rest = {"delta": {"content": flushed}} if "delta" in c else {"text": flushed}
         if "token_ids" in c:
-            nothing_new["token_ids"] = []
-        choices.append(c | {"logprobs": None} | nothing_new)
-    return event | {"choices": choices, "kv_transfer_params": None}
+            rest["token_ids"] = []
+        choices.append(c | {"logprobs": None} | rest)
+    final = {k: v for k, v in event.items() if k != "held_back_text"}
+    return final | {"choices": choices, "kv_transfer_params": None}
 
 
 def _event(payload: dict) -> bytes:

@@ -93,3 +93,7 @@ class IncrementalText:
     def delta(self, token_ids: list[int], final: bool) -> str:
         new, self.offsets = text_delta(self.renderer.decode, token_ids, self.offsets, final)
         return new
+
+    def held_back(self, token_ids: list[int]) -> str:
+        """What a final delta would flush now (an incomplete character as U+FFFD); the state stays."""
+        return text_delta(self.renderer.decode, token_ids, self.offsets, final=True)[0]

@@ -414,6 +414,15 @@ def test_a_character_split_across_the_first_two_tokens_streams_whole(pd, proxies
         assert got["ids"] == want["ids"] and got["text"] == want["text"]
         assert got["text"] == ask(decode.url, body, False, False)["text"]
     assert ask(proxies["prefill"].url, body, False, True)["chunks"][0]["choices"][0]["text"] == ""
+    # The split character's first token alone completes the request: the stream ends with the
+    # U+FFFD a colocated server flushes, not with nothing.
+    one = body | {"max_tokens": 1}
+    want = ask(decode.url, one, False, True)
+    assert want["text"].endswith("\ufffd")
+    for mode in ("prefill", "decode"):
+        got = ask(proxies[mode].url, one, False, True)
+        assert got["ids"] == want["ids"] and got["text"] == want["text"], mode
+        assert "held_back_text" not in got["chunks"][-1]
     settle(prefill, decode)
 
 
