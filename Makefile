@@ -4,6 +4,9 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# Three workers on two cores: most of the suite waits on servers, TP ranks and transfers in other
+# processes. Whole files per worker (loadfile), so module-scoped servers start once.
+PYTEST_XDIST ?= -n 3 --dist loadfile
 
 # `make gpu-check` runs on a GPU machine without a package index: no venv, the image's Python
 # (GPU_PYTHON) plus the wheels `make gpu-wheels` fetched into .whl (carried along).
@@ -24,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q $(PYTEST_XDIST) $(PYTEST_ARGS) tests
 
 demo: install
 	$(PY) -m kvxfer.entrypoints.demo

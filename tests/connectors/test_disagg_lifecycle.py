@@ -121,8 +121,8 @@ def test_lease_expiry_frees_an_unclaimed_request(engines):
     prefill.generate(prompts(5, 20), GREEDY, kv_transfer_params=HANDOFF)
     assert prefill.engine.stats()["num_pending_free"] == 1
     start = time.monotonic()
-    drain(prefill, timeout=10)
-    assert 1.0 < time.monotonic() - start < 6
+    drain(prefill, timeout=60)  # a generous deadline: a busy host only delays the expiry
+    assert time.monotonic() - start > 1.0  # freed by the lease, not before it ends
     assert prefill.engine.stats()["connector"]["expired_leases"] == before + 1
     assert_all_blocks_free(prefill)
 
@@ -182,12 +182,12 @@ def test_prefill_engine_killed_midway_ends_by_policy(engines, checkpoint, tp):
 
         start = time.monotonic()
         outs = engines.decode_fail.generate(second, GREEDY, kv_transfer_params=params_second)
-        assert time.monotonic() - start < 12
+        assert time.monotonic() - start < 60  # bounded by the time-outs, not a hang (generous: busy hosts)
         for o in outs:
             assert o.finish_reason == "error" and "KV transfer failed" in o.error and o.error_kind == "peer"
         start = time.monotonic()
         outs = engines.decode_recompute.generate(second, GREEDY, kv_transfer_params=params_second)
-        assert time.monotonic() - start < 12
+        assert time.monotonic() - start < 60
         assert [o.output_token_ids for o in outs] == local_tokens(engines.decode_recompute, second)
         assert engines.decode_recompute.engine.stats()["connector"]["failures"] >= 2
         assert_all_blocks_free(engines.decode_fail, engines.decode_recompute)
@@ -211,7 +211,7 @@ def test_handshake_timeout_ends_by_policy(engines):
     params.update(remote_engine_id="vanished", remote_port=free_port())
     start = time.monotonic()
     [out] = engines.decode_fail.generate([p], GREEDY, kv_transfer_params=params)
-    assert "timed out after 2.0s" in out.error and out.error_kind == "peer" and time.monotonic() - start < 6
+    assert "timed out after 2.0s" in out.error and out.error_kind == "peer" and time.monotonic() - start < 30
     [out] = engines.decode_recompute.generate([p], GREEDY, kv_transfer_params=params)
     assert out.error is None and out.output_token_ids == local_tokens(engines.decode_recompute, [p])[0]
     engines.decode_fail.generate([p], GREEDY, kv_transfer_params=genuine)

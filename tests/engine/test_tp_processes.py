@@ -64,10 +64,10 @@ def test_pool_size_is_the_min_over_ranks_and_workers_exit_on_shutdown(model_dir)
             other_pids = other.engine.worker_pids()
             assert len(other_pids) == 2
             assert [o.output_token_ids for o in other.generate(prompts, params)] == [o.output_token_ids for o in outs]
-        assert wait_exited(other_pids, 5.0)
+        assert wait_exited(other_pids, 30.0)
     finally:
         llm.shutdown()
-    assert wait_exited(pids, 5.0), "TP worker still running after shutdown"
+    assert wait_exited(pids, 30.0), "TP worker still running after shutdown"
 
 
 def test_workers_exit_when_the_engine_process_is_killed(model_dir):
@@ -87,7 +87,7 @@ def test_workers_exit_when_the_engine_process_is_killed(model_dir):
         assert len(pids) == 1 and not pid_exited(pids[0])
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        assert wait_exited(pids, 5.0), f"orphan TP worker(s) {pids} after the engine was killed"
+        assert wait_exited(pids, 30.0), f"orphan TP worker(s) {pids} after the engine was killed"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -115,11 +115,11 @@ def test_workers_of_an_engine_built_on_a_thread_survive_the_thread(model_dir):
         )
         # A dead rank is reported at once, not waited for.
         os.kill(pids[0], signal.SIGKILL)
-        assert wait_exited(pids, 5.0)
+        assert wait_exited(pids, 30.0)
         start = time.monotonic()
         with pytest.raises(EngineDeadError, match="rank 1"):
             llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2))
-        assert time.monotonic() - start < 10
+        assert time.monotonic() - start < 30  # at once, not after a collective's time-out
         # Dead for good: every later call says why at once.
         assert "rank 1" in llm.engine.dead
         with pytest.raises(EngineDeadError, match="rank 1"):
@@ -128,4 +128,4 @@ def test_workers_of_an_engine_built_on_a_thread_survive_the_thread(model_dir):
             llm.engine.add_request("late", [5, 6, 7])
     finally:
         llm.shutdown()
-    assert wait_exited(pids, 5.0)
+    assert wait_exited(pids, 30.0)
