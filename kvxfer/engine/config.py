@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Any
+
+from kvxfer.connectors.config import KVTransferConfig
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 4096
-    kv_transfer_config: Any = None
+    kv_transfer_config: KVTransferConfig | None = None
     # Bytes each rank may use for its KV pool, one value for all ranks or one per rank
     # (overrides the memory probe; lets tests give ranks different budgets).
     kv_cache_memory_bytes: int | list[int] | None = None

@@ -6,6 +6,7 @@ import itertools
 import time
 from typing import Any
 
+from kvxfer.connectors.config import KVTransferConfig
 from kvxfer.engine.config import EngineConfig
 from kvxfer.engine.engine import LLMEngine
 from kvxfer.engine.request import RequestOutput
@@ -23,7 +24,7 @@ class LLM:
         block_size: int = 16,
         num_kv_blocks: int | None = None,
         enable_prefix_caching: bool = True,
-        kv_transfer_config: Any = None,
+        kv_transfer_config: KVTransferConfig | None = None,
         **engine_kwargs: Any,
     ) -> None:
         config = EngineConfig(

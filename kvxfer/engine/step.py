@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
+from kvxfer.connectors.base import ConnectorMetadata
 from kvxfer.engine.sampler import SamplingInfo
 from kvxfer.engine.scheduler import SchedulerOutput
 from kvxfer.layers.attention_metadata import layers_of
@@ -30,11 +31,11 @@ class StepInput:
     sample_rows: list[int]  # sequences (batch rows) whose next token is sampled
     sampling: list[SamplingInfo]  # one per sample row
     finished_request_ids: list[str]
-    connector_meta: Any = None
+    connector_meta: ConnectorMetadata | None = None
 
     @classmethod
     def from_scheduler_output(
-        cls, out: SchedulerOutput, block_size: int, num_groups: int, connector_meta: Any
+        cls, out: SchedulerOutput, block_size: int, num_groups: int, connector_meta: ConnectorMetadata | None
     ) -> StepInput:
         tables: list[list[list[int]]] = [[] for _ in range(num_groups)]
         step = cls([], [], [], [], tables, [], [], list(out.finished_ids), connector_meta)

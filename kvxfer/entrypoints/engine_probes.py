@@ -6,10 +6,13 @@ probes read process state and the side channel, which answer while a step runs."
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import zmq
+
+if TYPE_CHECKING:
+    from kvxfer.engine.engine import LLMEngine
 
 
 def dead_ranks_problem(worker_pids: list[int]) -> str | None:
@@ -29,7 +32,7 @@ def _process_running(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def engine_stats(engine: Any) -> dict:
+def engine_stats(engine: LLMEngine) -> dict[str, Any]:
     """engine.stats() with the connector's counters as `kv_<name>`. Runs on the engine thread."""
     stats = dict(engine.stats())
     for key, value in (stats.pop("connector", None) or {}).items():

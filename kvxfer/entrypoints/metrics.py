@@ -3,10 +3,13 @@ and of the proxy."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from kvxfer.engine.request import RequestOutput
 
 # engine.stats() key -> (metric name, help, kind); keys the engine does not report are skipped.
 ENGINE_STATS = {
@@ -59,7 +62,7 @@ class ServerMetrics:
         self._engine = _EngineStatsCollector()
         r.register(self._engine)
 
-    def record_finished(self, output: Any) -> None:
+    def record_finished(self, output: RequestOutput) -> None:
         self.requests.labels(output.finish_reason or "unknown").inc()
         self.prompt_tokens.inc(len(output.prompt_token_ids))
         self.generation_tokens.inc(len(output.output_token_ids))

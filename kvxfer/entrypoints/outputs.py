@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
+
+if TYPE_CHECKING:
+    from kvxfer.engine.request import RequestOutput
 
 
 def as_dict(value: Any) -> dict | None:
@@ -21,7 +24,7 @@ def as_dict(value: Any) -> dict | None:
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
-def logprob_entries(output: Any, top_k: int) -> list[tuple[int, float, list[tuple[int, float]]]]:
+def logprob_entries(output: RequestOutput, top_k: int) -> list[tuple[int, float, list[tuple[int, float]]]]:
     """Per generated token: (token id, its log-prob, up to `top_k` alternatives best first).
 
     The engine reports a {token id: log-prob} map per position: the chosen token and the

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from kvxfer.specs import tp_slices
+import kvxfer.specs.tp_slices as tp_slices
 from kvxfer.specs.tp_slices import TPTransferSlice
 
 DTYPE_ITEMSIZE: dict[str, int] = {
