@@ -24,13 +24,19 @@ import select
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 if TYPE_CHECKING:
     from kvxfer.connectors.metadata import RemoteDecodeParams, RemotePrefillParams
+    from kvxfer.engine.engine import LLMEngine
     from kvxfer.engine.rank_events import RankEvents
+    from kvxfer.engine.request import RequestOutput
+    from kvxfer.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+EngineCommand = Callable[["LLMEngine"], Any]  # runs on the engine thread between steps
 
 WAITING_POLL_S = 0.002  # between steps that computed nothing while requests wait (no rank events)
 
@@ -49,7 +55,7 @@ class RequestStream:
         self.finished = False
         self.added: concurrent.futures.Future | None = None  # the add command; its result: the Request
 
-    async def next(self) -> Any:
+    async def next(self) -> RequestOutput:
         """The next RequestOutput; raises EngineDead if the engine stopped."""
         item = await self.queue.get()
         if isinstance(item, BaseException):
@@ -73,7 +79,8 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Any, on_finished: Callable[[Any], None] | None = None, idle_step_s: float = 0.05):
+    def __init__(self, engine: LLMEngine, on_finished: Callable[[RequestOutput], None] | None = None,
+                 idle_step_s: float = 0.05):
         """`on_finished(output)` runs on the event loop for every finished request, also those
         nobody listens to any more (aborted ones). While no request is unfinished the thread
         still steps every `idle_step_s`, so the connector frees blocks whose readers have
@@ -117,13 +124,13 @@ class AsyncEngine:
 
     # --- asyncio side ---
 
-    async def call(self, fn: Callable[[Any], Any], timeout_s: float = 60.0) -> Any:
+    async def call(self, fn: Callable[[LLMEngine], T], timeout_s: float = 60.0) -> T:
         """Run `fn(engine)` on the engine thread between steps and return its result. The
         time-out also covers a command queued just as the engine thread stopped; a command
         still queued when its caller gives up is skipped."""
         return await self._wait(self._submit(fn), timeout_s)
 
-    def _submit(self, fn: Callable[[Any], Any]) -> concurrent.futures.Future:
+    def _submit(self, fn: EngineCommand) -> concurrent.futures.Future:
         self._check_alive()
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._put((fn, future))
@@ -140,12 +147,12 @@ class AsyncEngine:
     async def _wait(future: concurrent.futures.Future, timeout_s: float) -> Any:
         return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
 
-    def submit_nowait(self, fn: Callable[[Any], Any]) -> None:
+    def submit_nowait(self, fn: EngineCommand) -> None:
         if self.alive:
             self._put((fn, None))
 
     async def add_request(
-        self, request_id: str, prompt_token_ids: list[int], sampling_params: Any,
+        self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
         kv_transfer_params: RemotePrefillParams | RemoteDecodeParams | None,
     ) -> RequestStream:
         """Register the stream first, so no output can be missed, then add the request.
@@ -215,7 +222,7 @@ class AsyncEngine:
             self._wake_recv.close()
             self._wake_send.close()
 
-    def _serve(self, engine: Any) -> None:
+    def _serve(self, engine: LLMEngine) -> None:
         events = engine.executor.events  # None without a KV connector
         last_step, stalled, again = 0.0, False, False
         while not self._stop.is_set():
@@ -238,7 +245,7 @@ class AsyncEngine:
                 if outputs and self._loop is not None:
                     self._loop.call_soon_threadsafe(self._dispatch, outputs)
 
-    def _run_commands(self, engine: Any, wait_s: float, events: RankEvents | None) -> bool:
+    def _run_commands(self, engine: LLMEngine, wait_s: float, events: RankEvents | None) -> bool:
         """Sleep up to `wait_s` for a command or a rank event, run the queued commands; True
         when a rank event came."""
         if wait_s > 0:
@@ -260,7 +267,7 @@ class AsyncEngine:
             self._run_command(engine, *item)
 
     @staticmethod
-    def _run_command(engine: Any, fn: Callable[[Any], Any], future: concurrent.futures.Future | None) -> None:
+    def _run_command(engine: LLMEngine, fn: EngineCommand, future: concurrent.futures.Future | None) -> None:
         """Run one command. Its caller may have timed out (cancelling the future) while a long
         step ran: such a command is skipped, and no completion error may reach the loop."""
         if future is not None and not future.set_running_or_notify_cancel():
@@ -286,7 +293,7 @@ class AsyncEngine:
                 _settle(item[1], exc=error)
 
 
-def _end_added(engine: Any, added: concurrent.futures.Future) -> None:
+def _end_added(engine: LLMEngine, added: concurrent.futures.Future) -> None:
     if added.done() and not added.cancelled() and added.exception() is None:
         engine.end_request(added.result())
 
