@@ -51,7 +51,7 @@ def started_pids(output: str) -> list[int]:
 
 
 def assert_all_gone(pids: list[int]) -> None:
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     for pid in pids:
         while True:
             try:

@@ -432,7 +432,7 @@ def test_a_dead_tp_rank_makes_the_server_unhealthy(pd):
     workers = child_pids(prefill.proc.pid)
     assert len(workers) == PREFILL_TP - 1  # rank 0 runs in the server process
     os.kill(workers[0], signal.SIGKILL)
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60
     while (r := httpx.get(f"{prefill.url}/health", timeout=10)).status_code != 503:
         assert time.monotonic() < deadline, r.text
         time.sleep(0.2)
@@ -441,7 +441,7 @@ def test_a_dead_tp_rank_makes_the_server_unhealthy(pd):
     r = httpx.post(f"{prefill.url}/v1/completions", json={"prompt": "hi"}, timeout=10)
     assert r.status_code == 503  # an answer, not a hang
     # The proxy stops sending there, and says why.
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while (r := httpx.post(f"{proxy.url}/v1/completions", json={"prompt": "hi"}, timeout=10)).status_code != 503:
         assert time.monotonic() < deadline, r.text
         time.sleep(0.3)
