@@ -23,8 +23,14 @@ from kvxfer.specs import KVCacheGroup, SlidingWindowSpec
 
 PROTOCOL_VERSION = 2
 
-NonNegInt = Annotated[int, Meta(ge=0)]
-PosInt = Annotated[int, Meta(ge=1)]
+# Every integer from outside is bounded here, at parse time: an id the wire formats (msgpack,
+# numpy descriptors) cannot carry must be a clear 400, never a failure deep in a transfer.
+MAX_INT = 2**63 - 1
+NonNegInt = Annotated[int, Meta(ge=0, le=MAX_INT)]
+PosInt = Annotated[int, Meta(ge=1, le=MAX_INT)]
+Rank = Annotated[int, Meta(ge=0, le=65535)]
+TPSize = Annotated[int, Meta(ge=1, le=65536)]
+Seconds = Annotated[float, Meta(gt=0.0, le=1e9)]  # also refuses NaN
 Port = Annotated[int, Meta(ge=1, le=65535)]
 Name = Annotated[str, Meta(min_length=1, max_length=256)]
 Token = Annotated[str, Meta(min_length=32, max_length=128)]  # >= 128 random bits, hex
@@ -163,10 +169,10 @@ class Held(msgspec.Struct, frozen=True, tag=True):
     instance_id: str
     request_id: str
     transfer_token: str
-    block_ids: list[int]  # all the blocks the params name, as issued
+    block_ids: list[NonNegInt]  # all the blocks the params name, as issued
     reader: str  # decode engine id
-    reader_rank: int
-    transfer_timeout_s: float  # the reader abandons its READs after this long
+    reader_rank: Rank
+    transfer_timeout_s: Seconds  # the reader abandons its READs after this long
 
 
 class Reply(msgspec.Struct, frozen=True, tag=True):
@@ -185,8 +191,8 @@ class ReadDone(msgspec.Struct, frozen=True, array_like=True):
     request_id: str
     transfer_token: str
     decode_engine_id: str
-    decode_rank: int
-    decode_tp_size: int
+    decode_rank: Rank
+    decode_tp_size: TPSize
 
 
 # --- kv_transfer_params --------------------------------------------------------------------
@@ -212,7 +218,7 @@ class RemotePrefillParams(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     # sliding group's entries from the first one the decode side reads (`held_entries`).
     remote_block_ids: list[NonNegInt]
     remote_request_id: Name
-    remote_tp_size: PosInt
+    remote_tp_size: TPSize
     remote_num_tokens: PosInt
     transfer_token: Token
     # The token the prefill sampled from the prompt (t1): the decode side starts its output with

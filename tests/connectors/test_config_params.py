@@ -76,6 +76,13 @@ def test_params_round_trip():
     "params,match",
     [
         (good_params(remote_block_ids=[1, -3]), r"remote_block_ids\[1\]"),
+        # Past what msgpack and the descriptors carry: refused at parse time (issue 20, hole 2).
+        (good_params(remote_block_ids=[1, 2**64]), r"remote_block_ids\[1\]"),
+        (good_params(remote_block_ids=[2**63]), r"remote_block_ids\[0\]"),
+        (good_params(first_token_id=2**64), "first_token_id"),
+        (good_params(remote_num_tokens=2**64), "remote_num_tokens"),
+        (good_params(remote_tp_size=2**64), "remote_tp_size"),
+        (good_params(first_token_logprobs=[[2**64, -0.5]]), r"first_token_logprobs\[0\]\[0\]"),
         (good_params(remote_port="5600"), "remote_port"),
         (good_params(remote_port=0), "remote_port"),
         (good_params(remote_tp_size=0), "remote_tp_size"),
