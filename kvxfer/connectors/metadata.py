@@ -21,7 +21,7 @@ from msgspec import Meta
 from kvxfer.connectors.base import KVParamsError
 from kvxfer.specs import KVCacheGroup, SlidingWindowSpec
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: Held.claim, Reply.kind, Release
 
 # Every integer from outside is bounded here, at parse time: an id the wire formats (msgpack,
 # numpy descriptors) cannot carry must be a clear 400, never a failure deep in a transfer.
@@ -34,6 +34,7 @@ Seconds = Annotated[float, Meta(gt=0.0, le=1e9)]  # also refuses NaN
 Port = Annotated[int, Meta(ge=1, le=65535)]
 Name = Annotated[str, Meta(min_length=1, max_length=256)]
 Token = Annotated[str, Meta(min_length=32, max_length=128)]  # >= 128 random bits, hex
+Claim = Annotated[str, Meta(min_length=16, max_length=64)]  # one decode load, all its ranks
 LogProb = Annotated[float, Meta(le=0.0)]  # also refuses NaN
 
 
@@ -163,7 +164,8 @@ class Query(msgspec.Struct, frozen=True, tag=True):
 
 class Held(msgspec.Struct, frozen=True, tag=True):
     """Asked by a decode rank before its READs: is `request_id` held with exactly these blocks
-    under this token? A yes pins the hold for `reader` for `Reply.pin_seconds`."""
+    under this token? A yes pins the hold for `reader_rank` for `Reply.pin_seconds` and binds
+    the token to `claim` (one load of one decode engine): a check with another claim is refused."""
 
     engine_id: str
     instance_id: str
@@ -173,6 +175,16 @@ class Held(msgspec.Struct, frozen=True, tag=True):
     reader: str  # decode engine id
     reader_rank: Rank
     transfer_timeout_s: Seconds  # the reader abandons its READs after this long
+    claim: Claim
+
+
+class Release(msgspec.Struct, frozen=True, tag=True):
+    """Sent by a decode engine whose request ended before its pull: stop holding it now."""
+
+    engine_id: str
+    instance_id: str
+    request_id: str
+    transfer_token: str
 
 
 class Reply(msgspec.Struct, frozen=True, tag=True):
@@ -180,9 +192,12 @@ class Reply(msgspec.Struct, frozen=True, tag=True):
     error: str = ""
     metadata: EngineMetadata | None = None
     pin_seconds: float = 0.0  # Held: the hold stays pinned this long from receipt
+    # A refused Held: "" (not held so: the params' fault), "conflict" (another pull claimed the
+    # token), "expired" (the lease ran out first); the decode side maps it to its error kind.
+    kind: str = ""
 
 
-SideChannelRequest = Register | Query | Held
+SideChannelRequest = Register | Query | Held | Release
 
 
 class ReadDone(msgspec.Struct, frozen=True, array_like=True):

@@ -209,13 +209,12 @@ class LoadTracker:
         load = _Load(req, peer.meta.engine_id, time.perf_counter())
         load.targets = self.spec.notify_targets(self.tp_rank, self.tp_size, peer.meta.tp_size)
         self._loads[req.request_id] = load
-        if not any(req.local_block_ids):
-            self._complete(load)  # full local hit: nothing is read, the ReadDone's token is checked there
-            return
+        # Also a full local hit (nothing to read) checks first: its ReadDone frees the hold, so
+        # it must be the token's one claim, never a second one freeing blocks under another's READ.
         held = Held(
             engine_id=req.remote_engine_id, instance_id=req.remote_instance_id, request_id=req.remote_request_id,
             transfer_token=req.transfer_token, block_ids=list(req.held_block_ids), reader=self.config.engine_id,
-            reader_rank=self.tp_rank, transfer_timeout_s=self.config.transfer_timeout_s,
+            reader_rank=self.tp_rank, transfer_timeout_s=self.config.transfer_timeout_s, claim=req.claim,
         )
         load.check = self._pool.submit(
             check_held, req.remote_host, req.remote_port, held, self.config.handshake_timeout_s, self._auth,
@@ -327,6 +326,9 @@ class LoadTracker:
             return
         except Exception as e:
             self._fail(load.req.request_id, KVPeerError(f"checking the prefill side's hold failed: {e}"))
+            return
+        if not any(load.req.local_block_ids):
+            self._complete(load)  # full local hit: nothing is read, only the ReadDone goes
             return
         self._post(load, pin_seconds)
 

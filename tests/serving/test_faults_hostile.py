@@ -9,6 +9,9 @@ is ever returned: a completion computed from another request's blocks must be an
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import msgspec
 import pytest
@@ -18,6 +21,7 @@ from hypothesis import strategies as st
 from serving_helpers import BLOCK_SIZE, Cluster, metrics, wait_all_blocks_free
 
 LEASE_S = 8
+REPLAYS, ROUNDS = 8, 10  # concurrent replays of one params set, and how many times
 PROMPT = [(i * 37) % 480 + 7 for i in range(2 * BLOCK_SIZE + 5)]
 
 
@@ -175,7 +179,7 @@ def test_side_channel_survives_hostile_frames(pd):
         st.integers(1, len(real) - 1).map(lambda n: real[:n]),  # truncated
         st.text(max_size=12).map(lambda rid: msgspec.msgpack.encode(Held(
             engine_id=engine_id, instance_id=meta.instance_id, request_id=rid, transfer_token="0" * 32,
-            block_ids=[0], reader="attacker", reader_rank=0, transfer_timeout_s=1.0))),
+            block_ids=[0], reader="attacker", reader_rank=0, transfer_timeout_s=1.0, claim="a" * 24))),
         register,  # a registration from someone who is not one of its ranks
     )
 
@@ -191,7 +195,7 @@ def test_side_channel_survives_hostile_frames(pd):
     refused = metrics(prefill.url)["kvxfer_kv_refused_checks_total"]
     made_up = msgspec.msgpack.encode(Held(
         engine_id=engine_id, instance_id=meta.instance_id, request_id="made-up", transfer_token="0" * 32,
-        block_ids=[0], reader="attacker", reader_rank=0, transfer_timeout_s=1.0))
+        block_ids=[0], reader="attacker", reader_rank=0, transfer_timeout_s=1.0, claim="a" * 24))
     assert not decode_reply(_exchange(address, made_up)).ok
     assert metrics(prefill.url)["kvxfer_kv_refused_checks_total"] == refused + 1  # counted, exported
     one()
@@ -205,3 +209,88 @@ def test_side_channel_survives_hostile_frames(pd):
     assert r.status_code == 200 and r.json()["kv_transfer_stats"]["bytes"] > 0, r.text
     wait_all_blocks_free(decode.url)
     wait_all_blocks_free(prefill.url, timeout_s=LEASE_S + 60)
+
+
+def _wait_until(what: str, condition, timeout_s: float) -> None:
+    """Poll an observable state (generous deadline; a busy host only makes it slower)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not reached within {timeout_s}s")
+        time.sleep(0.2)
+
+
+def _decode_leg(decode, params: dict, prompt: list[int] = PROMPT) -> httpx.Response:
+    return httpx.post(f"{decode.url}/v1/completions", timeout=120, json={
+        "prompt": prompt, "max_tokens": 2, "kv_transfer_params": params})
+
+
+def test_concurrent_replays_of_one_token_admit_exactly_one_pull(pd):
+    """Hole 3 of issue 20: 8 concurrent replays of one params set got up to 7 extra 200s, each
+    with its own pull. The first hold check claims the token: exactly one pull reads, the others
+    get 409 (claimed) or 400 (read and gone) and read nothing. Repeated to catch the race."""
+    prefill, decode = pd
+    with ThreadPoolExecutor(REPLAYS) as pool:
+        for round_ in range(ROUNDS):
+            params = _prefill_leg(prefill, PROMPT)
+            answers = list(pool.map(lambda _: _decode_leg(decode, params), range(REPLAYS)))
+            codes = sorted(r.status_code for r in answers)
+            assert codes.count(200) == 1 and set(codes) <= {200, 400, 409}, (round_, codes)
+            [ok] = [r for r in answers if r.status_code == 200]
+            assert ok.json()["kv_transfer_stats"]["bytes"] > 0, ok.text
+            for r in answers:  # each refusal says why
+                assert r.status_code != 409 or "already claimed" in r.text, r.text
+                assert r.status_code != 400 or "not held" in r.text, r.text
+    wait_all_blocks_free(decode.url)
+    wait_all_blocks_free(prefill.url, timeout_s=LEASE_S + 60)
+
+
+def _held(params: dict, **override):
+    from kvxfer.connectors.metadata import Held
+
+    fields = dict(engine_id=params["remote_engine_id"], instance_id=params["remote_instance_id"],
+                  request_id=params["remote_request_id"], transfer_token=params["transfer_token"],
+                  block_ids=params["remote_block_ids"], reader="holder", reader_rank=0, transfer_timeout_s=1.0,
+                  claim="h" * 24)
+    return msgspec.msgpack.encode(Held(**(fields | override)))
+
+
+def test_a_token_holder_cannot_pin_a_hold_past_its_lease(pd):
+    """Hole 4 of issue 20: a negative transfer_timeout_s was accepted (pins of about -1e9 s), and
+    a holder re-checking kept its hold pinned as long as it liked. Refused, and the pins end with
+    the lease: the re-checks are refused as expired and the blocks are freed."""
+    from kvxfer.connectors.metadata import decode_reply
+
+    prefill, _ = pd
+    address = _side_channel(prefill)
+    params = _prefill_leg(prefill, PROMPT)
+    for bad in (-1e9, -1.0, 0.0):
+        reply = decode_reply(_exchange(address, _held(params, transfer_timeout_s=bad)))
+        assert not reply.ok and "transfer_timeout_s" in reply.error, (bad, reply)
+    expired_before = metrics(prefill.url).get("kvxfer_kv_expired_leases_total", 0)
+    deadline = time.monotonic() + LEASE_S + 60
+    while True:  # the holder re-checks as fast as it gets answers
+        reply = decode_reply(_exchange(address, _held(params)))
+        if not reply.ok:
+            break
+        assert time.monotonic() < deadline, "re-checking kept the hold pinned past its lease"
+    assert reply.kind == "expired", reply
+    wait_all_blocks_free(prefill.url, timeout_s=LEASE_S + 60)
+    assert metrics(prefill.url)["kvxfer_kv_expired_leases_total"] == expired_before + 1
+
+
+def test_an_expired_lease_is_a_504_not_a_forged_400(pd):
+    """Issue 18 gap: a pull after the prefill's lease ran out got 400 (as if the params were
+    forged). It is a timing fault of the decode path: 504 with the reason; a wrong token is
+    still a 400."""
+    prefill, decode = pd
+    wait_all_blocks_free(prefill.url, timeout_s=LEASE_S + 60)  # nothing else held: ours is the one
+    expired_before = metrics(prefill.url).get("kvxfer_kv_expired_leases_total", 0)
+    params = _prefill_leg(prefill, PROMPT)
+    _wait_until("the lease's expiry", lambda: (m := metrics(prefill.url)).get("kvxfer_kv_held_requests", 1) == 0
+                and m.get("kvxfer_kv_expired_leases_total", 0) == expired_before + 1, LEASE_S + 60)
+    r = _decode_leg(decode, params)
+    assert r.status_code == 504 and "ran out before the read" in r.text, (r.status_code, r.text[:300])
+    r = _decode_leg(decode, params | {"transfer_token": "0" * 32})
+    assert r.status_code == 400 and "not held" in r.text, (r.status_code, r.text[:300])
+    wait_all_blocks_free(decode.url)
