@@ -102,6 +102,11 @@ class NixlConnectorScheduler(KVConnectorScheduler):
         if not self.config.is_consumer:
             raise KVParamsError(f"kv_transfer_params: do_remote_prefill, but this engine's KV role is "
                                 f"{self.config.role!r}: it cannot load remote KV")
+        if not self.config.peer_allowed(params.remote_host, params.remote_port):
+            raise KVParamsError(
+                f"kv_transfer_params: remote_host:remote_port {params.remote_host}:{params.remote_port} is not a side "
+                f"channel this engine may connect to (--kv-allowed-peers)"
+            )
         if params.remote_num_tokens != request.num_prompt_tokens:
             raise KVParamsError(
                 f"kv_transfer_params: remote_num_tokens says a prompt of {params.remote_num_tokens} tokens, this "
