@@ -15,8 +15,10 @@ checks, releases), so every method takes the table's lock. The rules:
 - A hold ends (release or expiry, sent to the ranks once) only when no pin is live: no READ
   can still be in flight on its blocks.
 - A release is done once: a second one with the right token changes nothing and says so.
-- Expired tokens are remembered for a while (`EXPIRED_MEMORY`, bounded): a check naming one is
-  told "expired" (a timing fault of the decode path: 504), not "not held" (a forged token: 400).
+- Ended holds' tokens are remembered for a while (`ENDED_MEMORY`, bounded, oldest forgotten
+  first): a check naming an expired one is told "expired" (a timing fault of the decode path:
+  504), not "not held" (a forged token: 400); a release naming any ended one (the proxy's and
+  the decode's release of one abort, in either order) is not counted as refused.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ from dataclasses import dataclass, field
 from kvxfer.connectors.config import PIN_MARGIN_S, lease_fit_error
 from kvxfer.connectors.metadata import Held, Reply
 
-# Expired tokens remembered (request id -> token); old ones go first. Enough for minutes of
-# abandoned holds at any realistic rate; a forgotten one reads as "not held" again.
-EXPIRED_MEMORY = 4096
+# Ended holds remembered (request id -> (token, how it ended)); old ones go first. Enough for
+# minutes of holds at any realistic rate; a forgotten one reads as "not held" again.
+ENDED_MEMORY = 4096
 
 CONFLICT = "conflict"  # Reply.kind: another reader claimed the token (HTTP 409)
 EXPIRED = "expired"  # Reply.kind: the lease ran out before the read (HTTP 504)
@@ -61,7 +63,7 @@ class HoldTable:
         self.engine_id, self.instance_id, self.lease_seconds = engine_id, instance_id, lease_seconds
         self.counters = counters
         self._holds: dict[str, Hold] = {}
-        self._expired: OrderedDict[str, str] = OrderedDict()
+        self._ended: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self._lock = threading.Lock()
 
     def add(self, request_id: str, block_ids: list[int]) -> str:
@@ -71,7 +73,7 @@ class HoldTable:
             if request_id in self._holds:  # the engine refuses ids still held (RequestIdInUse)
                 raise ValueError(f"request id {request_id!r} is already held for a remote reader")
             self._holds[request_id] = Hold(token, list(block_ids), time.monotonic() + self.lease_seconds)
-            self._expired.pop(request_id, None)  # a new hold of the id: its old token is history
+            self._ended.pop(request_id, None)  # a new hold of the id: its old token is history
         return token
 
     def check(self, msg: Held) -> Reply:
@@ -90,8 +92,7 @@ class HoldTable:
                 f"the params were issued by instance {msg.instance_id!r} of engine {self.engine_id!r}; this side "
                 f"channel serves instance {self.instance_id!r} (restarted, or two engines with one id)"))
         if hold is None or not hmac.compare_digest(hold.token, msg.transfer_token):
-            old = self._expired.get(msg.request_id)
-            if old is not None and hmac.compare_digest(old, msg.transfer_token):
+            if self._ended_as(msg.request_id, msg.transfer_token) == "expired":
                 return self._expired_reply(msg.request_id)
             return Reply(ok=False, error=f"request {msg.request_id!r} is not held by engine {self.engine_id!r} "
                                          f"under this token")
@@ -105,8 +106,8 @@ class HoldTable:
             return Reply(ok=False, error=problem)
         if hold.claim and not hmac.compare_digest(hold.claim, msg.claim):
             return Reply(ok=False, kind=CONFLICT, error=(
-                f"request {msg.request_id!r} of engine {self.engine_id!r} is already claimed by another pull: a "
-                f"transfer token admits one"))
+                f"request {msg.request_id!r} of engine {self.engine_id!r} is already claimed by another pull (of "
+                f"engine {hold.reader!r}): a transfer token admits one"))
         if hold.ended == "released" or hold.release:
             return Reply(ok=False, error=f"request {msg.request_id!r} is no longer held by engine "
                                          f"{self.engine_id!r} (released)")
@@ -117,6 +118,13 @@ class HoldTable:
         hold.claim, hold.reader = msg.claim, msg.reader
         hold.pins[msg.reader_rank] = max(hold.pins.get(msg.reader_rank, 0.0), now + pin_s)
         return Reply(ok=True, pin_seconds=pin_s)
+
+    def _ended_as(self, request_id: str, token: str | None) -> str:
+        """How the hold of `request_id` under `token` ended, while remembered; else ""."""
+        ended = self._ended.get(request_id)
+        if ended is None or token is None or not hmac.compare_digest(ended[0], token):
+            return ""
+        return ended[1]
 
     def _expired_reply(self, request_id: str) -> Reply:
         return Reply(ok=False, kind=EXPIRED, error=(
@@ -130,7 +138,8 @@ class HoldTable:
         with self._lock:
             hold = self._holds.get(request_id)
             if hold is None or token is None or not hmac.compare_digest(hold.token, token):
-                self.counters["refused_releases"] += 1
+                if not self._ended_as(request_id, token):  # else its holder, after its end
+                    self.counters["refused_releases"] += 1
                 return False
             if hold.ended or hold.release:
                 return False
@@ -152,17 +161,19 @@ class HoldTable:
                 elif now >= hold.deadline:
                     hold.ended = "expired"
                     expire.append(request_id)
-                    self._expired[request_id] = hold.token
-                    self._expired.move_to_end(request_id)
-                    while len(self._expired) > EXPIRED_MEMORY:
-                        self._expired.popitem(last=False)
         return release, expire
 
     def forget(self, request_ids: set[str]) -> None:
         """Every rank reported these finished: "held" is answered only for what is held now."""
         with self._lock:
             for request_id in request_ids:
-                self._holds.pop(request_id, None)
+                hold = self._holds.pop(request_id, None)
+                if hold is None:
+                    continue
+                self._ended[request_id] = (hold.token, hold.ended or "read")
+                self._ended.move_to_end(request_id)
+                while len(self._ended) > ENDED_MEMORY:
+                    self._ended.popitem(last=False)
 
     def is_held(self, request_id: str) -> bool:
         with self._lock:

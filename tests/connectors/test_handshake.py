@@ -266,6 +266,13 @@ def test_a_second_release_releases_nothing(table):
     assert table.release_request("r5", params.transfer_token)
     assert not table.release_request("r5", params.transfer_token)  # nothing more to release
     assert table.stats()["refused_releases"] == 0  # the holder asking twice forges nothing
+    assert table.build_connector_meta(None).release == ["r5"]
+    table.update_connector_output(KVConnectorOutput(finished_sending={"r5"}, released_sending={"r5"}))
+    # Once it ended, its own token (a second releaser of one abort) is still no forgery.
+    assert not table.release_request("r5", params.transfer_token)
+    assert table.stats()["refused_releases"] == 0
+    assert not table.release_request("r5", "0" * 32)
+    assert table.stats()["refused_releases"] == 1
 
 
 # --- authentication and hostile frames -------------------------------------------------------
