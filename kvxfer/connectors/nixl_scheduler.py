@@ -63,7 +63,7 @@ class NixlConnectorScheduler(KVConnectorScheduler):
         self.tp_size = tp_size
         self._recv: list[RecvRequest] = []
         self._send: list[SendRequest] = []
-        self._loading: set[str] = set()  # decode: loads sent to the ranks, not yet reported
+        self._sent: set[str] = set()  # decode: unfinished requests whose load went to the ranks
         self._releaser: Releaser | None = Releaser(
             config.handshake_timeout_s, FrameAuth(config.auth_key)) if config.is_consumer else None
         self.counters = {
@@ -155,14 +155,16 @@ class NixlConnectorScheduler(KVConnectorScheduler):
                 remote_block_ids=remote,
             )
         )
-        self._loading.add(request.request_id)
+        self._sent.add(request.request_id)
 
     # --- prefill side: the hold table -----------------------------------------------------
 
     def request_finished(self, request: Any, block_tables: list[list[int]]) -> tuple[bool, dict | None]:
         params = request.kv_transfer_params
-        if isinstance(params, RemotePrefillParams) and request.request_id not in self._loading \
-                and request.finish_reason == "abort" and self._releaser is not None:
+        sent = request.request_id in self._sent
+        self._sent.discard(request.request_id)
+        if isinstance(params, RemotePrefillParams) and not sent and request.finish_reason == "abort" \
+                and self._releaser is not None:
             # Ended before its pull was sent to the ranks: nobody here will read the prefill's
             # hold, so release it now rather than leave it to the lease. (A load already sent
             # runs to its end and its ReadDone frees the hold.)
@@ -231,7 +233,6 @@ class NixlConnectorScheduler(KVConnectorScheduler):
         c["expired_leases"] += len(output.expired_sending)
         c["released"] += len(output.released_sending)
         c["sends_completed"] += len(output.finished_sending - output.expired_sending - output.released_sending)
-        self._loading -= output.finished_recving | output.failed_recving.keys()
         self.holds.forget(output.finished_sending)
 
     def stats(self) -> dict[str, float]:
