@@ -4,7 +4,9 @@ frames to a prefill's side channel. The servers stay healthy, nothing leaks, and
 is ever returned: a completion computed from another request's blocks must be an error.
 
 `test_victims_blocks_are_never_returned` needs the prefill side's transfer tokens and
-`test_side_channel_survives_hostile_frames` its hardened side channel (H1).
+`test_side_channel_survives_hostile_frames` its hardened side channel (H1). Issue 20's holes 2-4
+(block ids past 2^64, concurrent replays of one token, pins past the lease) and issue 18's
+expired-lease gap each have a test here; hole 1 is in test_faults_peers.py.
 """
 
 from __future__ import annotations
