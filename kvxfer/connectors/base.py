@@ -7,6 +7,7 @@ worker side (every TP rank) through `ConnectorMetadata` each step; the workers a
 
 from __future__ import annotations
 
+import secrets
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,25 @@ class KVPeerError(KVTransferError):
     """The peer failed: dead or unreachable, a READ error, a time-out."""
 
     kind = "peer"
+
+
+class KVConflictError(KVTransferError):
+    """Another pull already claimed the transfer token: a token admits exactly one (HTTP 409)."""
+
+    kind = "conflict"
+
+
+class KVExpiredError(KVTransferError):
+    """The prefill's lease ran out before the pull: a timing fault of the decode path, not a
+    forgery (HTTP 504)."""
+
+    kind = "expired"
+
+
+# A failure kind's HTTP status, for the servers (any other kind: 502).
+HTTP_STATUS_OF_KIND = {KVParamsError.kind: 400, KVConflictError.kind: 409, KVExpiredError.kind: 504}
+# Which kind a request's failure takes when its ranks report several (the first present).
+KIND_PRECEDENCE = ("params", "conflict", "expired", "peer", "transfer")
 
 
 class KVConnectorBroken(RuntimeError):
@@ -73,6 +93,9 @@ class RecvRequest(msgspec.Struct, frozen=True):
     held_block_ids: list[int]  # every block the params name (the hold check compares them exactly)
     local_block_ids: list[list[int]]  # per group
     remote_block_ids: list[list[int]]  # per group: the held blocks of that group this engine reads
+    # Drawn once per load where it is made (the scheduler side), so every rank's hold check
+    # names the same claim and the prefill side admits this one load per token.
+    claim: str = msgspec.field(default_factory=lambda: secrets.token_hex(12))
 
 
 class SendRequest(msgspec.Struct, frozen=True):
@@ -178,7 +201,8 @@ class KVOutputAggregator:
             if recv.reasons:
                 result.failed_recving[req_id] = "; ".join(dict.fromkeys(recv.reasons))
                 # A params fault on any rank is the request's fault, whatever else failed.
-                result.failure_kinds[req_id] = next(k for k in ("params", "peer", "transfer") if k in recv.kinds)
+                result.failure_kinds[req_id] = next(
+                    (k for k in KIND_PRECEDENCE if k in recv.kinds), KVTransferError.kind)
             else:
                 result.finished_recving.add(req_id)
                 if recv.stats:

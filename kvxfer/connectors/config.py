@@ -6,6 +6,7 @@ Validated on construction: a bad value raises `ValueError` naming the field.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import secrets
 import uuid
 from dataclasses import dataclass, field
@@ -57,6 +58,10 @@ class KVTransferConfig:
     # Decode: prefill side channels ("host:port") to handshake with at start, so an incompatible
     # peer or a lease that the transfer time-out does not fit fails the start, not a request.
     peers: tuple[str, ...] = ()
+    # Decode: the only side channels it may connect to ("host:port", or a CIDR such as
+    # "10.0.0.0/8" matching IP literals; `peers` are allowed too); empty: any address. Params
+    # naming another address are refused (400) before anything connects.
+    allowed_peers: tuple[str, ...] = ()
     # Set by the engine's Executor, not by users: the write end of the pipe on which the ranks'
     # connectors wake the engine loop when a transfer finished (`engine.rank_events`); -1: none.
     event_fd: int = -1
@@ -97,6 +102,14 @@ class KVTransferConfig:
             host, _, port = peer.rpartition(":") if isinstance(peer, str) else ("", "", "")
             if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
                 raise ValueError(f"KVTransferConfig.peers must be HOST:PORT side-channel addresses, got {peer!r}")
+        object.__setattr__(self, "allowed_peers", tuple(self.allowed_peers))
+        allow = [_allow_entry(entry) for entry in self.allowed_peers]
+        for entry, parsed in zip(self.allowed_peers, allow):
+            if parsed is None:
+                raise ValueError(f"KVTransferConfig.allowed_peers must be HOST:PORT or CIDR entries, got {entry!r}")
+        object.__setattr__(self, "_allow", allow)  # parsed once; not a field (repr, eq)
+        if self.allowed_peers and not self.is_consumer:
+            raise ValueError(f"KVTransferConfig.allowed_peers is for engines that load KV; role is {self.role!r}")
         if self.peers and not self.is_consumer:
             raise ValueError(f"KVTransferConfig.peers is for engines that load KV; role is {self.role!r}")
         if not isinstance(self.event_fd, int) or self.event_fd < -1:
@@ -113,6 +126,20 @@ class KVTransferConfig:
     def peer_addresses(self) -> list[tuple[str, int]]:
         return [(host, int(port)) for host, _, port in (p.rpartition(":") for p in self.peers)]
 
+    def peer_allowed(self, host: str, port: int) -> bool:
+        """Whether this engine may connect to the side channel at host:port."""
+        if not self.allowed_peers or f"{host}:{port}" in self.peers:
+            return True
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            ip = None  # a host name matches a HOST:PORT entry only: names are not resolved here
+        for allowed in self._allow:
+            if allowed == (host, port) or (ip is not None and not isinstance(allowed, tuple)
+                                           and ip.version == allowed.version and ip in allowed):
+                return True
+        return False
+
     @property
     def is_producer(self) -> bool:
         return self.role in ("prefill", "both")
@@ -120,3 +147,18 @@ class KVTransferConfig:
     @property
     def is_consumer(self) -> bool:
         return self.role in ("decode", "both")
+
+
+def _allow_entry(entry: object) -> tuple[str, int] | ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """An `allowed_peers` entry as (host, port) or a network; None when it is neither."""
+    if not isinstance(entry, str) or not entry:
+        return None
+    if "/" in entry:
+        try:
+            return ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            return None
+    host, _, port = entry.rpartition(":")
+    if host and port.isdigit() and 1 <= int(port) <= 65535:
+        return host, int(port)
+    return None

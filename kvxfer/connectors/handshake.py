@@ -19,12 +19,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
 import zmq
 
 from kvxfer.connectors.auth import AuthError, FrameAuth
-from kvxfer.connectors.base import KVParamsError, KVPeerError
+from kvxfer.connectors.base import KVConflictError, KVExpiredError, KVParamsError, KVPeerError
 from kvxfer.connectors.metadata import (
     PROTOCOL_VERSION,
     Compat,
@@ -33,6 +34,8 @@ from kvxfer.connectors.metadata import (
     Query,
     RankMetadata,
     Register,
+    Release,
+    RemotePrefillParams,
     Reply,
     SideChannelRequest,
     decode_reply,
@@ -55,11 +58,12 @@ class HandshakeServer:
         self, host: str, port: int, engine_id: str, instance_id: str, secret: bytes, tp_size: int,
         compat: Compat, lease_seconds: float, auth: FrameAuth,
         check_hold: Callable[[Held], Reply] = lambda msg: Reply(ok=False, error="this engine holds no requests"),
+        release: Callable[[Release], Reply] = lambda msg: Reply(ok=False, error="this engine holds no requests"),
     ) -> None:
         self.engine_id, self.instance_id, self.tp_size, self.compat = engine_id, instance_id, tp_size, compat
         self.lease_seconds = lease_seconds
         self._secret, self._auth = secret, auth
-        self.check_hold = check_hold  # called from the server thread
+        self.check_hold, self.release = check_hold, release  # called from the server thread
         self._ranks: dict[int, RankMetadata] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -104,6 +108,8 @@ class HandshakeServer:
             return Reply(ok=False, error=error)
         if isinstance(msg, Held):
             return self.check_hold(msg)
+        if isinstance(msg, Release):
+            return self.release(msg)
         if isinstance(msg, Register):
             return self._register(msg)
         meta = self.metadata()
@@ -206,7 +212,7 @@ class ReqSockets:
             sock.close()
 
 
-def _request(host: str, port: int, msg: Register | Query | Held, timeout_s: float, auth: FrameAuth,
+def _request(host: str, port: int, msg: SideChannelRequest, timeout_s: float, auth: FrameAuth,
              sockets: ReqSockets | None = None) -> Reply:
     """Send `msg` until a reply other than "not ready" arrives or `timeout_s` passes (on a
     socket from `sockets` when given, returned there once answered)."""
@@ -252,14 +258,45 @@ def register_rank(host: str, port: int, msg: Register, timeout_s: float, auth: F
         raise HandshakeError(f"KV side channel {host}:{port} refused rank {msg.rank.tp_rank}: {reply.error}")
 
 
+_REFUSALS = {"": KVParamsError, "conflict": KVConflictError, "expired": KVExpiredError}
+
+
 def check_held(host: str, port: int, msg: Held, timeout_s: float, auth: FrameAuth,
                sockets: ReqSockets | None = None) -> float:
-    """Seconds the prefill side pins the hold from receipt; KVParamsError when it refuses
-    (not held: made up, finished, released, expired; another token, blocks or instance)."""
+    """Seconds the prefill side pins the hold from receipt. When it refuses: KVConflictError
+    (another pull claimed the token), KVExpiredError (the lease ran out first), else
+    KVParamsError (not held so: made up, finished, released; another token, blocks or instance)."""
     reply = _request(host, port, msg, timeout_s, auth, sockets)
     if not reply.ok:
-        raise KVParamsError(f"KV side channel {host}:{port}: {reply.error}")
+        raise _REFUSALS.get(reply.kind, KVParamsError)(f"KV side channel {host}:{port}: {reply.error}")
     return reply.pin_seconds
+
+
+class Releaser:
+    """Decode side: tells a prefill side channel to release a hold nobody here will read (the
+    request ended before its pull), in the background so that no engine step waits on a peer.
+    Signed like every side-channel frame; the prefill side releases only under the hold's token."""
+
+    def __init__(self, timeout_s: float, auth: FrameAuth) -> None:
+        self._timeout_s, self._auth = timeout_s, auth
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-release")
+
+    def release(self, params: RemotePrefillParams) -> None:
+        msg = Release(params.remote_engine_id, params.remote_instance_id, params.remote_request_id,
+                      params.transfer_token)
+        self._pool.submit(self._send, params.remote_host, params.remote_port, msg)
+
+    def _send(self, host: str, port: int, msg: Release) -> None:
+        try:
+            reply = _request(host, port, msg, self._timeout_s, self._auth)
+        except Exception as e:  # the peer is gone or slow: its lease frees the blocks
+            logger.info("releasing %s at %s:%d failed (its lease ends it): %s", msg.request_id, host, port, e)
+            return
+        if not reply.ok:
+            logger.info("releasing %s at %s:%d: %s", msg.request_id, host, port, reply.error)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def fetch_engine_metadata(

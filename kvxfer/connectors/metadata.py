@@ -21,13 +21,20 @@ from msgspec import Meta
 from kvxfer.connectors.base import KVParamsError
 from kvxfer.specs import KVCacheGroup, SlidingWindowSpec
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: Held.claim, Reply.kind, Release
 
-NonNegInt = Annotated[int, Meta(ge=0)]
-PosInt = Annotated[int, Meta(ge=1)]
+# Every integer from outside is bounded here, at parse time: an id the wire formats (msgpack,
+# numpy descriptors) cannot carry must be a clear 400, never a failure deep in a transfer.
+MAX_INT = 2**63 - 1
+NonNegInt = Annotated[int, Meta(ge=0, le=MAX_INT)]
+PosInt = Annotated[int, Meta(ge=1, le=MAX_INT)]
+Rank = Annotated[int, Meta(ge=0, le=65535)]
+TPSize = Annotated[int, Meta(ge=1, le=65536)]
+Seconds = Annotated[float, Meta(gt=0.0, le=1e9)]  # also refuses NaN
 Port = Annotated[int, Meta(ge=1, le=65535)]
 Name = Annotated[str, Meta(min_length=1, max_length=256)]
 Token = Annotated[str, Meta(min_length=32, max_length=128)]  # >= 128 random bits, hex
+Claim = Annotated[str, Meta(min_length=16, max_length=64)]  # one decode load, all its ranks
 LogProb = Annotated[float, Meta(le=0.0)]  # also refuses NaN
 
 
@@ -157,16 +164,27 @@ class Query(msgspec.Struct, frozen=True, tag=True):
 
 class Held(msgspec.Struct, frozen=True, tag=True):
     """Asked by a decode rank before its READs: is `request_id` held with exactly these blocks
-    under this token? A yes pins the hold for `reader` for `Reply.pin_seconds`."""
+    under this token? A yes pins the hold for `reader_rank` for `Reply.pin_seconds` and binds
+    the token to `claim` (one load of one decode engine): a check with another claim is refused."""
 
     engine_id: str
     instance_id: str
     request_id: str
     transfer_token: str
-    block_ids: list[int]  # all the blocks the params name, as issued
+    block_ids: list[NonNegInt]  # all the blocks the params name, as issued
     reader: str  # decode engine id
-    reader_rank: int
-    transfer_timeout_s: float  # the reader abandons its READs after this long
+    reader_rank: Rank
+    transfer_timeout_s: Seconds  # the reader abandons its READs after this long
+    claim: Claim
+
+
+class Release(msgspec.Struct, frozen=True, tag=True):
+    """Sent by a decode engine whose request ended before its pull: stop holding it now."""
+
+    engine_id: str
+    instance_id: str
+    request_id: str
+    transfer_token: str
 
 
 class Reply(msgspec.Struct, frozen=True, tag=True):
@@ -174,9 +192,12 @@ class Reply(msgspec.Struct, frozen=True, tag=True):
     error: str = ""
     metadata: EngineMetadata | None = None
     pin_seconds: float = 0.0  # Held: the hold stays pinned this long from receipt
+    # A refused Held: "" (not held so: the params' fault), "conflict" (another pull claimed the
+    # token), "expired" (the lease ran out first); the decode side maps it to its error kind.
+    kind: str = ""
 
 
-SideChannelRequest = Register | Query | Held
+SideChannelRequest = Register | Query | Held | Release
 
 
 class ReadDone(msgspec.Struct, frozen=True, array_like=True):
@@ -185,8 +206,8 @@ class ReadDone(msgspec.Struct, frozen=True, array_like=True):
     request_id: str
     transfer_token: str
     decode_engine_id: str
-    decode_rank: int
-    decode_tp_size: int
+    decode_rank: Rank
+    decode_tp_size: TPSize
 
 
 # --- kv_transfer_params --------------------------------------------------------------------
@@ -212,7 +233,7 @@ class RemotePrefillParams(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     # sliding group's entries from the first one the decode side reads (`held_entries`).
     remote_block_ids: list[NonNegInt]
     remote_request_id: Name
-    remote_tp_size: PosInt
+    remote_tp_size: TPSize
     remote_num_tokens: PosInt
     transfer_token: Token
     # The token the prefill sampled from the prompt (t1): the decode side starts its output with

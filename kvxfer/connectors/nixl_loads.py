@@ -11,14 +11,16 @@ before the pin does: the load's deadline is the check's send time plus
 handle fails) keeps the load in flight until NIXL reports the handle finished; only then is
 the failure reported and may its destination blocks be reused.
 
-Peers are cached by engine id together with the address and instance id they were fetched
-from: params naming a known engine at another address, or another instance of it, never reach
-the cached peer's memory.
+Peers and handshakes are `peers.PeerTable`'s: by engine id together with the address and
+instance id they were fetched from, handshaken per (engine id, address), so params naming a
+known engine at another address, or another instance of it, never reach the cached peer's
+memory and never hold up another request's handshake.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,21 +39,14 @@ from kvxfer.connectors.base import (
     RecvRequest,
     TransferStats,
 )
-from kvxfer.connectors.config import PIN_MARGIN_S, KVTransferConfig, lease_fit_error
+from kvxfer.connectors.config import PIN_MARGIN_S, KVTransferConfig
 from kvxfer.connectors.descriptors import Region, group_read_descriptors
-from kvxfer.connectors.handshake import HandshakeError, ReqSockets, check_held, fetch_engine_metadata
-from kvxfer.connectors.metadata import Compat, EngineMetadata, Held, ReadDone, one_group
+from kvxfer.connectors.handshake import ReqSockets, check_held
+from kvxfer.connectors.metadata import Compat, Held, ReadDone, one_group
+from kvxfer.connectors.peers import Peer, PeerTable
 from kvxfer.specs import KVCacheGroup
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Peer:
-    meta: EngineMetadata
-    address: tuple[str, int]  # where its metadata was fetched
-    agents: dict[int, str]  # remote rank -> NIXL agent name
-    regions: dict[int, list[Region]]  # remote rank -> its region of each KV cache group
 
 
 @dataclass
@@ -85,9 +80,8 @@ class LoadTracker:
         self._sockets = ReqSockets()  # hold checks' answered connections to the peers
         self.regions: list[Region] = []  # this rank's pool of each group, set at registration
         self.mem_type = "DRAM"
-        self.peers: dict[str, Peer] = {}
-        self._handshakes: dict[str, Future] = {}
-        self._waiting: dict[str, list[RecvRequest]] = {}  # remote engine -> loads awaiting its handshake
+        self._peers = PeerTable(agent, config, spec, self.groups, compat, pool, counters, kick, self._drop_peer)
+        self.peers = self._peers.peers
         self._loads: dict[str, _Load] = {}
         self._failed: dict[str, KVTransferError] = {}  # failures not yet reported
         self._done: set[str] = set()
@@ -95,110 +89,40 @@ class LoadTracker:
         self._encoder = msgspec.msgpack.Encoder()
 
     def busy(self) -> bool:
-        return bool(self._loads or self._waiting)
+        return bool(self._loads) or self._peers.busy()
 
     # --- start ----------------------------------------------------------------------------
 
     def start(self, req: RecvRequest) -> None:
-        peer = self.peers.get(req.remote_engine_id)
-        if peer is not None and (req.remote_host, req.remote_port) == peer.address \
-                and req.remote_instance_id != peer.meta.instance_id:
-            self._drop_peer(req.remote_engine_id)  # restarted at the same address: handshake afresh
-            peer = None
-        if peer is not None:
-            self._begin(req, peer)
-            return
-        self._waiting.setdefault(req.remote_engine_id, []).append(req)
-        if req.remote_engine_id not in self._handshakes:
-            fut = self._pool.submit(
-                fetch_engine_metadata, req.remote_host, req.remote_port, req.remote_engine_id, self.compat,
-                self.config.handshake_timeout_s, self._auth,
-            )
-            fut.add_done_callback(lambda _: self._kick())
-            self._handshakes[req.remote_engine_id] = fut
+        routed = self._peers.route(req)
+        if isinstance(routed, KVTransferError):
+            self._fail(req.request_id, routed)
+        elif routed is not None:
+            self._begin(req, routed)
 
-    def connect(self, host: str, port: int) -> None:
-        """Handshake with a configured peer now (at start: metadata, then the NIXL connection to
-        each of its ranks), so its first request pays no handshake. An incompatible peer, a lease the
-        transfer time-out does not fit, or an engine id already known elsewhere raise
-        KVParamsError; an unreachable one is left to the first request's lazy handshake."""
-        try:
-            meta = fetch_engine_metadata(host, port, "", self.compat, self.config.handshake_timeout_s, self._auth)
-        except HandshakeError as e:
-            logger.warning("KV peer %s:%d not reachable at start (handshake on first use): %s", host, port, e)
-            return
-        known = self.peers.get(meta.engine_id)
-        if known is not None and known.address != (host, port):
-            raise KVParamsError(
-                f"KV peers {known.address[0]}:{known.address[1]} and {host}:{port} both run engine {meta.engine_id!r}"
-            )
-        if known is None:
-            peer = self._add_peer(meta, (host, port))
-            for name in peer.agents.values():  # UCX endpoints now, not on the first READ
-                try:
-                    self.agent.make_connection(name)
-                except Exception as e:
-                    logger.warning("connecting to KV peer %s:%d ahead failed (done on first use): %s", host, port, e)
+    def connect(self, host: str, port: int, lock: threading.Lock) -> None:
+        """A configured peer, at start (`PeerTable.connect`: the network waits outside `lock`)."""
+        self._peers.connect(host, port, lock)
 
     def _finish_handshakes(self) -> None:
-        for engine_id, fut in list(self._handshakes.items()):
-            if not fut.done():
-                continue
-            del self._handshakes[engine_id]
-            waiting = self._waiting.pop(engine_id, [])
-            address = (waiting[0].remote_host, waiting[0].remote_port)
-            try:
-                peer = self._add_peer(fut.result(), address)
-            except KVTransferError as e:  # time-out, dead port (peer); unknown engine, incompatible (params)
-                for req in waiting:
-                    self._fail(req.request_id, e)
-                continue
-            except Exception as e:  # NIXL refusing its metadata, an inconsistent region
-                error = KVPeerError(f"KV handshake with {address[0]}:{address[1]} failed: {e}")
-                for req in waiting:
-                    self._fail(req.request_id, error)
-                continue
+        for waiting, peer in self._peers.finished():
             for req in waiting:
-                self._begin(req, peer)
-
-    def _add_peer(self, meta: EngineMetadata, address: tuple[str, int]) -> Peer:
-        problem = lease_fit_error(self.config.transfer_timeout_s, meta.lease_seconds)
-        if problem is not None:
-            raise KVParamsError(f"KV peer {meta.engine_id!r} at {address[0]}:{address[1]}: {problem}")
-        head_bytes = [g.spec.bytes_per_head_block() for g in self.groups]
-        agents, regions = {}, {}
-        for rank in meta.ranks:
-            expected_heads = self.spec.heads_per_rank(meta.tp_size)
-            if rank.kv_heads != expected_heads or len(rank.regions) != len(self.groups) or any(
-                r.region_bytes != r.num_blocks * rank.kv_heads * h for r, h in zip(rank.regions, head_bytes)
-            ):
-                raise ValueError(f"remote rank {rank.tp_rank} advertises a KV region inconsistent with its spec")
-            if rank.mem_type not in ("DRAM", "VRAM"):
-                raise ValueError(f"remote rank {rank.tp_rank} has unknown memory type {rank.mem_type!r}")
-            agents[rank.tp_rank] = self.agent.add_remote_agent(rank.agent_metadata)
-            regions[rank.tp_rank] = [
-                Region(r.base_addr, r.num_blocks, rank.kv_heads * h, h, rank.device_id)
-                for r, h in zip(rank.regions, head_bytes)
-            ]
-        peer = Peer(meta, address, agents, regions)
-        self.peers[meta.engine_id] = peer
-        self.counters["handshakes"] += 1
-        return peer
+                if isinstance(peer, KVTransferError):
+                    self._fail(req.request_id, peer)
+                else:
+                    self._begin(req, peer)
 
     def _drop_peer(self, engine_id: str) -> None:
-        """Forget a failed peer (its other loads fail too), so the next request handshakes afresh."""
-        peer = self.peers.pop(engine_id, None)
+        """Forget a failed (or restarted) peer: its other loads fail too, and the next request
+        handshakes afresh."""
+        peer = self._peers.peers.get(engine_id)
         if peer is None:
             return
         self._sockets.discard(*peer.address)
         for req_id, load in list(self._loads.items()):
             if load.peer_id == engine_id and load.error is None:
                 self._fail(req_id, KVPeerError(f"remote engine {engine_id!r} failed during the transfer"))
-        for name in peer.agents.values():
-            try:
-                self.agent.remove_remote_agent(name)
-            except Exception:
-                pass
+        self._peers.drop(engine_id)
 
     def _begin(self, req: RecvRequest, peer: Peer) -> None:
         """Check the params against the peer, then ask the prefill side to confirm the hold."""
@@ -209,13 +133,12 @@ class LoadTracker:
         load = _Load(req, peer.meta.engine_id, time.perf_counter())
         load.targets = self.spec.notify_targets(self.tp_rank, self.tp_size, peer.meta.tp_size)
         self._loads[req.request_id] = load
-        if not any(req.local_block_ids):
-            self._complete(load)  # full local hit: nothing is read, the ReadDone's token is checked there
-            return
+        # Also a full local hit (nothing to read) checks first: its ReadDone frees the hold, so
+        # it must be the token's one claim, never a second one freeing blocks under another's READ.
         held = Held(
             engine_id=req.remote_engine_id, instance_id=req.remote_instance_id, request_id=req.remote_request_id,
             transfer_token=req.transfer_token, block_ids=list(req.held_block_ids), reader=self.config.engine_id,
-            reader_rank=self.tp_rank, transfer_timeout_s=self.config.transfer_timeout_s,
+            reader_rank=self.tp_rank, transfer_timeout_s=self.config.transfer_timeout_s, claim=req.claim,
         )
         load.check = self._pool.submit(
             check_held, req.remote_host, req.remote_port, held, self.config.handshake_timeout_s, self._auth,
@@ -328,6 +251,9 @@ class LoadTracker:
         except Exception as e:
             self._fail(load.req.request_id, KVPeerError(f"checking the prefill side's hold failed: {e}"))
             return
+        if not any(load.req.local_block_ids):
+            self._complete(load)  # full local hit: nothing is read, only the ReadDone goes
+            return
         self._post(load, pin_seconds)
 
     def _poll_reads(self, load: _Load, now: float) -> None:
@@ -422,6 +348,6 @@ class LoadTracker:
             self._release_handles(load)
             self._loads.pop(req_id, None)
             self._report_failure(req_id, KVTransferError("connector shut down"))
-        for engine_id in list(self.peers):
+        for engine_id in list(self._peers.peers):
             self._drop_peer(engine_id)
         self._sockets.close()

@@ -7,23 +7,20 @@ blocks, owned by this request alone, are read; per KV cache group, and for a sli
 group only the blocks inside the window that position N sees. A full local hit still sends a
 notify-only load, so the prefill side frees its blocks.
 
+A decode request aborted before its load was sent to the ranks tells the prefill side at once
+(`Releaser`: a signed `Release` under the token), so the hold does not wait for its lease.
+
 Prefill: a finished `do_remote_decode` request is held under a fresh transfer token (128
-random bits) with its exact block ids; the params name the token. This table, in the engine
-process, is the only place that decides about holds, for all ranks alike: it answers the side
-channel's `Held` checks (which it hosts), pins a verified hold for its reader until the pin
-deadline it states, expires unpinned holds at their lease (`ConnectorMetadata.expire`) and
-releases on request (`release`, deferred while pinned). A hold is forgotten when every rank
-reports it finished, so "held" is answered only for what is held now.
+random bits) with its exact block ids; the params name the token. Its `holds.HoldTable`, in
+the engine process, is the only place that decides about holds, for all ranks alike: it
+answers the side channel's `Held` checks and `Release`s (the side channel is hosted here),
+expires unpinned holds at their lease (`ConnectorMetadata.expire`) and releases on request
+(`release`, deferred while pinned). A hold is forgotten when every rank reports it finished.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
-import secrets
-import threading
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -37,10 +34,11 @@ from kvxfer.connectors.base import (
     RecvRequest,
     SendRequest,
 )
-from kvxfer.connectors.config import PIN_MARGIN_S, KVTransferConfig, lease_fit_error
-from kvxfer.connectors.handshake import HandshakeServer
+from kvxfer.connectors.config import KVTransferConfig
+from kvxfer.connectors.handshake import HandshakeServer, Releaser
+from kvxfer.connectors.holds import HoldTable
 from kvxfer.connectors.metadata import (
-    Held,
+    Release,
     RemoteDecodeParams,
     RemotePrefillParams,
     Reply,
@@ -54,19 +52,6 @@ from kvxfer.specs import KVCacheGroup
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class _Hold:
-    token: str
-    block_ids: list[int]
-    deadline: float  # lease end, time.monotonic()
-    pins: dict[tuple[str, int], float] = field(default_factory=dict)  # reader -> pin end
-    release: bool = False  # asked to release; done once no pin is live
-    ended: bool = False  # release or expiry sent to the ranks: no new pins
-
-    def pinned_until(self) -> float:
-        return max(self.pins.values(), default=0.0)
-
-
 class NixlConnectorScheduler(KVConnectorScheduler):
     def __init__(
         self, config: KVTransferConfig, spec: Any, tp_size: int, model_identity: str,
@@ -78,8 +63,9 @@ class NixlConnectorScheduler(KVConnectorScheduler):
         self.tp_size = tp_size
         self._recv: list[RecvRequest] = []
         self._send: list[SendRequest] = []
-        self._holds: dict[str, _Hold] = {}
-        self._lock = threading.Lock()  # the side channel's thread checks holds too
+        self._sent: set[str] = set()  # decode: unfinished requests whose load went to the ranks
+        self._releaser: Releaser | None = Releaser(
+            config.handshake_timeout_s, FrameAuth(config.auth_key)) if config.is_consumer else None
         self.counters = {
             "transfers": 0,
             "failures": 0,
@@ -94,12 +80,14 @@ class NixlConnectorScheduler(KVConnectorScheduler):
             "descriptors": 0,
             "seconds": 0.0,
         }
+        # The side channel's thread checks and releases holds too: the table has its own lock.
+        self.holds = HoldTable(config.engine_id, config.instance_id, config.lease_seconds, self.counters)
         self.server: HandshakeServer | None = None
         if config.is_producer:
             self.server = HandshakeServer(
                 config.side_channel_host, config.side_channel_port, config.engine_id, config.instance_id,
                 config.instance_secret, tp_size, compat_of(spec, model_identity, self.groups), config.lease_seconds,
-                FrameAuth(config.auth_key), self._check_hold,
+                FrameAuth(config.auth_key), self.holds.check, self._released_by_reader,
             )
 
     # --- decode side ----------------------------------------------------------------------
@@ -114,6 +102,11 @@ class NixlConnectorScheduler(KVConnectorScheduler):
         if not self.config.is_consumer:
             raise KVParamsError(f"kv_transfer_params: do_remote_prefill, but this engine's KV role is "
                                 f"{self.config.role!r}: it cannot load remote KV")
+        if not self.config.peer_allowed(params.remote_host, params.remote_port):
+            raise KVParamsError(
+                f"kv_transfer_params: remote_host:remote_port {params.remote_host}:{params.remote_port} is not a side "
+                f"channel this engine may connect to (--kv-allowed-peers)"
+            )
         if params.remote_num_tokens != request.num_prompt_tokens:
             raise KVParamsError(
                 f"kv_transfer_params: remote_num_tokens says a prompt of {params.remote_num_tokens} tokens, this "
@@ -162,10 +155,20 @@ class NixlConnectorScheduler(KVConnectorScheduler):
                 remote_block_ids=remote,
             )
         )
+        self._sent.add(request.request_id)
 
     # --- prefill side: the hold table -----------------------------------------------------
 
     def request_finished(self, request: Any, block_tables: list[list[int]]) -> tuple[bool, dict | None]:
+        params = request.kv_transfer_params
+        sent = request.request_id in self._sent
+        self._sent.discard(request.request_id)
+        if isinstance(params, RemotePrefillParams) and not sent and request.finish_reason == "abort" \
+                and self._releaser is not None:
+            # Ended before its pull was sent to the ranks: nobody here will read the prefill's
+            # hold, so release it now rather than leave it to the lease. (A load already sent
+            # runs to its end and its ReadDone frees the hold.)
+            self._releaser.release(params)
         wants_decode = isinstance(request.kv_transfer_params, RemoteDecodeParams)
         if not (wants_decode and self.config.is_producer and request.finish_reason in ("stop", "length")):
             return False, None
@@ -188,11 +191,7 @@ class NixlConnectorScheduler(KVConnectorScheduler):
     ) -> RemotePrefillParams:
         """Hold `block_ids` for a remote reader under a fresh token; the params name them and the
         first token sampled from the prompt (with its log-prob entry, best first, when asked)."""
-        token = secrets.token_hex(16)
-        with self._lock:
-            if request_id in self._holds:  # the engine refuses ids still held (RequestIdInUse)
-                raise ValueError(f"request id {request_id!r} is already held for a remote reader")
-            self._holds[request_id] = _Hold(token, list(block_ids), time.monotonic() + self.config.lease_seconds)
+        token = self.holds.add(request_id, block_ids)
         self._send.append(SendRequest(request_id, token))
         c = self.config
         return RemotePrefillParams(
@@ -200,65 +199,25 @@ class NixlConnectorScheduler(KVConnectorScheduler):
             request_id, self.tp_size, num_tokens, token, first_token_id, first_token_logprobs,
         )
 
-    def _check_hold(self, msg: Held) -> Reply:
-        """Side-channel thread: confirm and pin a hold, or refuse (counted)."""
-        now = time.monotonic()
-        with self._lock:
-            hold = self._holds.get(msg.request_id)
-            if msg.instance_id != self.config.instance_id:
-                error = (
-                    f"the params were issued by instance {msg.instance_id!r} of engine {self.config.engine_id!r}; "
-                    f"this side channel serves instance {self.config.instance_id!r} (restarted, or two engines "
-                    f"with one id)"
-                )
-            elif hold is None or not hmac.compare_digest(hold.token, msg.transfer_token):
-                error = f"request {msg.request_id!r} is not held by engine {self.config.engine_id!r} under this token"
-            elif hold.block_ids != msg.block_ids:
-                error = f"request {msg.request_id!r} is held with other blocks than the params name"
-            elif hold.ended or hold.release or (now >= hold.deadline and now >= hold.pinned_until()):
-                error = f"request {msg.request_id!r} is no longer held by engine {self.config.engine_id!r} " \
-                        f"(released or lease expired)"
-            else:
-                error = lease_fit_error(msg.transfer_timeout_s, self.config.lease_seconds)
-            if error is not None:
-                self.counters["refused_checks"] += 1
-                return Reply(ok=False, error=error)
-            pin_s = msg.transfer_timeout_s + PIN_MARGIN_S
-            key = (msg.reader, msg.reader_rank)
-            hold.pins[key] = max(hold.pins.get(key, 0.0), now + pin_s)
-            return Reply(ok=True, pin_seconds=pin_s)
-
     def release_request(self, request_id: str, transfer_token: str | None) -> bool:
-        with self._lock:
-            hold = self._holds.get(request_id)
-            if hold is None or transfer_token is None or not hmac.compare_digest(hold.token, transfer_token):
-                self.counters["refused_releases"] += 1
-                return False
-            if hold.ended:  # its own token, once more: already ending by release or lease, nothing forged
-                return False
-            hold.release = True
-            return True
+        return self.holds.release(request_id, transfer_token)
+
+    def _released_by_reader(self, msg: Release) -> Reply:
+        """Side-channel thread: a decode engine's request ended before its pull."""
+        if msg.instance_id != self.config.instance_id:
+            return Reply(ok=False, error=f"instance {msg.instance_id!r} is not this start of {self.config.engine_id!r}")
+        if self.holds.release(msg.request_id, msg.transfer_token):
+            return Reply(ok=True)
+        return Reply(ok=False, error=f"request {msg.request_id!r} is not held under this token (nothing released)")
 
     def build_connector_meta(self, scheduler_output: Any) -> ConnectorMetadata:
         meta = ConnectorMetadata(recv=self._recv, send=self._send)
         self._recv, self._send = [], []
-        now = time.monotonic()
-        with self._lock:
-            for request_id, hold in self._holds.items():
-                if hold.ended or now < hold.pinned_until():
-                    continue
-                if hold.release:
-                    meta.release.append(request_id)
-                elif now >= hold.deadline:
-                    meta.expire.append(request_id)
-                else:
-                    continue
-                hold.ended = True
+        meta.release, meta.expire = self.holds.due()
         return meta
 
     def is_held(self, request_id: str) -> bool:
-        with self._lock:
-            return request_id in self._holds
+        return self.holds.is_held(request_id)
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
         c = self.counters
@@ -274,15 +233,15 @@ class NixlConnectorScheduler(KVConnectorScheduler):
         c["expired_leases"] += len(output.expired_sending)
         c["released"] += len(output.released_sending)
         c["sends_completed"] += len(output.finished_sending - output.expired_sending - output.released_sending)
-        with self._lock:
-            for request_id in output.finished_sending:
-                self._holds.pop(request_id, None)
+        self.holds.forget(output.finished_sending)
 
     def stats(self) -> dict[str, float]:
-        with self._lock:
-            return {**self.counters, "held_requests": len(self._holds)}
+        return {**self.counters, "held_requests": len(self.holds)}
 
     def shutdown(self) -> None:
         if self.server is not None:
             self.server.close()
             self.server = None
+        if self._releaser is not None:
+            self._releaser.close()
+            self._releaser = None

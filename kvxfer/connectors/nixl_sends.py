@@ -28,8 +28,11 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Send:
     token: str
-    expected: int | None = None  # decode ranks that will notify, known from the first ReadDone
-    readers: set[tuple[str, int]] = field(default_factory=set)
+    # The decode engine, its TP size and the ranks of it that read from this rank, from the
+    # first ReadDone with the token (the prefill admits one claim per token, so one engine).
+    reader: tuple[str, int] | None = None
+    expected: frozenset[int] = frozenset()
+    readers: set[int] = field(default_factory=set)
     ended: str = ""  # "released" | "expired" once the scheduler side ends it
     since: float = field(default_factory=time.monotonic)  # when this rank learned of the hold
 
@@ -90,15 +93,23 @@ class SendTracker:
             self.counters["refused_notifications"] += 1
             logger.warning("refusing a ReadDone for %s with a wrong transfer token", done.request_id)
             return False
-        if entry.expected is None:
+        if entry.reader is None:
             try:
-                entry.expected = len(self.spec.consumers(self.tp_rank, done.decode_tp_size, self.tp_size))
+                expected = frozenset(self.spec.consumers(self.tp_rank, done.decode_tp_size, self.tp_size))
             except ValueError as e:
                 logger.warning("ignoring a notification for %s: %s", done.request_id, e)
                 return False
+            entry.reader, entry.expected = (done.decode_engine_id, done.decode_tp_size), expected
+        # Freed only when each expected reader rank has notified: a ReadDone from another
+        # engine, TP size or rank cannot stand in for one whose READ may be in flight.
+        if (done.decode_engine_id, done.decode_tp_size) != entry.reader or done.decode_rank not in entry.expected:
+            self.counters["refused_notifications"] += 1
+            logger.warning("refusing a ReadDone for %s from %s rank %d of TP %d, not a reader of this rank",
+                           done.request_id, done.decode_engine_id, done.decode_rank, done.decode_tp_size)
+            return False
         before = len(entry.readers)
-        entry.readers.add((done.decode_engine_id, done.decode_rank))
-        return before < entry.expected <= len(entry.readers)
+        entry.readers.add(done.decode_rank)
+        return before < len(entry.expected) <= len(entry.readers)
 
     def poll(self, out: KVConnectorOutput) -> None:
         """Report finished (read, expired or released) requests in `out`, and the notifications
@@ -112,7 +123,7 @@ class SendTracker:
             elif entry.ended == "expired":
                 out.expired_sending.add(req_id)
                 self.counters["expired_leases"] += 1
-            elif entry.expected is None or len(entry.readers) < entry.expected:
+            elif entry.reader is None or len(entry.readers) < len(entry.expected):
                 continue
             out.finished_sending.add(req_id)
             del self._sends[req_id]

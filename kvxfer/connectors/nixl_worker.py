@@ -164,9 +164,8 @@ class NixlConnectorWorker(KVConnectorWorker):
             for kv_cache, group in zip(kv_caches, self.groups)
         ]
         self._loads.mem_type = self.mem_type
-        for host, port in self.config.peer_addresses:
-            with self._lock:
-                self._loads.connect(host, port)
+        for host, port in self.config.peer_addresses:  # not under the lock: it waits on the network
+            self._loads.connect(host, port, self._lock)
         if not self.config.is_producer:
             return
         rank = RankMetadata(

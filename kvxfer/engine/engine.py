@@ -151,8 +151,8 @@ class LLMEngine:
         for a remote reader is released instead, so the abort still frees its blocks),
         "released" (finished, its blocks held by the connector for a remote reader under
         `transfer_token`: the next step tells the ranks to stop holding them, and they are freed
-        once every rank has) or "unknown" (nothing done: no such request, or a held one whose
-        token was not given)."""
+        once every rank has) or "unknown" (nothing done: no such request, a held one whose
+        token was not given, or one already released)."""
         self._check_open()
         with self._queue_lock:
             request = self._known.get(request_id)

@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from kvxfer.connectors.base import KVParamsError
+from kvxfer.connectors.base import HTTP_STATUS_OF_KIND
 from kvxfer.connectors.metadata import (
     KVTransferParams,
     RemoteDecodeParams,
@@ -195,14 +195,18 @@ async def _generate(
     return JSONResponse(view.full(output), headers={"X-Request-Id": request_id})
 
 
+def _error_status(output: Any) -> tuple[int, str]:
+    """(HTTP status, error type) of a failed output, by its KV failure kind
+    (`HTTP_STATUS_OF_KIND`): 400 when the kv_transfer_params were wrong (found once the decode
+    side has the prefill engine's metadata), 409 when another pull claimed their token, 504 when
+    the prefill's lease ran out before the pull; else 502 (a peer or the engine failed)."""
+    status = HTTP_STATUS_OF_KIND.get(output.error_kind, 502)
+    return status, "invalid_request_error" if status < 500 else "engine_error"
+
+
 def _engine_error(output: Any) -> JSONResponse:
-    """400 when the request's kv_transfer_params were wrong (a `KVParamsError` in the connector,
-    found once the decode side has the prefill engine's metadata), else 502 (a peer or the
-    engine failed)."""
-    message = output.error or "request failed"
-    if output.error_kind == KVParamsError.kind:
-        return JSONResponse(error_body(message, 400), status_code=400)
-    return JSONResponse(error_body(message, 502, "engine_error"), status_code=502)
+    status, kind = _error_status(output)
+    return JSONResponse(error_body(output.error or "request failed", status, kind), status_code=status)
 
 
 class _DisconnectWatch:
@@ -238,7 +242,7 @@ async def _sse(view: _ResponseView, stream: RequestStream, output: Any) -> Async
     try:
         while True:
             if output.finish_reason == "error":
-                yield _event(error_body(output.error or "request failed", 502, "engine_error"))
+                yield _event(error_body(output.error or "request failed", *_error_status(output)))
                 return
             yield _event(view.chunk(output))
             if output.finished:

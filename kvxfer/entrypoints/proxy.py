@@ -480,13 +480,16 @@ def _error_event(status: int, message: str, kind: str = "proxy_error") -> bytes:
 
 def _upstream_error(resp: httpx.Response, who: str) -> tuple[int, str, str]:
     """(status, message, type) of a backend's error answer: a 4xx (the client's request was bad)
-    keeps the server's own status and message."""
+    keeps the server's own status and message; a 504 (the prefill's lease ran out before the
+    decode's pull: KV failure kind "expired") stays a 504."""
     try:
         detail = resp.json()["error"]["message"]
     except (ValueError, KeyError, TypeError):
         detail = resp.text[:500]
     if 400 <= resp.status_code < 500:
         return resp.status_code, detail, "invalid_request_error"
+    if resp.status_code == 504:
+        return 504, f"{who} returned 504: {detail}", "proxy_error"
     return 502, f"{who} returned {resp.status_code}: {detail}", "proxy_error"
 
 

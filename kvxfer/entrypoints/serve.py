@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-peers", default="",
                         help="decode: prefill side channels HOST:PORT,... to handshake with at start (an "
                              "incompatible peer, or a lease the transfer time-out does not fit, fails the start)")
+    parser.add_argument("--kv-allowed-peers", default="",
+                        help="decode: the only prefill side channels kv_transfer_params may name, HOST:PORT or "
+                             "CIDR (IP literals), comma-separated; --kv-peers are allowed too (default: any)")
     parser.add_argument("--kv-connector", choices=["nixl", "none"], default="nixl",
                         help="none: plain colocated serving, no KV transfer (role must be both)")
     parser.add_argument("--log-level", default="info")
@@ -117,7 +120,8 @@ def _kv_transfer_config(args: argparse.Namespace):
             side_channel_host=side_host, side_channel_port=args.side_channel_port,
             failure_policy=args.kv_failure_policy, handshake_timeout_s=args.kv_handshake_timeout,
             transfer_timeout_s=args.kv_transfer_timeout, auth_key=auth_key,
-            peers=tuple(p for p in args.kv_peers.split(",") if p), **optional,
+            peers=tuple(p for p in args.kv_peers.split(",") if p),
+            allowed_peers=tuple(p for p in args.kv_allowed_peers.split(",") if p), **optional,
         )
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None

@@ -43,12 +43,26 @@ def test_config_defaults_and_roles():
         ({"backends": ()}, "backends"),
         ({"auth_key": b"short"}, "auth_key"),
         ({"auth_key": "a-str-not-bytes-0123456789"}, "auth_key"),
+        ({"allowed_peers": ("10.0.0.0/33",)}, "allowed_peers"),
+        ({"allowed_peers": ("host",)}, "allowed_peers"),
+        ({"allowed_peers": ("10.0.0.1:5600",), "role": "prefill", "side_channel_port": 5600}, "allowed_peers"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(kwargs, field):
     kwargs = {"role": "decode", **kwargs}
     with pytest.raises(ValueError, match=field):
         KVTransferConfig(**kwargs)
+
+
+def test_allowed_peers_match_host_port_or_cidr_and_the_configured_peers():
+    config = KVTransferConfig(role="decode", allowed_peers=("10.0.0.0/8", "pf-0:5600", "fd00::/8"),
+                              peers=("192.168.1.5:7000",))
+    assert config.peer_allowed("10.3.4.5", 1) and config.peer_allowed("pf-0", 5600)
+    assert config.peer_allowed("fd00::1", 9) and config.peer_allowed("192.168.1.5", 7000)
+    assert not config.peer_allowed("11.0.0.1", 1) and not config.peer_allowed("pf-0", 5601)
+    assert not config.peer_allowed("192.168.1.5", 7001)
+    assert not config.peer_allowed("localhost", 5600)  # names are never resolved to match a network
+    assert KVTransferConfig(role="decode").peer_allowed("anything", 1)  # no list: any address
 
 
 TOKEN = "ab" * 16
@@ -76,6 +90,13 @@ def test_params_round_trip():
     "params,match",
     [
         (good_params(remote_block_ids=[1, -3]), r"remote_block_ids\[1\]"),
+        # Past what msgpack and the descriptors carry: refused at parse time (issue 20, hole 2).
+        (good_params(remote_block_ids=[1, 2**64]), r"remote_block_ids\[1\]"),
+        (good_params(remote_block_ids=[2**63]), r"remote_block_ids\[0\]"),
+        (good_params(first_token_id=2**64), "first_token_id"),
+        (good_params(remote_num_tokens=2**64), "remote_num_tokens"),
+        (good_params(remote_tp_size=2**64), "remote_tp_size"),
+        (good_params(first_token_logprobs=[[2**64, -0.5]]), r"first_token_logprobs\[0\]\[0\]"),
         (good_params(remote_port="5600"), "remote_port"),
         (good_params(remote_port=0), "remote_port"),
         (good_params(remote_tp_size=0), "remote_tp_size"),

@@ -277,3 +277,23 @@ def test_params_are_bound_to_their_blocks_and_never_read_a_victims_kv(engines):
     assert [o.output_token_ids for o in outs] == local_tokens(decode, [v, a])
     drain(prefill)
     assert_all_blocks_free(prefill, decode)
+
+
+def test_a_decode_request_aborted_before_its_pull_releases_the_prefill_hold_now(engines):
+    """Issue 18 gap: a decode request aborted before its pull left the prefill's hold to its
+    lease (30 s here). The decode side tells the prefill side at once (a Release under the
+    token), so the prefill's pool drains long before the lease, counted as released."""
+    prefill, decode = engines.prefill, engines.decode_fail
+    [p] = prompts(31, 3 * BLOCK_SIZE + 1)
+    before = dict(prefill.engine.stats()["connector"])
+    [params] = [o.kv_transfer_params for o in prefill.generate([p], GREEDY, kv_transfer_params=HANDOFF)]
+    engine = decode.engine
+    engine.add_request("early-abort", p, GREEDY, params)
+    assert engine.abort_request("early-abort") == "aborted"  # before any step: never scheduled
+    [out] = engine.step()  # the abort applies before anything is scheduled
+    assert out.finished and out.finish_reason == "abort" and not out.kv_transfer_stats
+    drain(prefill, timeout=15)  # well inside the 30 s lease
+    stats = prefill.engine.stats()["connector"]
+    assert stats["released"] == before["released"] + 1
+    assert stats["expired_leases"] == before["expired_leases"]
+    assert_all_blocks_free(prefill, decode)

@@ -99,3 +99,20 @@ def test_accuracy_prompts_cover_the_required_shapes():
     assert not any(0 in p for p in prompts)
     shared = sum(1 for p in prompts for q in prompts if p is not q and p[:b] == q[:b])
     assert shared >= 20  # groups sharing at least a block of prefix
+
+
+def test_the_proxy_keeps_a_backends_504_and_4xx_and_turns_other_5xx_into_502():
+    """A decode's 504 (KV failure kind "expired": the prefill's lease ran out before the pull)
+    reaches the client as a 504 with the reason; a 4xx as it was; anything else 5xx is a 502."""
+    import httpx
+
+    from kvxfer.entrypoints.proxy import _upstream_error
+
+    def answer(status: int, message: str) -> httpx.Response:
+        return httpx.Response(status, json={"error": {"message": message, "code": status}})
+
+    assert _upstream_error(answer(504, "lease ran out"), "decode") == (
+        504, "decode returned 504: lease ran out", "proxy_error")
+    assert _upstream_error(answer(409, "already claimed"), "decode") == (409, "already claimed",
+                                                                         "invalid_request_error")
+    assert _upstream_error(answer(500, "boom"), "decode")[0] == 502
