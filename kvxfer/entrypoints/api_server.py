@@ -21,7 +21,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -33,7 +33,7 @@ from kvxfer.connectors.metadata import (
     RemotePrefillParams,
     parse_kv_transfer_params,
 )
-from kvxfer.engine.request import RequestIdInUse
+from kvxfer.engine.request import RequestIdInUse, RequestOutput
 from kvxfer.entrypoints.async_engine import AsyncEngine, EngineDead, RequestStream
 from kvxfer.entrypoints.metrics import ServerMetrics
 from kvxfer.entrypoints.protocol import (
@@ -48,6 +48,12 @@ from kvxfer.entrypoints.protocol import (
 from kvxfer.entrypoints.outputs import as_dict, logprob_entries
 from kvxfer.entrypoints.render import IncrementalText, Renderer
 
+if TYPE_CHECKING:
+    from kvxfer.engine.engine import LLMEngine
+    from kvxfer.engine.sampling_params import SamplingParams
+
+OpenAIRequest = CompletionRequest | ChatCompletionRequest
+
 DISCONNECT_POLL_S = 1.0
 
 
@@ -58,10 +64,10 @@ class ServerContext:
     metrics: ServerMetrics
     model_name: str
     role: str  # "prefill" | "decode" | "both"
-    sampling_params: Callable[..., Any]  # kvxfer's SamplingParams
+    sampling_params: Callable[..., SamplingParams]  # kvxfer's SamplingParams (the class)
     max_model_len: int  # prompt + generated tokens one sequence may reach
     ranks_problem: Callable[[], str | None]  # any thread, never waits for the engine thread
-    engine_stats: Callable[[Any], dict]  # runs on the engine thread
+    engine_stats: Callable[[LLMEngine], dict[str, Any]]  # runs on the engine thread
     side_channel_problem: Callable[[], str | None] | None = None  # blocking; None: nothing to check
 
 
@@ -140,7 +146,7 @@ async def _health_problems(ctx: ServerContext) -> list[str]:
 
 
 async def _generate(
-    ctx: ServerContext, request: Request, req: Any, prompt_ids: list[int], max_tokens: int,
+    ctx: ServerContext, request: Request, req: OpenAIRequest, prompt_ids: list[int], max_tokens: int,
     top_logprobs: int | None, chat: bool,
 ) -> Response:
     request_id = parse_request_id(request.headers.get("x-request-id")) or uuid.uuid4().hex
@@ -195,7 +201,7 @@ async def _generate(
     return JSONResponse(view.full(output), headers={"X-Request-Id": request_id})
 
 
-def _error_status(output: Any) -> tuple[int, str]:
+def _error_status(output: RequestOutput) -> tuple[int, str]:
     """(HTTP status, error type) of a failed output, by its KV failure kind
     (`HTTP_STATUS_OF_KIND`): 400 when the kv_transfer_params were wrong (found once the decode
     side has the prefill engine's metadata), 409 when another pull claimed their token, 504 when
@@ -204,7 +210,7 @@ def _error_status(output: Any) -> tuple[int, str]:
     return status, "invalid_request_error" if status < 500 else "engine_error"
 
 
-def _engine_error(output: Any) -> JSONResponse:
+def _engine_error(output: RequestOutput) -> JSONResponse:
     status, kind = _error_status(output)
     return JSONResponse(error_body(output.error or "request failed", status, kind), status_code=status)
 
@@ -223,7 +229,7 @@ class _DisconnectWatch:
         return await self.request.is_disconnected()
 
 
-async def _next_or_disconnect(stream: RequestStream, watch: _DisconnectWatch) -> Any | None:
+async def _next_or_disconnect(stream: RequestStream, watch: _DisconnectWatch) -> RequestOutput | None:
     """The next output, or None once the client has disconnected (noticed within about
     DISCONNECT_POLL_S, also while outputs keep coming)."""
     while True:
@@ -237,7 +243,7 @@ async def _next_or_disconnect(stream: RequestStream, watch: _DisconnectWatch) ->
             return output
 
 
-async def _sse(view: _ResponseView, stream: RequestStream, output: Any) -> AsyncIterator[str]:
+async def _sse(view: _ResponseView, stream: RequestStream, output: RequestOutput) -> AsyncIterator[str]:
     # Cancelled by Starlette when the client disconnects: `finally` aborts the request.
     try:
         while True:
@@ -262,7 +268,7 @@ def _event(payload: dict) -> str:
 class _ResponseView:
     """Builds the OpenAI JSON of one request (completion or chat; full or chunks)."""
 
-    def __init__(self, ctx: ServerContext, request_id: str, req: Any, chat: bool, top_logprobs: int | None,
+    def __init__(self, ctx: ServerContext, request_id: str, req: OpenAIRequest, chat: bool, top_logprobs: int | None,
                  kv: KVTransferParams | None):
         self.ctx = ctx
         self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
@@ -283,7 +289,7 @@ class _ResponseView:
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.ctx.model_name}
 
-    def _tail(self, output: Any) -> dict:
+    def _tail(self, output: RequestOutput) -> dict:
         extra = {
             "usage": {
                 "prompt_tokens": len(output.prompt_token_ids),
@@ -297,7 +303,7 @@ class _ResponseView:
             extra["prompt_token_ids"] = list(output.prompt_token_ids)
         return extra
 
-    def full(self, output: Any) -> dict:
+    def full(self, output: RequestOutput) -> dict:
         text = self.ctx.renderer.decode(list(output.output_token_ids))
         choice: dict[str, Any] = {"index": 0, "finish_reason": output.finish_reason,
                                   "logprobs": self._logprobs(output, 0)}
@@ -310,7 +316,7 @@ class _ResponseView:
         body = self._head("chat.completion" if self.chat else "text_completion")
         return body | {"choices": [choice]} | self._tail(output)
 
-    def chunk(self, output: Any) -> dict:
+    def chunk(self, output: RequestOutput) -> dict:
         ids = list(output.output_token_ids)
         delta = self.text.delta(ids, final=output.finished and not self.continues)
         start, self.num_sent = self.num_sent, len(ids)
@@ -330,7 +336,7 @@ class _ResponseView:
             body["held_back_text"] = self.text.held_back(ids)
         return body | self._tail(output) if output.finished else body
 
-    def _logprobs(self, output: Any, start: int) -> dict | None:
+    def _logprobs(self, output: RequestOutput, start: int) -> dict | None:
         if self.top_logprobs is None:
             return None
         entries = logprob_entries(output, max(1, self.top_logprobs))[start:]
