@@ -138,25 +138,37 @@ def _serve(conn) -> None:
         host.shutdown()
 
 
+# A bound on a hang, not a speed expectation: the first call waits for the spawned process to
+# import torch and NIXL, which takes a minute and more on a host busy with other test processes.
+ANSWER_TIMEOUT_S = 180
+
+
 class Actor:
     def __init__(self, name: str) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_serve, args=(child,), name=name, daemon=True)
         self.proc.start()
+        self.broken: str | None = None
 
     def submit(self, cmd: str, *args) -> None:
+        if self.broken:
+            raise RuntimeError(self.broken)
         self.conn.send((cmd, args))
 
-    def result(self, timeout: float = 60):
+    def result(self, timeout: float = ANSWER_TIMEOUT_S):
+        if self.broken:
+            raise RuntimeError(self.broken)
         if not self.conn.poll(timeout):
+            # Its late answer would be read as the next call's: this actor is done for.
+            self.broken = f"{self.proc.name}: an earlier call got no answer in {timeout}s"
             raise TimeoutError(f"{self.proc.name}: no answer in {timeout}s")
         status, value = self.conn.recv()
         if status == "error":
             raise RuntimeError(f"{self.proc.name}: {value}")
         return value
 
-    def call(self, cmd: str, *args, timeout: float = 60):
+    def call(self, cmd: str, *args, timeout: float = ANSWER_TIMEOUT_S):
         self.submit(cmd, *args)
         return self.result(timeout)
 
