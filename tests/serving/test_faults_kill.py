@@ -68,7 +68,7 @@ def test_kill_9_prefill_decode_and_proxy_under_load(tiny_qwen3, tmp_path):
         for s in survivors:
             wait_all_blocks_free(s.url, timeout_s=LEASE_S + 60)
         again = cluster.proxy(survivors[:1], survivors[1:])
-        again.wait_healthy(60)
+        again.wait_healthy(180)
         r = httpx.post(f"{again.url}/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 2}, timeout=120)
         assert r.status_code == 200, r.text
         print(f"\nkill -9 figures (outcomes, seconds): {figures}")

@@ -49,7 +49,7 @@ def prefill_leg(prefill, prompt) -> dict:
 def test_decode_killed_mid_stream(cluster, servers):
     prefill, decode = servers["prefill"], servers["decode_streamed"]
     proxy = cluster.proxy([prefill], [decode], "--health-interval", "1")
-    proxy.wait_healthy(60)
+    proxy.wait_healthy(180)
     events = []
     with httpx.stream("POST", f"{proxy.url}/v1/completions", timeout=httpx.Timeout(60, read=30), json={
             "prompt": prompt_of(40, 1), "max_tokens": 3000, "ignore_eos": True, "stream": True}) as r:
@@ -84,8 +84,8 @@ def test_decode_leg_failure_releases_the_prefill_blocks(cluster, servers):
     # Health checks far apart: the proxies still believe the decode server is up.
     proxy = cluster.proxy([prefill], [decode], "--health-interval", "600")
     streamed = cluster.proxy([prefill], [decode], "--health-interval", "600")
-    proxy.wait_healthy(60)
-    streamed.wait_healthy(60)
+    proxy.wait_healthy(180)
+    streamed.wait_healthy(180)
     decode.kill()
     before = metrics(prefill.url)
     r = httpx.post(f"{proxy.url}/v1/completions", json={"prompt": prompt_of(50, 2), "max_tokens": 4}, timeout=60)
@@ -167,7 +167,7 @@ def test_dead_backends_are_skipped(cluster, servers):
         if dead.alive():
             dead.kill()
     proxy = cluster.proxy([dead_prefill, live_prefill], [dead_decode, live_decode], "--health-interval", "1")
-    proxy.wait_healthy(60)
+    proxy.wait_healthy(180)
     for i in range(4):  # round robin would otherwise hit each dead server twice
         r = httpx.post(f"{proxy.url}/v1/completions", json={"prompt": prompt_of(20, 10 + i), "max_tokens": 2},
                        timeout=60)

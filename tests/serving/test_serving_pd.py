@@ -32,7 +32,7 @@ def pd(cluster):
     decode = cluster.server("decode", "decode", DECODE_TP, "--kv-handshake-timeout", "5")
     cluster.wait_healthy()
     proxy = cluster.proxy([prefill], [decode], "--health-interval", "1")
-    proxy.wait_healthy(60)
+    proxy.wait_healthy(180)
     return prefill, decode, proxy
 
 
@@ -283,7 +283,7 @@ def proxies(pd, cluster):
     """The module's proxy (`--first-token prefill`, the default) and one with `--first-token decode`."""
     prefill, decode, proxy = pd
     relay = cluster.proxy([prefill], [decode], "--health-interval", "1", "--first-token", "decode")
-    relay.wait_healthy(60)
+    relay.wait_healthy(180)
     return {"prefill": proxy, "decode": relay}
 
 
