@@ -12,8 +12,13 @@ client asked one token) is answered from the prefill alone and its hold released
 backend answers). Backends are health-checked in the background and on every failed
 connection; a failure after a successful prefill releases the prefill's held blocks at once.
 
+Routing (`--policy prefix_aware`, `--colocate-below`): see `proxy_policy`; servers come and go
+through `proxy_fleet` (health, load reads, drop after `--drop-after`, the admin endpoint).
+
 Modules: `proxy` (this: the app, flags, main), `proxy_router` (the legs and the relay),
-`proxy_relay` (payload helpers), `proxy_pool` (backends, health).
+`proxy_relay` (payload helpers), `proxy_policy` (which server, which path), `proxy_fleet`
+(servers over time), `proxy_pool` (one server's state and reads), `proxy_prompt` (a request's
+prompt key), `prefix_index` (chained block hashes, per-server LRU index).
 """
 
 from __future__ import annotations
@@ -22,21 +27,51 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import secrets
 
+import msgspec
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from kvxfer.entrypoints import http_server
-from kvxfer.entrypoints.proxy_pool import SLOW_CHECKS_TO_FAIL, Backend, Pool  # noqa: F401 (re-exported)
+from kvxfer.entrypoints.proxy_fleet import DEFAULT_DROP_AFTER_S, FleetConfig
+from kvxfer.entrypoints.proxy_policy import (  # noqa: F401
+    DEFAULT_BALANCE,
+    DEFAULT_MAX_AGE_S,
+    POLICIES,
+    Pool,
+)
+from kvxfer.entrypoints.proxy_pool import (  # noqa: F401
+    DEFAULT_INDEX_BLOCKS,
+    SLOW_CHECKS_TO_FAIL,
+    Backend,
+)
+from kvxfer.entrypoints.proxy_prompt import load_tokenizer
+from kvxfer.entrypoints.proxy_relay import error_json
 from kvxfer.entrypoints.proxy_relay import upstream_error as _upstream_error  # noqa: F401 (tests)
-from kvxfer.entrypoints.proxy_router import FIRST_TOKEN_MODES, UPSTREAM_IDLE_S, Router  # noqa: F401
+from kvxfer.entrypoints.proxy_router import (  # noqa: F401 (UPSTREAM_IDLE_S: tests)
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_COLOCATE_BELOW,
+    FIRST_TOKEN_MODES,
+    UPSTREAM_IDLE_S,
+    Router,
+    RouterConfig,
+)
 
 
-def build_app(router: Router) -> FastAPI:
+class ServerChange(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of POST/DELETE /admin/servers."""
+    role: str
+    url: str
+
+
+def build_app(router: Router, admin_token: str | None = None) -> FastAPI:
+
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
         await router.check_health()
-        task = asyncio.create_task(router.health_loop())
+        task = asyncio.create_task(router.fleet.loop())
         yield
         task.cancel()
         await router.client.aclose()
@@ -63,6 +98,42 @@ def build_app(router: Router) -> FastAPI:
     async def metrics() -> Response:
         return Response(router.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    async def server_change(request: Request) -> ServerChange | Response:
+        """The change a caller holding the admin token asks for, or the error answer."""
+        if admin_token is None:
+            return error_json(404, "the admin endpoint is off (start the proxy with --admin-token)")
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {admin_token}".encode()):
+            return error_json(401, "Authorization must be 'Bearer <the proxy's --admin-token>'", "auth_error")
+        try:
+            change = msgspec.json.decode(await request.body(), type=ServerChange)
+            router.fleet.pool(change.role)
+        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+            return error_json(400, f"bad server change ({{'role': 'prefill'|'decode', 'url': ...}}): {exc}",
+                              "invalid_request_error")
+        return change
+
+    @app.post("/admin/servers")
+    async def add_server(request: Request) -> Response:
+        change = await server_change(request)
+        if isinstance(change, Response):
+            return change
+        try:
+            backend = await router.fleet.add(change.role, change.url)
+        except ValueError as exc:
+            return error_json(400, str(exc), "invalid_request_error")
+        return JSONResponse({"role": change.role, "url": backend.url, "healthy": backend.healthy,
+                             "status": backend.problem})
+
+    @app.delete("/admin/servers")
+    async def remove_server(request: Request) -> Response:
+        change = await server_change(request)
+        if isinstance(change, Response):
+            return change
+        if not router.fleet.remove(change.role, change.url):
+            return error_json(404, f"no {change.role} server {change.url}", "invalid_request_error")
+        return JSONResponse({"role": change.role, "url": change.url, "removed": True})
+
     return app
 
 
@@ -71,7 +142,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode", nargs="+", required=True, metavar="URL", help="decode server base URLs")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--policy", choices=["round_robin", "least_loaded"], default="round_robin")
+    parser.add_argument("--policy", choices=POLICIES, default="round_robin",
+                        help="prefix_aware: prefill by prefix match within --balance, decode by KV room and "
+                             "running requests from the servers' /metrics (docs/architecture.md, proxy routing)")
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
+                        help="the servers' KV block size in tokens: what one prefix-index entry covers")
+    parser.add_argument("--tokenizer", default=None, metavar="NAME_OR_PATH",
+                        help="HF tokenizer of the model, to index text prompts by token ids (without it text is "
+                             "indexed by characters and token counts estimated)")
+    parser.add_argument("--balance", type=int, default=DEFAULT_BALANCE,
+                        help="in-flight requests the best prefix match may have above the least-loaded prefill server")
+    parser.add_argument("--index-blocks", type=int, default=DEFAULT_INDEX_BLOCKS,
+                        help="blocks a server's prefix index holds until its /metrics reports its KV pool size")
+    parser.add_argument("--load-max-age", type=float, default=DEFAULT_MAX_AGE_S,
+                        help="seconds a server's /metrics load report is used for decode selection")
+    parser.add_argument("--colocate-below", type=int, default=DEFAULT_COLOCATE_BELOW,
+                        help="serve a request on the decode server alone when fewer than this many of its prompt "
+                             "tokens are uncached there (0: always disaggregate)")
+    parser.add_argument("--drop-after", type=float, default=DEFAULT_DROP_AFTER_S,
+                        help="seconds a server may stay down before it leaves its pool (0: never)")
+    parser.add_argument("--admin-token", default=None,
+                        help="enable POST/DELETE /admin/servers for callers sending 'Authorization: Bearer TOKEN'")
     parser.add_argument("--request-timeout", type=float, default=300.0,
                         help="seconds a backend may stay silent before the request fails")
     parser.add_argument("--health-interval", type=float, default=2.0, help="seconds between backend health checks")
@@ -86,7 +177,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    router = Router(args.prefill, args.decode, args.policy, args.request_timeout, args.health_interval,
-                    args.health_timeout, args.first_token)
-    http_server.run(build_app(router), args.host, args.port, args.log_level)
+    fleet = FleetConfig(args.policy, args.health_interval, args.health_timeout, args.balance, args.load_max_age,
+                        args.index_blocks, args.drop_after)
+    config = RouterConfig(fleet, args.request_timeout, args.first_token, args.block_size, args.colocate_below)
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    http_server.run(build_app(Router(args.prefill, args.decode, config, tokenizer), args.admin_token), args.host,
+                    args.port, args.log_level)
     return 0

@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import anyio
 import httpx
@@ -18,7 +20,10 @@ from starlette.requests import ClientDisconnect
 
 from kvxfer.entrypoints.metrics import ProxyMetrics
 from kvxfer.entrypoints.protocol import REQUEST_ID_RE
-from kvxfer.entrypoints.proxy_pool import Backend, Pool, check_backend
+from kvxfer.entrypoints.proxy_fleet import Fleet, FleetConfig
+from kvxfer.entrypoints.proxy_policy import Pool, colocate
+from kvxfer.entrypoints.proxy_pool import Backend
+from kvxfer.entrypoints.proxy_prompt import PromptKey, Tokenizer, prompt_key
 from kvxfer.entrypoints.proxy_relay import (
     DONE_EVENT,
     ClientGone,
@@ -44,61 +49,80 @@ FIRST_TOKEN_MODES = ("prefill", "decode")
 # The pool drops a connection idle this long, well before a backend closes it
 # (http_server.KEEP_ALIVE_S, which says why), whatever a busy host delays.
 UPSTREAM_IDLE_S = 30.0
+PATH_HEADER = "X-Kvxfer-Path"  # on every routed answer: "disaggregated" or "colocated"
+DEFAULT_BLOCK_SIZE = 16  # kvxfer serve's default --block-size
+DEFAULT_COLOCATE_BELOW = 0  # measured: docs/benchmarks.md "Conditional disaggregation"
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    fleet: FleetConfig
+    request_timeout_s: float
+    first_token: str = "prefill"
+    block_size: int = DEFAULT_BLOCK_SIZE  # the servers' KV block size: what one index hash covers
+    colocate_below: int = DEFAULT_COLOCATE_BELOW  # uncached prompt tokens below which the decode server serves alone
 
 
 class Router:
-    def __init__(self, prefill: list[str], decode: list[str], policy: str, request_timeout_s: float,
-                 health_interval_s: float, health_timeout_s: float, first_token: str = "prefill"):
-        if first_token not in FIRST_TOKEN_MODES:
-            raise ValueError(f"first_token must be one of {FIRST_TOKEN_MODES}, got {first_token!r}")
-        self.first_token = first_token  # who sends the client its first token (module docstring)
-        self.prefill = Pool("prefill", [Backend(u.rstrip("/")) for u in prefill], policy)
-        self.decode = Pool("decode", [Backend(u.rstrip("/")) for u in decode], policy)
-        self.health_interval_s = health_interval_s
-        self.health_timeout_s = health_timeout_s
-        self.health_rounds = 0  # completed rounds of checks, shown in /health
-        timeout = httpx.Timeout(connect=5.0, read=request_timeout_s, write=30.0, pool=30.0)
+    def __init__(self, prefill: list[str], decode: list[str], config: RouterConfig,
+                 tokenizer: Tokenizer | None = None):
+        if config.first_token not in FIRST_TOKEN_MODES:
+            raise ValueError(f"first_token must be one of {FIRST_TOKEN_MODES}, got {config.first_token!r}")
+        if config.block_size <= 0 or config.colocate_below < 0:
+            raise ValueError(f"block_size must be positive and colocate_below not negative, got "
+                             f"{config.block_size} and {config.colocate_below}")
+        self.config = config
+        self.first_token = config.first_token  # who sends the client its first token (module docstring)
+        self.tokenizer = tokenizer
+        timeout = httpx.Timeout(connect=5.0, read=config.request_timeout_s, write=30.0, pool=30.0)
         limits = httpx.Limits(max_connections=1000, keepalive_expiry=UPSTREAM_IDLE_S)
         self.client = httpx.AsyncClient(timeout=timeout, limits=limits)
+        self.fleet = Fleet(prefill, decode, config.fleet, self.client)
+        self.prefill, self.decode = self.fleet.prefill, self.fleet.decode
         self.metrics = ProxyMetrics()
         self._cleanups: set[asyncio.Future] = set()
 
     async def check_health(self) -> None:
-        backends = self.prefill.backends + self.decode.backends
-        await asyncio.gather(*(check_backend(self.client, b, self.health_timeout_s) for b in backends))
-        self.health_rounds += 1
+        await self.fleet.check_round()
 
-    async def health_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.health_interval_s)
-            await self.check_health()
-
-    async def _send(self, pool: Pool, path: str, body: dict, headers: dict, stream: bool):
-        """Send to a healthy backend; a backend that refuses the connection is marked down and
-        the next one is tried. Returns (backend, response) with the backend's load counted."""
+    async def _send(self, pool: Pool, path: str, body: dict, headers: dict, stream: bool,
+                    key: PromptKey | None = None, by_prefix_match: bool | None = None):
+        """Send to a healthy backend chosen by the pool's policy; a backend that refuses the
+        connection is marked down and the next one is tried. Returns (backend, response) with the
+        backend's load counted and the prompt's blocks recorded in its index."""
         tried: set[str] = set()
-        while (backend := pool.pick(tried)) is not None:
+        while (choice := pool.choose(tried, key, time.monotonic(), by_prefix_match)) is not None:
+            backend = choice.backend
             tried.add(backend.url)
             backend.in_flight += 1
             try:
                 req = self.client.build_request("POST", f"{backend.url}{path}", json=body, headers=headers)
-                return backend, await self.client.send(req, stream=stream)
+                resp = await self.client.send(req, stream=stream)
             except asyncio.CancelledError:  # the client left (see _unless_gone)
                 backend.in_flight -= 1
                 raise
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 backend.in_flight -= 1
-                backend.healthy, backend.problem = False, f"unreachable ({type(exc).__name__})"
+                backend.mark_down(f"unreachable ({type(exc).__name__})", time.monotonic())
                 logger.warning("%s server %s unreachable: %r", pool.role, backend.url, exc)
+                continue
             except httpx.HTTPError as exc:
                 backend.in_flight -= 1
                 raise UpstreamError(502, f"{pool.role} server {backend.url} failed: {exc!r}", backend) from None
+            backend.routed += 1
+            backend.sent_since_report += 1
+            if key is not None:  # it computes (and caches) the prompt now
+                backend.index.insert(key.hashes)
+                if pool is self.prefill or by_prefix_match:  # a choice made by prefix
+                    self.metrics.prompt_blocks.inc(len(key.hashes))
+                    self.metrics.matched_blocks.inc(choice.matched_blocks)
+            return backend, resp
         raise UpstreamError(503, f"no healthy {pool.role} server ({pool.describe()})")
 
-    async def _prefill_leg(self, path: str, body: dict, headers: dict, stream: bool):
+    async def _prefill_leg(self, path: str, body: dict, headers: dict, stream: bool, key: PromptKey | None):
         """`_send` to a prefill server, its answer read to the end (one token: a streamed answer
         is one event and [DONE], sent together once the token exists)."""
-        backend, resp = await self._send(self.prefill, path, body, headers, stream)
+        backend, resp = await self._send(self.prefill, path, body, headers, stream, key)
         try:
             await resp.aread()
         except BaseException as exc:
@@ -176,18 +200,25 @@ class Router:
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         if not REQUEST_ID_RE.match(request_id):
             return error_json(400, "X-Request-Id must be 1-128 characters of [A-Za-z0-9._:-]", "invalid_request_error")
-        headers = {"X-Request-Id": request_id}
         if not any(b.healthy for b in self.decode.backends):  # do not prefill for nobody
             return error_json(503, f"no healthy decode server ({self.decode.describe()})")
-
+        key = self._key(body)
         stream = bool(body.get("stream"))
+        live = self.decode.live()
+        decode_match = max((b.index.match(key.hashes) for b in live), default=0) if key is not None else 0
+        if colocate(key, decode_match, self.config.colocate_below):
+            self.metrics.paths.labels("colocated").inc()
+            return await self._colocated(request, path, body, {"X-Request-Id": request_id, PATH_HEADER: "colocated"},
+                                         stream, key)
+        self.metrics.paths.labels("disaggregated").inc()
+        headers = {"X-Request-Id": request_id, PATH_HEADER: "disaggregated"}
         first_streamed = stream and self.first_token == "prefill"  # the prefill's event goes to the client
         prefill_body = body | {"max_tokens": 1, "stream": first_streamed,
                                "kv_transfer_params": {"do_remote_decode": True}}
         prefill_body.pop("stream_options", None)
         if "max_completion_tokens" in body:
             prefill_body["max_completion_tokens"] = 1
-        leg = asyncio.ensure_future(self._prefill_leg(path, prefill_body, headers, first_streamed))
+        leg = asyncio.ensure_future(self._prefill_leg(path, prefill_body, headers, first_streamed, key))
         try:
             prefill, resp = await self._unless_gone(request, leg, cancel=False)
         except UpstreamError as exc:
@@ -209,21 +240,64 @@ class Router:
         token = transfer_token_of(params)
         complete = self.first_token == "prefill" and completed_by_first_token(body, answer)
         if first_streamed:
-            return StreamingResponse(self._stream_from_first(answer, complete, path, body, headers, prefill, params),
+            return StreamingResponse(self._stream_from_first(answer, complete, path, body, headers, prefill, params, key),
                                      media_type="text/event-stream", headers=headers)
         if complete:  # nothing for a decode side to do: answer from the prefill, release its hold
             await self.abort(prefill, request_id, token)
             return JSONResponse(answer | {"kv_transfer_params": None}, headers=headers)
 
-        return await self._decode_leg(request, path, body | {"kv_transfer_params": params}, headers, prefill, token)
+        return await self._decode_leg(request, path, body | {"kv_transfer_params": params}, headers, prefill, token,
+                                      key)
+
+    def _key(self, body: dict) -> PromptKey | None:
+        """The prompt's key, when routing uses one (prefix-aware policy or colocation)."""
+        if self.prefill.policy != "prefix_aware" and self.config.colocate_below == 0:
+            return None
+        return prompt_key(body, self.config.block_size, self.tokenizer)
+
+    async def _colocated(self, request: Request, path: str, body: dict, headers: dict, stream: bool,
+                         key: PromptKey | None) -> Response:
+        """The decode server alone serves the request as a colocated server would (its prompt is
+        short, or its prefix is cached there): the client's body as is, its answer relayed."""
+        body = {k: v for k, v in body.items() if k != "kv_transfer_params"}
+        try:
+            decode, resp = await self._unless_gone(
+                request, asyncio.ensure_future(self._send(self.decode, path, body, headers, stream, key, True)))
+        except UpstreamError as exc:
+            return error_json(exc.status, exc.message)
+        except ClientGone:
+            return Response(status_code=499)
+        if resp.status_code != 200 or not stream:
+            decode.in_flight -= 1
+            try:
+                await resp.aread()
+            finally:
+                await resp.aclose()
+            if resp.status_code != 200:
+                return passthrough_error(resp, f"decode server {decode.url}")
+            return Response(resp.content, media_type="application/json", headers=headers)
+        return StreamingResponse(self._relay_colocated(decode, resp), media_type="text/event-stream", headers=headers)
+
+    async def _relay_colocated(self, decode: Backend, resp: httpx.Response) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in resp.aiter_raw():
+                yield chunk
+        except httpx.HTTPError as exc:
+            decode.mark_down(f"failed mid-stream ({type(exc).__name__})", time.monotonic())
+            yield error_event(502, f"decode server {decode.url} failed mid-stream: {exc!r}", "upstream_error")
+            yield DONE_EVENT
+        finally:
+            decode.in_flight -= 1
+            with anyio.CancelScope(shield=True):
+                await resp.aclose()
 
     async def _decode_leg(self, request: Request, path: str, decode_body: dict, headers: dict, prefill: Backend,
-                          token: str | None) -> Response:
+                          token: str | None, key: PromptKey | None) -> Response:
         """The decode leg whose answer is the client's (not streamed, or `decode` mode)."""
         request_id, stream = headers["X-Request-Id"], bool(decode_body.get("stream"))
         try:
             decode, resp = await self._unless_gone(
-                request, asyncio.ensure_future(self._send(self.decode, path, decode_body, headers, stream)))
+                request, asyncio.ensure_future(self._send(self.decode, path, decode_body, headers, stream, key)))
         except (UpstreamError, ClientGone) as exc:
             # Nobody will read the prefill's blocks now (or the decode side already did).
             await self.abort(prefill, request_id, token)
@@ -243,7 +317,7 @@ class Router:
                                  media_type="text/event-stream", headers=headers)
 
     def _stream_from_first(self, answer: dict, complete: bool, path: str, body: dict, headers: dict,
-                           prefill: Backend, params: dict) -> AsyncIterator[bytes]:
+                           prefill: Backend, params: dict, key: PromptKey | None) -> AsyncIterator[bytes]:
         """The client's stream in `prefill` mode: the prefill's event (t1) as a continuing chunk,
         then either a final chunk (t1 completed the request; the hold is released) or the decode
         leg's stream, which starts after t1."""
@@ -253,7 +327,7 @@ class Router:
             return self._finish_after_first([first, sse_event(final_after(answer)), DONE_EVENT], prefill, request_id,
                                             token)
         decode_body = body | {"kv_transfer_params": params | {"first_token_streamed": True}}
-        return self._relay(lambda: self._send(self.decode, path, decode_body, headers, True), prefill, request_id,
+        return self._relay(lambda: self._send(self.decode, path, decode_body, headers, True, key), prefill, request_id,
                            token, lead=first)
 
     async def _finish_after_first(self, events: list[bytes], prefill: Backend, request_id: str,
@@ -313,7 +387,7 @@ class Router:
             yield error_event(exc.status, exc.message)
             yield DONE_EVENT
         except httpx.HTTPError as exc:
-            decode.healthy, decode.problem = False, f"failed mid-stream ({type(exc).__name__})"
+            decode.mark_down(f"failed mid-stream ({type(exc).__name__})", time.monotonic())
             message = f"decode server {decode.url} failed mid-stream: {exc!r}"
             logger.warning("%s: %s", request_id, message)
             yield error_event(502, message, "upstream_error")
@@ -340,9 +414,8 @@ class Router:
         return Response(r.content, status_code=r.status_code, media_type="application/json")
 
     def status(self) -> JSONResponse:
-        pools = {p.role: [{"url": b.url, "healthy": b.healthy, "in_flight": b.in_flight, "status": b.problem}
-                          for b in p.backends] for p in (self.prefill, self.decode)}
         ok = all(any(b.healthy for b in p.backends) for p in (self.prefill, self.decode))
-        body = {"status": "ok" if ok else "unavailable", "health_rounds": self.health_rounds,
-                "kv_recomputed": int(self.metrics.recomputed._value.get())} | pools
+        body = {"status": "ok" if ok else "unavailable", "health_rounds": self.fleet.rounds,
+                "dropped": self.fleet.dropped, "kv_recomputed": int(self.metrics.recomputed._value.get())}
+        body |= self.fleet.view()
         return JSONResponse(body, status_code=200 if ok else 503)
