@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from kvxfer.bench.serve_metrics import SLO, RequestRecord, summarize, write_plot
+from kvxfer.bench.serve_metrics import SLO, CacheCounters, RequestRecord, hit_rate, parse_cache_counters, summarize, write_plot
+from kvxfer.bench.serve_report import ratios, report
 from kvxfer.bench.serve_workload import (
     BenchRequest,
     LengthRange,
@@ -30,15 +31,10 @@ from kvxfer.bench.serve_workload import (
     WorkloadSpec,
     length_range,
     request_class,
+    shared_prefix,
 )
 
 WARMUP_STREAM = -1
-# Summary fields compared across endpoints: (section, key); ratio = endpoint / first endpoint.
-RATIO_FIELDS = (("ttft", "p50_ms"), ("ttft", "p99_ms"), ("tpot", "p50_ms"), ("tpot", "p99_ms"),
-                ("itl", "p99_ms"), ("e2e", "p50_ms"), ("e2e", "p99_ms"), (None, "request_throughput"),
-                (None, "output_token_throughput"), (None, "goodput"))
-
-
 @dataclass(frozen=True)
 class Endpoint:
     name: str
@@ -80,6 +76,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mix", type=request_class, action="append", metavar="NAME:WEIGHT:INPUT:OUTPUT",
                         help="a request class of a mix (repeat), e.g. --mix chat:0.8:16-64:32 --mix long:0.2:1024:8; "
                              "replaces --input-len/--output-len")
+    parser.add_argument("--shared-prefix", type=shared_prefix, default=None, metavar="N:LO-HI",
+                        help="prefix every prompt with one of N system prompts of LO-HI tokens (ids prompts; the "
+                             "user turn is --input-len), fresh ids per round and endpoint (serve_workload)")
+    parser.add_argument("--cache-metrics", action="append", default=[], metavar="URL",
+                        help="a kvxfer server whose /metrics give the prefix-cache hit rate per endpoint (repeat: "
+                             "the prefill servers); endpoints run one at a time, so each one's share is exact")
+    parser.add_argument("--cache-block-size", type=_positive(int), default=16,
+                        help="block size of the --cache-metrics servers (hit blocks -> tokens)")
     parser.add_argument("--num-requests", type=_positive(int), default=None,
                         help="measured requests per endpoint (default 64 unless --duration)")
     parser.add_argument("--duration", type=_positive(float), default=None,
@@ -116,6 +120,8 @@ class RunPlan:
     body: dict  # fields every request carries
     timeout_s: float
     slo: SLO
+    cache_metrics: tuple[str, ...] = ()
+    cache_block_size: int = 16
 
 
 def plan(args: argparse.Namespace) -> RunPlan:
@@ -126,6 +132,8 @@ def plan(args: argparse.Namespace) -> RunPlan:
     if args.duration is not None and not (args.request_rate or args.concurrency or args.sequential):
         raise SystemExit("error: --duration needs --request-rate, --concurrency or --sequential "
                          "(else every request would be sent at once, without end)")
+    if args.shared_prefix is not None and args.prompt_format != "ids":
+        raise SystemExit("error: --shared-prefix needs --prompt-format ids")
     names = [e.name for e in args.endpoint]
     if len(set(names)) != len(names):
         raise SystemExit(f"error: --endpoint names must be distinct, got {names}")
@@ -147,10 +155,12 @@ def plan(args: argparse.Namespace) -> RunPlan:
             "return_token_ids": True, "stream_options": {"include_usage": True}}
     return RunPlan(
         endpoints=tuple(args.endpoint),
-        workload=WorkloadSpec(classes, args.prompt_format, args.token_ids, args.request_rate, args.seed),
+        workload=WorkloadSpec(classes, args.prompt_format, args.token_ids, args.request_rate, args.seed,
+                              args.shared_prefix),
         num_requests=num, duration_s=args.duration, concurrency=1 if args.sequential else args.concurrency,
         rounds=rounds, warmup=args.warmup, body=body, timeout_s=args.request_timeout,
         slo=SLO(args.slo_ttft_ms, args.slo_tpot_ms),
+        cache_metrics=tuple(u.rstrip("/") for u in args.cache_metrics), cache_block_size=args.cache_block_size,
     )
 
 
@@ -268,11 +278,21 @@ async def run_round(client: httpx.AsyncClient, url: str, body: dict, requests, r
     return records, end - (origin + min(r.start_s for r in records))
 
 
-def _round_requests(p: RunPlan, round_: int):
-    stream = p.workload.requests(round_)
+def _round_requests(p: RunPlan, round_: int, salt: int):
+    stream = p.workload.requests(round_, salt)
     if p.num_requests is None:
         return stream
     return itertools.islice(stream, p.num_requests // p.rounds + (round_ < p.num_requests % p.rounds))
+
+
+async def _cache_counters(client: httpx.AsyncClient, urls: tuple[str, ...]) -> CacheCounters:
+    """Summed over `urls`; counters only grow, and a server's requests of a round have all
+    finished (their prompt tokens counted) by the time its round's last stream ended."""
+    total = CacheCounters()
+    for url in urls:
+        resp = await client.get(f"{url}/metrics", timeout=30.0)
+        total += parse_cache_counters(resp.text)
+    return total
 
 
 async def _model_name(client: httpx.AsyncClient, url: str, timeout_s: float) -> str | None:
@@ -301,14 +321,18 @@ async def run(p: RunPlan, model: str | None, progress: bool) -> tuple[dict, dict
         bar = tqdm(total=total, disable=not progress, unit="req", file=sys.stderr)
         records = {ep.name: [] for ep in p.endpoints}
         durations = {ep.name: 0.0 for ep in p.endpoints}
+        cache = {ep.name: CacheCounters() for ep in p.endpoints}
         origin = time.perf_counter()
         for r in range(p.rounds):
             order = p.endpoints[r % len(p.endpoints):] + p.endpoints[:r % len(p.endpoints)]
             for ep in order:
                 bar.set_postfix_str(f"round {r + 1}/{p.rounds} {ep.name}")
-                recs, dur = await run_round(client, ep.url, bodies[ep.name], _round_requests(p, r), r,
+                before = await _cache_counters(client, p.cache_metrics)
+                recs, dur = await run_round(client, ep.url, bodies[ep.name],
+                                            _round_requests(p, r, p.endpoints.index(ep)), r,
                                             p.concurrency, p.duration_s / p.rounds if p.duration_s else None,
                                             origin, p.timeout_s, lambda _rec: bar.update(1))
+                cache[ep.name] += await _cache_counters(client, p.cache_metrics) - before
                 records[ep.name] += recs
                 durations[ep.name] += dur
         bar.close()
@@ -316,6 +340,7 @@ async def run(p: RunPlan, model: str | None, progress: bool) -> tuple[dict, dict
     for ep in p.endpoints:
         recs = records[ep.name]
         summary = summarize(recs, durations[ep.name], p.slo)
+        summary["prefill_cache_hit_rate"] = hit_rate(cache[ep.name], p.cache_block_size) if p.cache_metrics else None
         classes = sorted({r.klass for r in recs})
         per_class = ({k: summarize([r for r in recs if r.klass == k], durations[ep.name], p.slo) for k in classes}
                      if len(p.workload.classes) > 1 else {})
@@ -325,72 +350,6 @@ async def run(p: RunPlan, model: str | None, progress: bool) -> tuple[dict, dict
         }
     result["ratios"] = ratios(result["endpoints"])
     return result, records
-
-
-def ratios(endpoints: dict) -> dict:
-    """Each endpoint's RATIO_FIELDS divided by the first endpoint's (None where undefined)."""
-    names = list(endpoints)
-    base = endpoints[names[0]]["summary"]
-    out = {}
-    for name in names[1:]:
-        s = endpoints[name]["summary"]
-        out[f"{name}/{names[0]}"] = {
-            _label(sec, key): _div(_get(s, sec, key), _get(base, sec, key)) for sec, key in RATIO_FIELDS}
-    return out
-
-
-def _get(summary: dict, section: str | None, key: str):
-    return summary[key] if section is None else summary[section][key]
-
-
-def _div(a, b):
-    return a / b if a is not None and b else None
-
-
-def _label(section: str | None, key: str) -> str:
-    return key if section is None else f"{section}_{key}"
-
-
-# ---------------------------------------------------------------- report
-
-
-def report(result: dict, slo: SLO) -> str:
-    eps = result["endpoints"]
-    names = list(eps)
-    rows = [("completed / requests", lambda s: f"{s['completed']}/{s['requests']}"),
-            ("errors", lambda s: ",".join(f"{k}:{v}" for k, v in s["errors"].items()) or "-"),
-            ("duration s", lambda s: f"{s['duration_s']:.2f}"),
-            ("requests/s", lambda s: f"{s['request_throughput']:.2f}"),
-            ("output tokens/s", lambda s: f"{s['output_token_throughput']:.1f}"),
-            (f"goodput req/s ({_slo_text(slo)})", lambda s: f"{s['goodput']:.2f}")]
-    for sec in ("ttft", "tpot", "itl", "e2e"):
-        for key in ("p50_ms", "p90_ms", "p99_ms"):
-            rows.append((f"{sec.upper()} {key[:-3]} ms", lambda s, sec=sec, key=key: _fmt(s[sec][key])))
-    lines = []
-    width = max(len(r[0]) for r in rows) + 2
-    lines.append(" " * width + "".join(f"{n:>14}" for n in names))
-    for label, fmt in rows:
-        line = f"{label:<{width}}" + "".join(f"{fmt(eps[n]['summary']):>14}" for n in names)
-        lines.append(line)
-    if len(names) > 1:
-        lines.append("ratios (endpoint / " + names[0] + "):")
-        for pair, vals in result["ratios"].items():
-            lines.append(f"  {pair}: " + ", ".join(f"{k}={_fmt(v, '.3f')}" for k, v in vals.items()))
-    for n in names:
-        for klass, s in eps[n]["classes"].items():
-            lines.append(f"{n} [{klass}] n={s['completed']}: TTFT p50/p99 {_fmt(s['ttft']['p50_ms'])}/"
-                         f"{_fmt(s['ttft']['p99_ms'])} ms, TPOT p50/p99 {_fmt(s['tpot']['p50_ms'])}/"
-                         f"{_fmt(s['tpot']['p99_ms'])} ms, goodput {s['goodput']:.2f} req/s")
-    return "\n".join(lines)
-
-
-def _slo_text(slo: SLO) -> str:
-    parts = [f"{name} <= {v:g} ms" for name, v in (("TTFT", slo.ttft_ms), ("TPOT", slo.tpot_ms)) if v is not None]
-    return ", ".join(parts) or "no SLO"
-
-
-def _fmt(v, spec: str = ".1f") -> str:
-    return "-" if v is None else format(v, spec)
 
 
 def main(args: argparse.Namespace) -> int:

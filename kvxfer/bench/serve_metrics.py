@@ -142,3 +142,35 @@ def write_plot(path: str, runs: dict[str, list[RequestRecord]]) -> None:
             ax.legend(fontsize=8)
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+HIT_BLOCKS = "kvxfer_prefix_cache_hit_blocks_total"
+PROMPT_TOKENS = "kvxfer_prompt_tokens_total"
+
+
+@dataclass(frozen=True)
+class CacheCounters:
+    """Prefix-cache hit blocks and prompt tokens, summed over the servers read (`--cache-metrics`)."""
+    hit_blocks: float = 0.0
+    prompt_tokens: float = 0.0
+
+    def __sub__(self, other: CacheCounters) -> CacheCounters:
+        return CacheCounters(self.hit_blocks - other.hit_blocks, self.prompt_tokens - other.prompt_tokens)
+
+    def __add__(self, other: CacheCounters) -> CacheCounters:
+        return CacheCounters(self.hit_blocks + other.hit_blocks, self.prompt_tokens + other.prompt_tokens)
+
+
+def parse_cache_counters(page: str) -> CacheCounters:
+    """The two counters of one kvxfer server's /metrics page (0 where absent)."""
+    values = {HIT_BLOCKS: 0.0, PROMPT_TOKENS: 0.0}
+    for line in page.splitlines():
+        name, _, value = line.partition(" ")
+        if name in values:
+            values[name] = float(value)
+    return CacheCounters(values[HIT_BLOCKS], values[PROMPT_TOKENS])
+
+
+def hit_rate(delta: CacheCounters, block_size: int) -> float | None:
+    """Share of the prompt tokens the servers computed that came from their prefix caches."""
+    return delta.hit_blocks * block_size / delta.prompt_tokens if delta.prompt_tokens > 0 else None

@@ -80,7 +80,8 @@ class ServerMetrics:
 
 class ProxyMetrics:
     """Counters of the P/D proxy: answers by status, decode answers that recomputed their KV
-    locally (a broken transfer path must show), and prefill aborts sent (by token or id)."""
+    locally (a broken transfer path must show), prefill aborts sent (by token or id), the path
+    each request took, and how much of the prompts the chosen servers' prefix indexes held."""
 
     def __init__(self):
         disable_created_metrics()
@@ -91,6 +92,12 @@ class ProxyMetrics:
                                   "Decode answers whose KV was recomputed locally, not pulled", registry=r)
         self.prefill_aborts = Counter("kvxfer_proxy_prefill_aborts", "Aborts sent to prefill servers", ["by"],
                                       registry=r)
+        self.paths = Counter("kvxfer_proxy_routed", "Requests routed, by path: disaggregated (prefill then decode) "
+                             "or colocated (the decode server alone)", ["path"], registry=r)
+        self.prompt_blocks = Counter("kvxfer_proxy_prompt_blocks",
+                                     "Full prompt blocks of routed requests (the proxy's index keys)", registry=r)
+        self.matched_blocks = Counter("kvxfer_proxy_matched_blocks",
+                                      "Prompt blocks the chosen server's prefix index held", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

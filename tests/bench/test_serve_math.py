@@ -118,3 +118,35 @@ def test_inconsistent_options_are_refused_by_name(argv, needle):
     add_arguments(parser)
     with pytest.raises(SystemExit, match=needle):
         plan(parser.parse_args(["--endpoint", "a=http://127.0.0.1:1", *argv]))
+
+
+def test_shared_prefix_workload_and_cache_hit_rate():
+    from kvxfer.bench.serve_metrics import CacheCounters, hit_rate, parse_cache_counters
+    from kvxfer.bench.serve_workload import SharedPrefix, shared_prefix
+
+    spec = WorkloadSpec((RequestClass("turn", 1.0, LengthRange(8, 16), LengthRange(4, 4)),), "ids",
+                        LengthRange(16, 500), 5.0, 3, SharedPrefix(4, LengthRange(40, 60)))
+    prefixes = spec.prefixes(0, salt=0)
+    assert len(prefixes) == 4 and all(40 <= len(p) <= 60 for p in prefixes)
+    reqs = list(itertools.islice(spec.requests(0, salt=0), 200))
+    used = set()
+    for r in reqs:
+        (k,) = [i for i, p in enumerate(prefixes) if r.prompt[:len(p)] == p]
+        used.add(k)
+        assert 8 <= len(r.prompt) - len(prefixes[k]) <= 16 and r.prompt_len == len(r.prompt)
+    assert used == {0, 1, 2, 3}
+    # Another endpoint (salt): same lengths and arrivals, other system prompts' ids.
+    other = list(itertools.islice(spec.requests(0, salt=1), 200))
+    assert [r.prompt_len for r in other] == [r.prompt_len for r in reqs]
+    assert [r.arrival_s for r in other] == [r.arrival_s for r in reqs]
+    assert [len(p) for p in spec.prefixes(0, 1)] == [len(p) for p in prefixes]
+    assert not set(map(tuple, spec.prefixes(0, 1))) & set(map(tuple, prefixes))
+    assert shared_prefix("8:512-1024") == SharedPrefix(8, LengthRange(512, 1024))
+    for bad in ("8", "0:10", "x:10", "8:0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            shared_prefix(bad)
+    page = "# HELP x\nkvxfer_prefix_cache_hit_blocks_total 30.0\nkvxfer_prompt_tokens_total 960.0\n"
+    c = parse_cache_counters(page)
+    assert c == CacheCounters(30.0, 960.0)
+    assert hit_rate(c - CacheCounters(10.0, 320.0), 16) == pytest.approx(20 * 16 / 640)
+    assert hit_rate(CacheCounters(), 16) is None
