@@ -14,7 +14,7 @@ GPU_PYTHON ?= python3
 OUT ?= gpu-check-out
 GPU_CHECK_ARGS ?=
 
-.PHONY: install test demo clean gpu-check gpu-wheels
+.PHONY: install test test-slow demo clean gpu-check gpu-wheels
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,14 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# `make test` leaves out the tests marked slow (the long soak, the Triton interpreter run, the
+# six-layer transfer bench, the HF parity stage, the TP 2 accuracy script); `make test-slow` runs
+# just those, and `.ci/run` runs both, so CI loses no coverage.
 test: install
-	$(PY) -m pytest -q $(PYTEST_XDIST) $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q $(PYTEST_XDIST) -m "not slow" $(PYTEST_ARGS) tests
+
+test-slow: install
+	$(PY) -m pytest -q $(PYTEST_XDIST) -m slow $(PYTEST_ARGS) tests
 
 demo: install
 	$(PY) -m kvxfer.entrypoints.demo

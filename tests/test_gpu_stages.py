@@ -27,6 +27,7 @@ def test_kernels_stage_reports_bandwidth_and_flops():
     assert rows["paged_prefill"]["ms"] > 0
 
 
+@pytest.mark.slow  # HF and the engine on every quick prompt: about 1 min on 2 cores
 def test_parity_stage_finds_float32_engine_equal_to_hf():
     (row,) = stage("parity", "--device", "cpu", "--quick", "--dtype", "float32")
     assert row["mismatches"] == [] and row["exact"] == row["prompts"] == 3

@@ -19,6 +19,7 @@ def bench_shape(shape: str, *args: str) -> dict:
     return json.loads(done.stdout)  # stdout is exactly one JSON object
 
 
+@pytest.mark.slow  # a six-layer model through the whole bench: about 1 min on 2 cores
 def test_bench_verifies_bytes_and_descriptors_do_not_depend_on_layers():
     one = bench("--prefill-tp", "2", "--decode-tp", "1", "--num-layers", "1")
     six = bench("--prefill-tp", "2", "--decode-tp", "1", "--num-layers", "6")

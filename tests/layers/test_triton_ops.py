@@ -38,6 +38,7 @@ def interpreter_results():
 
 
 @needs_triton
+@pytest.mark.slow  # one interpreter subprocess for every case: 1-2.5 min on 2 cores
 @pytest.mark.parametrize("name,dtype", INTERPRETER_CASES)
 def test_triton_ops_under_interpreter(interpreter_results, name, dtype):
     results, proc = interpreter_results
