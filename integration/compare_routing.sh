@@ -90,10 +90,11 @@ HEALTH+=("$(url "$C_PORT") ${#KVX_PIDS[@]}")
 kvx_start colocated "$OUT/colocated.log" taskset -c "${COLOCATED_CPUS:-0,1}" "${SERVE[@]}" --role both \
   --kv-connector none --num-kv-blocks "$NUM_KV_BLOCKS" --port "$C_PORT" --side-channel-port "$C_SIDE"
 
-declare -A PROXY_URL
+declare -A PROXY_URL=()
+NPROXIES=0  # proxies started: the next one takes PROXY_PORTS[NPROXIES] (${#PROXY_URL[@]} of an empty array trips set -u)
 # start_proxy NAME PREFILL_URLS DECODE_URLS ARGS...: a proxy (not pinned, as the load generator).
 start_proxy() {
-  local name=$1 prefill=$2 decode=$3 port=${PROXY_PORTS[${#PROXY_URL[@]}]}; shift 3
+  local name=$1 prefill=$2 decode=$3 port=${PROXY_PORTS[NPROXIES]}; shift 3
   local run=("$PYTHON")
   if [[ $name == colocated_proxy && $PROFILE_PROXY == 1 ]]; then
     run+=(-m cProfile -o "$OUT/colocated_proxy.prof")  # written when uvicorn exits on SIGTERM
@@ -103,6 +104,7 @@ start_proxy() {
   kvx_start "$name" "$OUT/proxy_$name.log" "${run[@]}" "$KVX_ROOT/integration/proxy.py" --prefill $prefill \
     --decode $decode --port "$port" --log-level warning "$@" ${PROXY_ARGS:-}
   PROXY_URL[$name]=$(url "$port")
+  NPROXIES=$((NPROXIES + 1))
 }
 PREFILLS="$(url "$P0_PORT") $(url "$P1_PORT")"
 start_proxy round_robin "$PREFILLS" "$(url "$D_PORT")" --policy round_robin

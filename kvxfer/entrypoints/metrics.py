@@ -80,7 +80,8 @@ class ServerMetrics:
 
 class ProxyMetrics:
     """Counters of the P/D proxy: answers by status, decode answers that recomputed their KV
-    locally (a broken transfer path must show), prefill aborts sent (by token or id), the path
+    locally (a broken transfer path must show), prefill aborts sent (by token or id), prefill legs
+    recomputed elsewhere after their server dropped the connection, the path
     each request took, and how much of the prompts the chosen servers' prefix indexes held."""
 
     def __init__(self):
@@ -94,6 +95,9 @@ class ProxyMetrics:
                                       registry=r)
         self.paths = Counter("kvxfer_proxy_routed", "Requests routed, by path: disaggregated (prefill then decode) "
                              "or colocated (the decode server alone)", ["path"], registry=r)
+        self.prefill_retries = Counter("kvxfer_proxy_prefill_retries",
+                                       "Prefill legs recomputed on another server after theirs dropped the connection",
+                                       registry=r)
         self.prompt_blocks = Counter("kvxfer_proxy_prompt_blocks",
                                      "Full prompt blocks of routed requests (the proxy's index keys)", registry=r)
         self.matched_blocks = Counter("kvxfer_proxy_matched_blocks",

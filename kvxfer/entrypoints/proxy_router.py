@@ -54,6 +54,13 @@ DEFAULT_BLOCK_SIZE = 16  # kvxfer serve's default --block-size
 DEFAULT_COLOCATE_BELOW = 0  # measured: docs/benchmarks.md "Conditional disaggregation"
 
 
+def dropped_connection(exc: httpx.HTTPError) -> bool:
+    """The server closed the connection or it broke (not a time-out: a slow server may still be
+    computing, and is aborted instead)."""
+    return isinstance(exc, (httpx.NetworkError, httpx.RemoteProtocolError)) and not isinstance(
+        exc, httpx.TimeoutException)
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     fleet: FleetConfig
@@ -86,11 +93,12 @@ class Router:
         await self.fleet.check_round()
 
     async def _send(self, pool: Pool, path: str, body: dict, headers: dict, stream: bool,
-                    key: PromptKey | None = None, by_prefix_match: bool | None = None):
-        """Send to a healthy backend chosen by the pool's policy; a backend that refuses the
-        connection is marked down and the next one is tried. Returns (backend, response) with the
+                    key: PromptKey | None = None, by_prefix_match: bool | None = None, tried: set[str] | None = None):
+        """Send to a healthy backend chosen by the pool's policy, none of `tried` (updated); a
+        backend that refuses the connection is marked down and the next one is tried, as is a
+        prefill server that drops it (`_prefill_dropped`). Returns (backend, response) with the
         backend's load counted and the prompt's blocks recorded in its index."""
-        tried: set[str] = set()
+        tried = set() if tried is None else tried
         while (choice := pool.choose(tried, key, time.monotonic(), by_prefix_match)) is not None:
             backend = choice.backend
             tried.add(backend.url)
@@ -108,6 +116,9 @@ class Router:
                 continue
             except httpx.HTTPError as exc:
                 backend.in_flight -= 1
+                if pool is self.prefill and dropped_connection(exc):
+                    self._prefill_dropped(backend, headers, exc)
+                    continue
                 raise UpstreamError(502, f"{pool.role} server {backend.url} failed: {exc!r}", backend) from None
             backend.routed += 1
             backend.sent_since_report += 1
@@ -119,19 +130,36 @@ class Router:
             return backend, resp
         raise UpstreamError(503, f"no healthy {pool.role} server ({pool.describe()})")
 
+    def _prefill_dropped(self, backend: Backend, headers: dict, exc: httpx.HTTPError) -> None:
+        """A prefill server closed the connection before its answer was read (it died, or was
+        killed with the request on it): nothing reached the client yet and a prefill has no
+        effect but its hold, so the leg is recomputed on another server (`_send` goes on to the
+        next); this one is asked to end the request by id, in case it is alive, and health
+        decides whether it is down (a dead one refuses the next connection at once)."""
+        self.metrics.prefill_retries.inc()
+        logger.warning("%s: prefill server %s dropped the connection (%r); recomputing the prefill elsewhere",
+                       headers.get("X-Request-Id"), backend.url, exc)
+        self._spawn(self.abort(backend, headers["X-Request-Id"]))
+
     async def _prefill_leg(self, path: str, body: dict, headers: dict, stream: bool, key: PromptKey | None):
         """`_send` to a prefill server, its answer read to the end (one token: a streamed answer
-        is one event and [DONE], sent together once the token exists)."""
-        backend, resp = await self._send(self.prefill, path, body, headers, stream, key)
-        try:
-            await resp.aread()
-        except BaseException as exc:
-            backend.in_flight -= 1
-            await resp.aclose()
-            if isinstance(exc, httpx.HTTPError):
-                raise UpstreamError(502, f"prefill server {backend.url} failed: {exc!r}", backend) from None
-            raise
-        return backend, resp
+        is one event and [DONE], sent together once the token exists); a server that drops the
+        connection before the end is left for another (`_prefill_dropped`)."""
+        tried: set[str] = set()
+        while True:
+            backend, resp = await self._send(self.prefill, path, body, headers, stream, key, tried=tried)
+            try:
+                await resp.aread()
+            except BaseException as exc:
+                backend.in_flight -= 1
+                await resp.aclose()
+                if isinstance(exc, httpx.HTTPError) and dropped_connection(exc):
+                    self._prefill_dropped(backend, headers, exc)
+                    continue
+                if isinstance(exc, httpx.HTTPError):
+                    raise UpstreamError(502, f"prefill server {backend.url} failed: {exc!r}", backend) from None
+                raise
+            return backend, resp
 
     @staticmethod
     async def _unless_gone(request: Request, task: asyncio.Future, cancel: bool = True):
