@@ -12,16 +12,12 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from kvxfer.entrypoints.prefix_index import PrefixIndex
+from kvxfer.entrypoints.proxy_load import parse_load
 
 SLOW_CHECKS_TO_FAIL = 3  # consecutive timed-out /health checks before a backend is marked down
 DEFAULT_INDEX_BLOCKS = 4096  # a server's index size until its /metrics says its pool size (--index-blocks)
-# /metrics sample -> LoadReport field (kvxfer servers; another server's page leaves `load` None)
-LOAD_METRICS = {"kvxfer_running_requests": "running", "kvxfer_waiting_requests": "waiting",
-                "kvxfer_kv_free_blocks": "free_blocks", "kvxfer_kv_blocks": "num_blocks",
-                "kvxfer_prefix_cache_hit_blocks_total": "prefix_hit_blocks"}
 
 
 @dataclass(frozen=True)
@@ -43,7 +39,7 @@ class Backend:
     problem: str = "not checked yet"
     slow_checks: int = 0  # consecutive /health checks that timed out
     index: PrefixIndex = field(default_factory=lambda: PrefixIndex(DEFAULT_INDEX_BLOCKS))
-    load: LoadReport | None = None  # the last /metrics read (None: never read, or not a kvxfer server)
+    load: LoadReport | None = None  # the last /metrics read (None: never read, or no load gauges there)
     sent_since_report: int = 0  # requests this proxy sent it since `load` was read
     down_since: float | None = None  # monotonic time it was last marked down, None while healthy
     routed: int = 0  # requests sent to it
@@ -80,22 +76,18 @@ async def check_backend(client: httpx.AsyncClient, backend: Backend, timeout_s: 
 
 async def read_load(client: httpx.AsyncClient, backend: Backend, timeout_s: float) -> None:
     """Read `backend`'s /metrics into `backend.load` (in the background, never on a request's
-    path) and size its index to its KV pool. A page without kvxfer's load gauges (another
-    server) leaves `load` as it was: routing then counts in-flight requests only."""
+    path) and size its index to its KV pool. A page without load gauges kvxfer or vLLM would
+    write (`proxy_load`) leaves `load` as it was: routing then counts in-flight requests only."""
     try:
         r = await client.get(f"{backend.url}/metrics", timeout=timeout_s)
         if r.status_code != 200:
             return
-        values: dict[str, float] = {}
-        for family in text_string_to_metric_families(r.text):
-            for sample in family.samples:
-                if sample.name in LOAD_METRICS and not sample.labels:
-                    values[LOAD_METRICS[sample.name]] = sample.value
+        load = parse_load(r.text)
     except (httpx.HTTPError, ValueError):  # health decides whether it is down; this is only load
         return
-    if {"running", "waiting", "free_blocks", "num_blocks"} <= values.keys():
-        backend.load = LoadReport(time.monotonic(), int(values["running"]), int(values["waiting"]),
-                                  int(values["free_blocks"]), int(values["num_blocks"]),
-                                  int(values.get("prefix_hit_blocks", 0)))
-        backend.sent_since_report = 0
-        backend.index.resize(backend.load.num_blocks)
+    if load is None:
+        return
+    backend.load = LoadReport(time.monotonic(), load.running, load.waiting, load.free_blocks, load.num_blocks,
+                              load.prefix_hit_blocks)
+    backend.sent_since_report = 0
+    backend.index.resize(load.num_blocks)
