@@ -18,6 +18,7 @@ name) is the same on both sides, and the compat hash carries `LAYOUT`, so a kvxf
 from __future__ import annotations
 
 import hashlib
+import hmac
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,7 +48,10 @@ def layout_name(spec: KVCacheSpec) -> str:
 def transfer_config(vllm_config: VllmConfig) -> KVTransferConfig:
     """kvxfer's config from vLLM's `kv_transfer_config`. The engine id and instance secret are
     derived from vLLM's engine id (a uuid4 drawn once per `vllm serve`, the same in the
-    scheduler and every worker process): the public id is one hash of it, the secret another."""
+    scheduler and every worker process, which draw nothing together): the public id is one
+    hash of it, the secret an HMAC of it under the side-channel key. vLLM logs its engine id at
+    start, so without `auth_key_file` the secret is only as private as that log (and the side
+    channel is unauthenticated anyway)."""
     kv = vllm_config.kv_transfer_config
     extra = dict(kv.kv_connector_extra_config or {})
     unknown = sorted(set(extra) - set(EXTRA_FIELDS) - {"auth_key_file", "stats_path"})
@@ -60,13 +64,14 @@ def transfer_config(vllm_config: VllmConfig) -> KVTransferConfig:
     fields.setdefault("side_channel_host", kv.kv_ip)
     fields.setdefault("side_channel_port", int(kv.kv_port))
     key_file = extra.get("auth_key_file")
+    key = Path(key_file).read_bytes().strip() if key_file else None
     seed = str(kv.engine_id).encode()
     return KVTransferConfig(
         role=ROLES[kv.kv_role],
         engine_id="vllm-" + hashlib.sha256(b"kvxfer-vllm-engine:" + seed).hexdigest()[:12],
-        instance_secret=hashlib.sha256(b"kvxfer-vllm-secret:" + seed).digest(),
+        instance_secret=hmac.new(key or b"", b"kvxfer-vllm-secret:" + seed, hashlib.sha256).digest(),
         failure_policy=kv.kv_load_failure_policy,
-        auth_key=Path(key_file).read_bytes().strip() if key_file else None,
+        auth_key=key,
         **fields,
     )
 
