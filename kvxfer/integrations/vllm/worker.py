@@ -75,10 +75,13 @@ class KvxferWorker:
         self._refused = KVConnectorOutput()
         for req_id, reason in out.failed_recving.items():
             kind = out.failure_kinds.get(req_id, "transfer")
-            logger.error("kvxfer: KV load of request %s failed (%s): %s", req_id, kind, reason)
+            logger.error("kvxfer: load of request %s failed (%s): %s", req_id, kind, reason)
             self._failed.add(req_id)
             for ids in self._local.get(req_id, []):
                 self._load_errors.update(ids)
+        for req_id, stats in out.recv_stats.items():
+            logger.info("kvxfer: loaded request %s: %d bytes in %d descriptors (%.4f s)", req_id, stats.bytes,
+                        stats.descriptors, stats.seconds)
         self._write_stats(out)
         recving = set(out.finished_recving) | set(out.failed_recving)
         for req_id in recving:
