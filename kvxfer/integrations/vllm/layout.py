@@ -61,8 +61,8 @@ def transfer_config(vllm_config: VllmConfig) -> KVTransferConfig:
     if kv.kv_role not in ROLES:
         raise ValueError(f"kv_transfer_config.kv_role must be one of {sorted(ROLES)}, got {kv.kv_role!r}")
     fields = {k: extra[k] for k in EXTRA_FIELDS if k in extra}
-    fields.setdefault("side_channel_host", kv.kv_ip)
-    fields.setdefault("side_channel_port", int(kv.kv_port))
+    fields.setdefault("side_channel_host", "127.0.0.1")
+    fields.setdefault("side_channel_port", int(kv.kv_port))  # vLLM 0.32 has kv_port, no kv_ip
     key_file = extra.get("auth_key_file")
     key = Path(key_file).read_bytes().strip() if key_file else None
     seed = str(kv.engine_id).encode()
