@@ -6,6 +6,11 @@ however many layers the model has. When a slice is a whole block on both sides, 
 blocks that are consecutive on both sides are adjacent bytes and become one descriptor. Each
 KV cache group is its own tensor (region) with its own block ids; one READ per remote rank
 carries every group's descriptors.
+
+A region may also be split by layer (vLLM's per-layer views of one backing buffer:
+`[layers][num_blocks, heads, kv, block_size, head_size]`, layer `l` at `base + l * layer_stride`):
+then a head range of a block is one run per layer, and every descriptor above is repeated for
+each layer, at the same offsets within that layer.
 Pure numpy; arrays are `(N, 3)` int64 rows `(address, length, device_id)` as NIXL takes them.
 """
 
@@ -24,9 +29,11 @@ class Region:
 
     base_addr: int
     num_blocks: int
-    block_bytes: int  # one block, all of the rank's heads and all layers
-    head_bytes: int  # one head of one block, all layers
+    block_bytes: int  # one block, all of the rank's heads and all layers (of one layer when split)
+    head_bytes: int  # one head of one block, all layers (of one layer when split)
     device_id: int = 0
+    num_layers: int = 1  # 1: the layers are inside each block; else the region is split by layer
+    layer_stride: int = 0  # bytes from one layer's block 0 to the next's, when split
 
 
 def coalesce_runs(local_ids: np.ndarray, remote_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -54,6 +61,12 @@ def slice_descriptors(
         local_addr = local.base_addr + local_ids * local.block_bytes + s.local_heads.start * local.head_bytes
         remote_addr = remote.base_addr + remote_ids * remote.block_bytes + s.remote_heads.start * remote.head_bytes
         lengths = np.full(len(local_ids), length, np.int64)
+    if local.num_layers != remote.num_layers:
+        raise ValueError(f"local region split in {local.num_layers} layers, remote in {remote.num_layers}")
+    if local.num_layers > 1:  # the same runs in every layer, layer-major
+        local_addr = (local_addr[None, :] + local.layer_stride * np.arange(local.num_layers)[:, None]).ravel()
+        remote_addr = (remote_addr[None, :] + remote.layer_stride * np.arange(remote.num_layers)[:, None]).ravel()
+        lengths = np.tile(lengths, local.num_layers)
     return _rows(local_addr, lengths, local.device_id), _rows(remote_addr, lengths, remote.device_id)
 
 

@@ -82,9 +82,12 @@ def describe_groups(groups: Sequence[KVCacheGroup]) -> list[str]:
     ]
 
 
-def compat_of(spec: Any, model_identity: str, groups: Sequence[KVCacheGroup] | None = None) -> Compat:
+def compat_of(
+    spec: Any, model_identity: str, groups: Sequence[KVCacheGroup] | None = None, layout: str | None = None
+) -> Compat:
     """`spec` is the whole model's (heads, dtype, block size); `groups` its KV cache groups
-    (default: all layers in one group)."""
+    (default: all layers in one group); `layout` the memory layout's name (default kvxfer's
+    block-major one, `layout_of`): two peers must share it."""
     return Compat(
         protocol_version=PROTOCOL_VERSION,
         model_identity=model_identity,
@@ -92,7 +95,7 @@ def compat_of(spec: Any, model_identity: str, groups: Sequence[KVCacheGroup] | N
         head_size=spec.head_size,
         num_kv_heads=spec.num_kv_heads,
         dtype=spec.dtype,
-        layout=layout_of(spec),
+        layout=layout or layout_of(spec),
         block_size=spec.block_size,
         kv_cache_groups=describe_groups(groups or one_group(spec)),
     )
@@ -116,6 +119,9 @@ class GroupRegion(msgspec.Struct, frozen=True, array_like=True):
     base_addr: int
     region_bytes: int
     num_blocks: int
+    # Split by layer (vLLM's layout, `descriptors.Region`): layer l's blocks at base + l * layer_stride.
+    num_layers: int = 1
+    layer_stride: int = 0
 
 
 class RankMetadata(msgspec.Struct, frozen=True):

@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 class NixlConnectorScheduler(KVConnectorScheduler):
     def __init__(
         self, config: KVTransferConfig, spec: Any, tp_size: int, model_identity: str,
-        groups: tuple[KVCacheGroup, ...] | None = None,
+        groups: tuple[KVCacheGroup, ...] | None = None, layout: str | None = None,
     ) -> None:
         self.config = config
         self.block_size = spec.block_size
@@ -86,7 +86,7 @@ class NixlConnectorScheduler(KVConnectorScheduler):
         if config.is_producer:
             self.server = HandshakeServer(
                 config.side_channel_host, config.side_channel_port, config.engine_id, config.instance_id,
-                config.instance_secret, tp_size, compat_of(spec, model_identity, self.groups), config.lease_seconds,
+                config.instance_secret, tp_size, compat_of(spec, model_identity, self.groups, layout), config.lease_seconds,
                 FrameAuth(config.auth_key), self.holds.check, self._released_by_reader,
             )
 

@@ -54,7 +54,7 @@ _PROGRESS_HOLD_WINDOW_S = 1.0
 class NixlConnectorWorker(KVConnectorWorker):
     def __init__(
         self, config: KVTransferConfig, spec: Any, tp_rank: int, tp_size: int, model_identity: str,
-        groups: tuple[KVCacheGroup, ...] | None = None,
+        groups: tuple[KVCacheGroup, ...] | None = None, layout: str | None = None,
     ) -> None:
         from nixl._api import nixl_agent, nixl_agent_config, nixl_thread_sync_t
 
@@ -63,7 +63,7 @@ class NixlConnectorWorker(KVConnectorWorker):
         spec.validate_tp(tp_size)
         self.config, self.spec, self.tp_rank, self.tp_size = config, spec, tp_rank, tp_size
         self.groups = groups or one_group(spec)
-        self.compat = compat_of(spec, model_identity, self.groups)
+        self.compat = compat_of(spec, model_identity, self.groups, layout)
         self.agent_name = f"{config.engine_id}-r{tp_rank}-{uuid.uuid4().hex[:6]}"
         self.agent = nixl_agent(
             self.agent_name,
@@ -148,12 +148,12 @@ class NixlConnectorWorker(KVConnectorWorker):
             if str(kv_cache.dtype).removeprefix("torch.") != self.spec.dtype:
                 raise ValueError(f"KV cache dtype {kv_cache.dtype} differs from the spec's {self.spec.dtype}")
         first = kv_caches[0]
-        self.mem_type = "VRAM" if first.is_cuda else "DRAM"
+        mem_type = "VRAM" if first.is_cuda else "DRAM"
         device_id = (first.device.index or 0) if first.is_cuda else 0
         if first.is_cuda:
             self._cuda_device = device_id
         self._reg_descs = [self.agent.register_memory(kv_cache) for kv_cache in kv_caches]
-        self.regions = self._loads.regions = [
+        regions = [
             Region(
                 base_addr=kv_cache.data_ptr(),
                 num_blocks=kv_cache.shape[0],
@@ -163,6 +163,21 @@ class NixlConnectorWorker(KVConnectorWorker):
             )
             for kv_cache, group in zip(kv_caches, self.groups)
         ]
+        self.publish_regions(regions, [c.numel() * c.element_size() for c in kv_caches], mem_type)
+
+    def register_span(self, addr: int, nbytes: int, mem_type: str, device_id: int) -> None:
+        """Register `nbytes` of memory at `addr` with this rank's agent (a KV layout other than
+        kvxfer's one tensor per group, e.g. vLLM's backing buffer; `publish_regions` follows)."""
+        self._reg_descs.append(self.agent.register_memory([(addr, nbytes, device_id, "")], mem_type))
+
+    def publish_regions(self, regions: list[Region], region_bytes: list[int], mem_type: str) -> None:
+        """Use `regions` (one per group, in registered memory) for loads and, on a prefill-capable
+        instance, publish them on its side channel; `region_bytes[g]` is group g's span."""
+        if len(regions) != len(self.groups) or len(region_bytes) != len(regions):
+            raise ValueError(f"{len(regions)} KV regions for {len(self.groups)} KV cache groups")
+        self.mem_type = mem_type
+        device_id = regions[0].device_id
+        self.regions = self._loads.regions = list(regions)
         self._loads.mem_type = self.mem_type
         for host, port in self.config.peer_addresses:  # not under the lock: it waits on the network
             self._loads.connect(host, port, self._lock)
@@ -173,8 +188,8 @@ class NixlConnectorWorker(KVConnectorWorker):
             agent_name=self.agent_name,
             agent_metadata=self.agent.get_agent_metadata(),
             regions=[
-                GroupRegion(r.base_addr, c.numel() * c.element_size(), r.num_blocks)
-                for r, c in zip(self.regions, kv_caches)
+                GroupRegion(r.base_addr, nbytes, r.num_blocks, r.num_layers, r.layer_stride)
+                for r, nbytes in zip(self.regions, region_bytes)
             ],
             device_id=device_id,
             mem_type=self.mem_type,

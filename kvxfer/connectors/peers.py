@@ -31,7 +31,7 @@ from kvxfer.connectors.base import KVParamsError, KVPeerError, KVTransferError, 
 from kvxfer.connectors.config import KVTransferConfig, lease_fit_error
 from kvxfer.connectors.descriptors import Region
 from kvxfer.connectors.handshake import HandshakeError, fetch_engine_metadata
-from kvxfer.connectors.metadata import Compat, EngineMetadata
+from kvxfer.connectors.metadata import Compat, EngineMetadata, GroupRegion
 from kvxfer.specs import KVCacheGroup
 
 logger = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ class PeerTable:
         for rank in meta.ranks:
             expected_heads = self.spec.heads_per_rank(meta.tp_size)
             if rank.kv_heads != expected_heads or len(rank.regions) != len(self.groups) or any(
-                r.region_bytes != r.num_blocks * rank.kv_heads * h for r, h in zip(rank.regions, head_bytes)
+                not _region_fits(r, rank.kv_heads, h) for r, h in zip(rank.regions, head_bytes)
             ):
                 raise ValueError(f"remote rank {rank.tp_rank} advertises a KV region inconsistent with its spec")
             if rank.mem_type not in ("DRAM", "VRAM"):
@@ -182,7 +182,8 @@ class PeerTable:
         for rank in meta.ranks:
             agents[rank.tp_rank] = self.agent.add_remote_agent(rank.agent_metadata)
             regions[rank.tp_rank] = [
-                Region(r.base_addr, r.num_blocks, rank.kv_heads * h, h, rank.device_id)
+                Region(r.base_addr, r.num_blocks, rank.kv_heads * h // r.num_layers, h // r.num_layers,
+                       rank.device_id, r.num_layers, r.layer_stride)
                 for r, h in zip(rank.regions, head_bytes)
             ]
         peer = Peer(meta, address, agents, regions)
@@ -201,3 +202,14 @@ class PeerTable:
             except Exception:
                 pass
         return peer
+
+
+def _region_fits(r: GroupRegion, kv_heads: int, head_bytes: int) -> bool:
+    """Whether an advertised region holds exactly its blocks of `kv_heads` heads of `head_bytes`
+    (all of the group's layers); split by layer, each layer's blocks within its stride."""
+    if r.num_layers == 1:
+        return r.region_bytes == r.num_blocks * kv_heads * head_bytes
+    if r.num_layers < 1 or head_bytes % r.num_layers:
+        return False
+    layer_bytes = r.num_blocks * kv_heads * head_bytes // r.num_layers
+    return r.layer_stride >= layer_bytes and r.region_bytes == (r.num_layers - 1) * r.layer_stride + layer_bytes
