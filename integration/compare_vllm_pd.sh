@@ -23,7 +23,9 @@
 #   its graph at start, minutes for qwen3-0.6b-shape on 2 busy cores) SERVE_ARGS / VLLM_ARGS (more options for every
 #   kvxfer / vLLM server) BASELINE (another kvxfer checkout, e.g. `git worktree add /tmp/base main`:
 #   a third P/D deployment of its code, endpoint "baseline", for before/after in the same run)
-# Writes OUT/<stage>*.json, .png, .txt and the servers' logs; stops every process it started.
+#   KVX_NIXL_PROGRESS_THREAD=1 leaves NIXL's progress thread on in the vLLM instances (../vllm_site).
+# Writes OUT/<stage>*.json, .png, .txt and the servers' logs (with COLOCATED=1 also OUT/overhead.txt:
+# vllm/overhead.py's issue 16 figures); stops every process it started.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -112,3 +114,5 @@ for stage in $STAGES; do
   esac
 done
 uptime | tee "$OUT/uptime.txt"
+# Issue 16's figures: disaggregation overheads (TTFT minus vllm-colocated) and load duration ratios.
+[[ "${COLOCATED:-0}" != 1 ]] || "$PYTHON" "$KVX_ROOT/integration/vllm/overhead.py" "$OUT" | tee "$OUT/overhead.txt"

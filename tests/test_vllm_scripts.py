@@ -1,10 +1,8 @@
-"""The vLLM scripts (scripts/vllm-venv.sh, integration/vllm/launch_pd.sh, run_accuracy_test.sh and
-compare_connectors.sh) refuse clearly, before starting anything, when what they need is missing or
+"""The vLLM scripts (scripts/vllm-venv.sh, integration/vllm/launch_pd.sh and
+run_accuracy_test.sh) refuse clearly, before starting anything, when what they need is missing or
 wrong; scripts/vllm-venv.sh tells an unreachable package index (exit 75, the one case in which
-`make test-vllm` skips) apart from a ready environment; overhead.py's figures match hand-computed ones. None of them
-needs vLLM for this."""
+`make test-vllm` skips) apart from a ready environment. None of them needs vLLM for this."""
 
-import json
 import os
 import subprocess
 import sys
@@ -100,42 +98,3 @@ def test_venv_script_is_a_no_op_when_stamped_and_importable(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert f"{venv} is ready" in proc.stderr
     assert "installing" not in proc.stderr
-
-
-COMPARE = ROOT / "integration" / "vllm" / "compare_connectors.sh"
-OVERHEAD = ROOT / "integration" / "vllm" / "overhead.py"
-
-
-def test_compare_refuses_bad_settings_before_starting(tmp_path):
-    venv = str(_fake_venv(tmp_path))
-    proc = _run(COMPARE, tmp_path, "tiny-qwen3", CONNECTORS="kvxfer mooncake", VLLM_VENV=venv, OUT=str(tmp_path / "o"))
-    assert proc.returncode == 1
-    assert "CONNECTOR must be kvxfer or nixl, got 'mooncake'" in proc.stderr
-    proc = _run(COMPARE, tmp_path, "tiny-qwen3", COLOCATED="yes", VLLM_VENV=venv, OUT=str(tmp_path / "o"))
-    assert proc.returncode == 1
-    assert "COLOCATED must be 0 or 1, got 'yes'" in proc.stderr
-    proc = _run(COMPARE, tmp_path, "tiny-qwen3", VLLM_VENV=venv, OUT=str(tmp_path / "o"))
-    assert proc.returncode == 1
-    assert "cannot import vllm and nixl" in proc.stderr
-    assert not (tmp_path / "o").exists()
-
-
-def _bench_json(path, **endpoints):
-    """A `kvxfer bench serve` result with just the fields overhead.py reads."""
-    path.write_text(json.dumps({"endpoints": {
-        name: {"summary": {"ttft": {"p50_ms": p50}, "duration_s": dur}} for name, (p50, dur) in endpoints.items()}}))
-
-
-def test_overhead_subtracts_the_colocated_ttft_and_divides_by_nixls(tmp_path):
-    # overheads 12-10 = 2 ms (kvxfer) and 14-10 = 4 ms (nixl): ratio 0.50; load 30 s / 40 s = 0.750.
-    _bench_json(tmp_path / "ttft_128.json", kvxfer=(12.0, 1.0), nixl=(14.0, 1.0), colocated=(10.0, 1.0))
-    _bench_json(tmp_path / "ttft_16.json", kvxfer=(9.0, 1.0), nixl=(8.0, 1.0), colocated=(8.0, 1.0))
-    _bench_json(tmp_path / "load.json", kvxfer=(50.0, 30.0), nixl=(60.0, 40.0), colocated=(40.0, 20.0))
-    proc = subprocess.run([sys.executable, str(OVERHEAD), str(tmp_path)], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    assert lines[0].startswith("ttft    16 tokens") and "overhead kvxfer/nixl n/a (<= 0)" in lines[0]
-    assert lines[1].startswith("ttft   128 tokens")
-    assert "overhead kvxfer 2.0 ms" in lines[1] and "overhead nixl 4.0 ms" in lines[1]
-    assert "overhead kvxfer/nixl 0.50" in lines[1]
-    assert lines[2] == "load duration: kvxfer 30.00 s, nixl 40.00 s, colocated 20.00 s, kvxfer/nixl 0.750"
