@@ -32,8 +32,10 @@ kvx_vllm_kv_config() {
 kvx_start_vllm() {
   local name=$1 log=$2 model=$3 port=$4 side=$5 cpus=$6 connector=$7; shift 7
   local cmd=(env PYTHONPATH="$KVX_ROOT/integration/vllm_site:$KVX_ROOT${PYTHONPATH:+:$PYTHONPATH}"
-             VLLM_CPU_KVCACHE_SPACE="${VLLM_KV_GIB:-1}" VLLM_NIXL_SIDE_CHANNEL_PORT="$side"
-             KVXFER_SIDE_CHANNEL_PORT="$side")
+             VLLM_CPU_KVCACHE_SPACE="${VLLM_KV_GIB:-1}")
+  # Only P/D instances get a side channel: vLLM parses VLLM_NIXL_SIDE_CHANNEL_PORT as an int at start,
+  # so an empty one (a colocated server) kills its engine ("invalid literal for int()").
+  [[ -z "$side" ]] || cmd+=(VLLM_NIXL_SIDE_CHANNEL_PORT="$side" KVXFER_SIDE_CHANNEL_PORT="$side")
   [[ -z "$cpus" ]] || cmd+=(VLLM_CPU_OMP_THREADS_BIND="$cpus" taskset -c "$cpus")
   cmd+=("$VLLM_PYTHON" -m vllm.entrypoints.openai.api_server --model "$model" --host 127.0.0.1 --port "$port"
         --served-model-name "$(basename "$model")" --dtype "${VLLM_DTYPE:-${DTYPE:-auto}}" --block-size 32
