@@ -8,6 +8,13 @@ A difference passes only where the colocated run's top-1/top-2 log-prob gap at t
 differing token is below --tie-threshold (a rounding tie); such cases are counted and
 printed. Every disaggregated request must report KV bytes pulled on the decode side, so a
 path that silently recomputes the prompt fails. Exit status 0 only when all of this holds.
+
+With --vllm the servers are vLLM's (integration/vllm/run_accuracy_test.sh): its answers carry no
+per-request transfer stats, so the evidence is the decode servers' own counter of prompt tokens by
+source (vllm:prompt_tokens_by_source): over the disaggregated run, at most one prompt token per
+request may be computed locally (the rest came over the connector or from the decode's prefix
+cache), and every prefill's and decode's KV cache must be unused again afterwards
+(vllm:kv_cache_usage_perc 0: no block left held for a transfer).
 """
 
 from __future__ import annotations
@@ -95,7 +102,10 @@ async def complete(client: httpx.AsyncClient, url: str, prompt: list[int], max_t
 def _top(logprobs: dict | None) -> list[list[tuple[int, float]]]:
     if not logprobs:
         return []
-    return [[(e["token_id"], e["logprob"]) for e in pos] for pos in logprobs["top_token_logprobs"]]
+    if "top_token_logprobs" in logprobs:  # kvxfer's server
+        return [[(e["token_id"], e["logprob"]) for e in pos] for pos in logprobs["top_token_logprobs"]]
+    # vLLM's: {token text: log-prob} per position; only the gap is used, so no ids (-1).
+    return [[(-1, v) for v in sorted(pos.values(), reverse=True)] for pos in logprobs["top_logprobs"] if pos]
 
 
 async def run_all(url: str, prompts: list[list[int]], max_tokens: int, concurrency: int, top_logprobs: int,
@@ -155,6 +165,48 @@ async def leaked_blocks(urls: list[str], timeout_s: float) -> list[str]:
             await asyncio.sleep(0.5)
 
 
+def labelled_sums(text: str, name: str, label: str) -> dict[str, float]:
+    """A Prometheus text page's samples of NAME, summed by the value of LABEL (over the others)."""
+    sums: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) + 1:].rsplit("} ", 1)
+            key = next((kv.split("=", 1)[1].strip('"') for kv in labels.split(",") if kv.startswith(label + "=")), "")
+            sums[key] = sums.get(key, 0.0) + float(value)
+    return sums
+
+
+async def vllm_prompt_sources(urls: list[str]) -> dict[str, float]:
+    """vllm:prompt_tokens_by_source summed over URLS, by source (local_compute, local_cache_hit,
+    external_kv_transfer)."""
+    total: dict[str, float] = {}
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        for url in urls:
+            page = (await client.get(f"{url}/metrics")).text
+            for source, v in labelled_sums(page, "vllm:prompt_tokens_by_source_total", "source").items():
+                total[source] = total.get(source, 0.0) + v
+    return total
+
+
+async def vllm_busy(urls: list[str], timeout_s: float) -> list[str]:
+    """vLLM servers whose KV cache is still in use once every request has ended (a prefill
+    frees the blocks it holds for a transfer when the decode side is done, so this waits a little)."""
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        while True:
+            still = []
+            for url in urls:
+                try:
+                    usage = labelled_sums((await client.get(f"{url}/metrics")).text, "vllm:kv_cache_usage_perc", "")
+                    if sum(usage.values()) > 0:
+                        still.append(f"{url}: KV cache usage {sum(usage.values()):.4f}")
+                except httpx.HTTPError as exc:
+                    still.append(f"{url}: /metrics failed: {exc!r}")
+            if not still or time.monotonic() > deadline:
+                return still
+            await asyncio.sleep(0.5)
+
+
 def compare(prompts, pd_results, ref_results, threshold: float) -> dict:
     report = {"prompts": len(prompts), "exact": 0, "near_ties": [], "mismatches": [], "errors": [],
               "no_transfer": [], "bytes": 0, "descriptors": 0, "transfer_s": 0.0}
@@ -197,7 +249,12 @@ def main() -> int:
     parser.add_argument("--servers", nargs="*", default=[],
                         help="prefill/decode server URLs whose KV pools must be free again afterwards")
     parser.add_argument("--json", help="also write the report here")
+    parser.add_argument("--vllm", action="store_true",
+                        help="vLLM servers: check the transfer by the --decode servers' counters (module docstring)")
+    parser.add_argument("--decode", nargs="*", default=[], help="with --vllm: the decode servers' URLs")
     args = parser.parse_args()
+    if args.vllm and not args.decode:
+        parser.error("--vllm needs --decode URL...")
 
     config = json.loads((Path(args.model_dir) / "config.json").read_text())
     eos = config.get("eos_token_id")
@@ -208,13 +265,25 @@ def main() -> int:
     # The colocated run also gives the top-2 log-probs that judge near-ties.
     ref = asyncio.run(run_all(args.reference, prompts, args.max_tokens, args.concurrency, 2, args.timeout))
     ref_s = time.perf_counter() - start
+    before = asyncio.run(vllm_prompt_sources(args.decode)) if args.vllm else {}
     start = time.perf_counter()
     pd = asyncio.run(run_all(args.proxy, prompts, args.max_tokens, args.concurrency, 0, args.timeout))
     pd_s = time.perf_counter() - start
 
     report = compare(prompts, pd, ref, args.tie_threshold)
     report |= {"colocated_s": round(ref_s, 2), "disaggregated_s": round(pd_s, 2)}
-    report["leaked"] = asyncio.run(leaked_blocks(args.servers, 30.0))
+    if args.vllm:
+        after = asyncio.run(vllm_prompt_sources(args.decode))
+        sources = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+        report["decode_prompt_tokens_by_source"] = sources
+        # vLLM answers carry no per-request stats: the decode's own count of locally computed
+        # prompt tokens replaces them (at most the one token per request a connector may leave).
+        report["no_transfer"] = [] if sources.get("local_compute", 0) <= len(prompts) and sources.get(
+            "external_kv_transfer", 0) > 0 else [f"decode servers' prompt tokens by source over the run: {sources}"
+                                                 f" (at most {len(prompts)} computed locally expected)"]
+        report["leaked"] = asyncio.run(vllm_busy(args.servers, 30.0))
+    else:
+        report["leaked"] = asyncio.run(leaked_blocks(args.servers, 30.0))
     ok = len(prompts) >= min(args.num_prompts, 100) and not (
         report["errors"] or report["mismatches"] or report["no_transfer"] or report["leaked"])
     report["passed"] = ok

