@@ -64,12 +64,18 @@ def case_id(value) -> str:
     return str(value) if isinstance(value, int) else type(value).__name__[:3] + str(value.num_kv_heads)
 
 
+POOL = 24  # blocks per pool; 13 of them hold the prompt on each side
+
+
+def scattered_block_ids(p_tp: int, d_tp: int) -> tuple[list[int], list[int]]:
+    """13 prefill and 13 decode block ids, scattered over a pool of POOL, seeded by the TP pair."""
+    rng = np.random.default_rng(p_tp * 10 + d_tp)
+    return rng.permutation(POOL)[:13].tolist(), rng.permutation(POOL)[:13].tolist()
+
+
 @pytest.mark.parametrize("spec,p_tp,d_tp", CASES, ids=case_id)
 def test_descriptors_move_exactly_the_decode_ranks_bytes(spec, p_tp, d_tp):
-    rng = np.random.default_rng(p_tp * 10 + d_tp)
-    pool, n = 24, 13
-    prefill_ids = rng.permutation(pool)[:n].tolist()
-    decode_ids = rng.permutation(pool)[:n].tolist()
+    pool, (prefill_ids, decode_ids) = POOL, scattered_block_ids(p_tp, d_tp)
     for d_rank in range(d_tp):
         got, expected, _ = simulate(spec, p_tp, d_tp, d_rank, prefill_ids, decode_ids, pool)
         np.testing.assert_array_equal(got, expected)  # every other block stays zero too
@@ -158,10 +164,7 @@ def simulate_split(spec, p_tp: int, d_tp: int, d_rank: int, prefill_ids, decode_
 
 @pytest.mark.parametrize("spec,p_tp,d_tp", CASES, ids=case_id)
 def test_layer_split_regions_move_exactly_the_decode_ranks_bytes(spec, p_tp, d_tp):
-    rng = np.random.default_rng(p_tp * 10 + d_tp)
-    pool, n = 24, 13
-    prefill_ids = rng.permutation(pool)[:n].tolist()
-    decode_ids = rng.permutation(pool)[:n].tolist()
+    pool, (prefill_ids, decode_ids) = POOL, scattered_block_ids(p_tp, d_tp)
     for d_rank in range(d_tp):
         got, expected, count = simulate_split(spec, p_tp, d_tp, d_rank, prefill_ids, decode_ids, pool)
         np.testing.assert_array_equal(got, expected)  # the padding between layers stays zero too
