@@ -17,7 +17,6 @@ from pathlib import Path
 import httpx
 
 from kvxfer.entrypoints.launcher import ManagedProcess, proxy_argv, serve_argv, stop_all
-from kvxfer.ports import free_ports
 
 PROMPTS = [
     "A prefill engine reads the whole prompt at once",
@@ -43,21 +42,23 @@ def run(workdir: Path, prefill_tp: int, decode_tp: int, max_tokens: int) -> None
     make_model("tiny-qwen3", str(model_dir))
     print(f"built tiny-qwen3 in {model_dir} ({time.perf_counter() - t0:.1f}s)")
 
-    p_port, p_side, d_port, d_side, x_port = free_ports(5)
     common = ("--num-kv-blocks", "256", "--log-level", "warning")
-    prefill = ManagedProcess("prefill", serve_argv(model_dir, "prefill", prefill_tp, p_port, p_side, *common),
-                             p_port, workdir / "prefill.log")
-    decode = ManagedProcess("decode", serve_argv(model_dir, "decode", decode_tp, d_port, d_side, *common),
-                            d_port, workdir / "decode.log")
-    proxy = ManagedProcess("proxy", proxy_argv([prefill.url], [decode.url], x_port, "--log-level", "warning"),
-                           x_port, workdir / "proxy.log")
-    processes = [prefill, decode, proxy]
+    prefill = ManagedProcess.on_free_ports(
+        "prefill", 2, lambda ports: serve_argv(model_dir, "prefill", prefill_tp, *ports, *common), workdir / "prefill.log")
+    decode = ManagedProcess.on_free_ports(
+        "decode", 2, lambda ports: serve_argv(model_dir, "decode", decode_tp, *ports, *common), workdir / "decode.log")
+    processes = [prefill, decode]
     try:
         print(f"starting prefill (TP {prefill_tp}) at {prefill.url} and decode (TP {decode_tp}) at {decode.url}")
         prefill.start()
         decode.start()
         prefill.wait_healthy(180)
         decode.wait_healthy(180)
+        # Built once both servers are healthy: a server that had to redraw its ports has a new URL.
+        proxy = ManagedProcess.on_free_ports(
+            "proxy", 1, lambda ports: proxy_argv([prefill.url], [decode.url], ports[0], "--log-level", "warning"),
+            workdir / "proxy.log")
+        processes.append(proxy)
         proxy.start().wait_healthy(60)
         print(f"proxy at {proxy.url}; servers up after {time.perf_counter() - t0:.1f}s\n")
         with httpx.Client(base_url=proxy.url, timeout=120) as client:

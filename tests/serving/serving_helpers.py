@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import threading
 import time
 
@@ -18,51 +17,39 @@ from kvxfer.ports import free_ports
 BLOCK_SIZE = 16
 NUM_KV_BLOCKS = 256
 STARTUP_S = 240
-BIND_FAILED = re.compile(r"address already in use|errno 98|cannot bind", re.IGNORECASE)
 
 
 class Cluster:
-    """Processes started by one fixture; `stop()` ends them all."""
+    """Processes started by one fixture; `stop()` ends them all. Each is started on freshly
+    drawn ports and restarted on new ones if another process took one first (see launcher)."""
 
     def __init__(self, model_dir: str, log_dir):
         self.model_dir = model_dir
         self.log_dir = log_dir
         self.processes: list[ManagedProcess] = []
-        self._argv_for_ports: dict[ManagedProcess, object] = {}
 
     def server(self, name: str, role: str, tp: int = 1, *extra: str) -> ManagedProcess:
-        def argv(port: int, side: int) -> list[str]:
-            return serve_argv(self.model_dir, role, tp, port, side, "--block-size", str(BLOCK_SIZE),
+        def argv(ports) -> list[str]:
+            return serve_argv(self.model_dir, role, tp, ports[0], ports[1], "--block-size", str(BLOCK_SIZE),
                               "--num-kv-blocks", str(NUM_KV_BLOCKS), "--log-level", "warning", *extra)
 
-        port, side = free_ports(2)
-        proc = ManagedProcess(name, argv(port, side), port, self.log_dir / f"{name}.log").start()
+        proc = ManagedProcess.on_free_ports(name, 2, argv, self.log_dir / f"{name}.log").start()
         self.processes.append(proc)
-        self._argv_for_ports[proc] = argv
         return proc
 
     def proxy(self, prefill: list[ManagedProcess], decode: list[ManagedProcess], *extra: str) -> ManagedProcess:
-        (port,) = free_ports(1)
-        argv = proxy_argv([p.url for p in prefill], [d.url for d in decode], port, "--log-level", "warning", *extra)
-        proc = ManagedProcess("proxy", argv, port, self.log_dir / f"proxy-{port}.log").start()
+        def argv(ports) -> list[str]:
+            return proxy_argv([p.url for p in prefill], [d.url for d in decode], ports[0],
+                              "--log-level", "warning", *extra)
+
+        index = sum(p.name == "proxy" for p in self.processes)
+        proc = ManagedProcess.on_free_ports("proxy", 1, argv, self.log_dir / f"proxy-{index}.log").start()
         self.processes.append(proc)
         return proc
 
     def wait_healthy(self) -> None:
-        """Wait for every server; one that lost a free port to another process between our
-        probe and its bind (other test sessions share this host) is restarted on new ports."""
         for p in self.processes:
-            for attempt in range(3):
-                try:
-                    p.wait_healthy(STARTUP_S)
-                    break
-                except RuntimeError:
-                    if attempt == 2 or p not in self._argv_for_ports or not BIND_FAILED.search(p.log_tail()):
-                        raise
-                p.stop()
-                port, side = free_ports(2)
-                p.argv, p.url = self._argv_for_ports[p](port, side), f"http://127.0.0.1:{port}"
-                p.start()
+            p.wait_healthy(STARTUP_S)
 
     def stop(self) -> None:
         stop_all(self.processes)

@@ -27,11 +27,11 @@ def pd(vllm_python, tiny_qwen3, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("vllm-logs")
     procs = []
     try:
-        prefill, _ = vllm_server(vllm_python, tiny_qwen3, "prefill", log_dir, cpu=0)
+        prefill = vllm_server(vllm_python, tiny_qwen3, "prefill", log_dir, cpu=0)
         procs.append(prefill)
-        decode, _ = vllm_server(vllm_python, tiny_qwen3, "decode", log_dir, cpu=1)
+        decode = vllm_server(vllm_python, tiny_qwen3, "decode", log_dir, cpu=1)
         procs.append(decode)
-        reference, _ = vllm_server(vllm_python, tiny_qwen3, "reference", log_dir, cpu=0, kv_role=None)
+        reference = vllm_server(vllm_python, tiny_qwen3, "reference", log_dir, cpu=0, kv_role=None)
         procs.append(reference)
         for p in procs:
             p.wait_healthy(600)

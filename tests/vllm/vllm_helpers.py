@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 
 from kvxfer.entrypoints.launcher import ManagedProcess, proxy_argv
-from kvxfer.ports import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 BLOCK_SIZE = 32  # vLLM CPU attention: a multiple of 32
@@ -21,30 +20,34 @@ LOADED = re.compile(r"kvxfer: loaded request (\S+): (\d+) bytes in (\d+) descrip
 
 
 def vllm_server(python: str, model_dir: str, name: str, log_dir: Path, cpu: int, kv_role: str | None = "kv_both",
-                extra_config: dict | None = None, failure_policy: str = "fail") -> tuple[ManagedProcess, int]:
+                extra_config: dict | None = None, failure_policy: str = "fail") -> ManagedProcess:
     """A vLLM OpenAI server of `model_dir` on one core; with kvxfer's connector unless
-    `kv_role` is None. Returns the process and its side-channel port."""
-    port, side = free_ports(2)
-    argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1",
-            "--port", str(port), "--served-model-name", "tiny-qwen3", "--dtype", "float32",
-            "--block-size", str(BLOCK_SIZE), "--max-model-len", "2048", "--max-num-seqs", "8",
-            "--uvicorn-log-level", "warning", "--seed", "0"]
-    if kv_role is not None:
-        config = {"kv_connector": "KvxferConnector", "kv_connector_module_path": "kvxfer.integrations.vllm",
-                  "kv_role": kv_role, "kv_load_failure_policy": failure_policy,
-                  "kv_connector_extra_config": {"side_channel_port": side, **(extra_config or {})}}
-        argv += ["--kv-transfer-config", json.dumps(config)]
+    `kv_role` is None. Started on drawn ports (HTTP, KV side channel), redrawn on a lost bind."""
+
+    def argv(ports) -> list[str]:
+        port, side = ports
+        out = ["taskset", "-c", str(cpu), python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+               "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny-qwen3",
+               "--dtype", "float32", "--block-size", str(BLOCK_SIZE), "--max-model-len", "2048",
+               "--max-num-seqs", "8", "--uvicorn-log-level", "warning", "--seed", "0"]
+        if kv_role is not None:
+            config = {"kv_connector": "KvxferConnector", "kv_connector_module_path": "kvxfer.integrations.vllm",
+                      "kv_role": kv_role, "kv_load_failure_policy": failure_policy,
+                      "kv_connector_extra_config": {"side_channel_port": side, **(extra_config or {})}}
+            out += ["--kv-transfer-config", json.dumps(config)]
+        return out
+
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'integration' / 'vllm_site'}",
            "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": str(cpu), "VLLM_LOGGING_LEVEL": "INFO"}
-    proc = ManagedProcess(name, ["taskset", "-c", str(cpu), *argv], port, log_dir / f"{name}.log", env=env)
-    return proc.start(), side
+    return ManagedProcess.on_free_ports(name, 2, argv, log_dir / f"{name}.log", env=env).start()
 
 
 def proxy(prefill: ManagedProcess, decode: ManagedProcess, log_dir: Path) -> ManagedProcess:
-    (port,) = free_ports(1)
-    argv = proxy_argv([prefill.url], [decode.url], port, "--first-token", "decode", "--log-level", "warning",
-                      "--health-interval", "1")
-    return ManagedProcess("proxy", argv, port, log_dir / f"proxy-{port}.log").start()
+    def argv(ports) -> list[str]:
+        return proxy_argv([prefill.url], [decode.url], ports[0], "--first-token", "decode", "--log-level", "warning",
+                          "--health-interval", "1")
+
+    return ManagedProcess.on_free_ports("proxy", 1, argv, log_dir / "proxy.log").start()
 
 
 def complete(url: str, prompt: list[int], max_tokens: int, timeout_s: float = 120.0, **extra) -> httpx.Response:
