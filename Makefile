@@ -32,7 +32,8 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # `make test` leaves out the tests marked slow (the long soak, the Triton interpreter run, the
-# six-layer transfer bench, the HF parity stage, the TP 2 accuracy script); `make test-slow` runs
+# six-layer transfer bench, the HF parity stage, the TP 2 accuracy script, the prefill-death
+# failover); `make test-slow` runs
 # just those, and `.ci/run` runs both, so CI loses no coverage. The tests marked vllm (real vLLM
 # servers, from their own environment) run in neither: `make test-vllm` runs them.
 test: install

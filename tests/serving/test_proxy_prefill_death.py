@@ -79,6 +79,7 @@ def wait_for(what: str, condition) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow  # three servers and a stopped, then killed, one: 2-2.5 min on 2 cores
 def test_requests_in_flight_on_a_dying_prefill_server_are_finished(servers, hf):
     prefill, _, proxy = servers
     dying, survivor = prefill
