@@ -90,20 +90,21 @@ HEALTH+=("$(url "$C_PORT") ${#KVX_PIDS[@]}")
 kvx_start colocated "$OUT/colocated.log" taskset -c "${COLOCATED_CPUS:-0,1}" "${SERVE[@]}" --role both \
   --kv-connector none --num-kv-blocks "$NUM_KV_BLOCKS" --port "$C_PORT" --side-channel-port "$C_SIDE"
 
-declare -A PROXY_URL=()
+declare -A PROXY_URL=() PROXY_PID=()
 NPROXIES=0  # proxies started: the next one takes PROXY_PORTS[NPROXIES] (${#PROXY_URL[@]} of an empty array trips set -u)
 # start_proxy NAME PREFILL_URLS DECODE_URLS ARGS...: a proxy (not pinned, as the load generator).
 start_proxy() {
   local name=$1 prefill=$2 decode=$3 port=${PROXY_PORTS[NPROXIES]}; shift 3
   local run=("$PYTHON")
   if [[ $name == colocated_proxy && $PROFILE_PROXY == 1 ]]; then
-    run+=(-m cProfile -o "$OUT/colocated_proxy.prof")  # written when uvicorn exits on SIGTERM
+    run+=(-m cProfile -o "$OUT/colocated_proxy.prof")  # written on SIGINT (see the end)
   fi
   HEALTH+=("$(url "$port") ${#KVX_PIDS[@]}")
   # shellcheck disable=SC2086 # the URL lists split into arguments
   kvx_start "$name" "$OUT/proxy_$name.log" "${run[@]}" "$KVX_ROOT/integration/proxy.py" --prefill $prefill \
     --decode $decode --port "$port" --log-level warning "$@" ${PROXY_ARGS:-}
   PROXY_URL[$name]=$(url "$port")
+  PROXY_PID[$name]=${KVX_PIDS[-1]}
   NPROXIES=$((NPROXIES + 1))
 }
 PREFILLS="$(url "$P0_PORT") $(url "$P1_PORT")"
@@ -144,3 +145,13 @@ for stage in $STAGES; do
   esac
 done
 uptime | tee "$OUT/uptime.txt"
+if [[ $PROFILE_PROXY == 1 ]]; then
+  # cProfile writes its file when the script returns; uvicorn re-raises a SIGTERM after its
+  # shutdown, which kills the process before that, but a SIGINT ends it as KeyboardInterrupt.
+  kill -INT -- "-${PROXY_PID[colocated_proxy]}" 2>/dev/null || true
+  for _ in $(seq 1 30); do [[ -s $OUT/colocated_proxy.prof ]] && break; sleep 1; done
+  [[ -s $OUT/colocated_proxy.prof ]] || kvx_die "the profiled proxy wrote no $OUT/colocated_proxy.prof"
+  "$PYTHON" -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('cumulative').print_stats(25)" \
+    "$OUT/colocated_proxy.prof" >"$OUT/colocated_proxy_profile.txt"
+  kvx_log "proxy profile: $OUT/colocated_proxy.prof (top 25 by cumulative time: $OUT/colocated_proxy_profile.txt)"
+fi

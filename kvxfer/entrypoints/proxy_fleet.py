@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import httpx
 
@@ -110,9 +110,7 @@ class Fleet:
 
         def one(b: Backend) -> dict:
             load = None if b.load is None else {
-                "age_s": round(now - b.load.at, 1), "running": b.load.running, "waiting": b.load.waiting,
-                "free_blocks": b.load.free_blocks, "num_blocks": b.load.num_blocks,
-                "prefix_hit_blocks": b.load.prefix_hit_blocks}
+                "age_s": round(now - b.load.at, 1), **asdict(b.load.load)}
             return {"url": b.url, "healthy": b.healthy, "in_flight": b.in_flight, "status": b.problem,
                     "routed": b.routed, "index_blocks": len(b.index), "load": load}
 

@@ -49,10 +49,10 @@ def by_kv_room(live: Sequence[Backend], now: float, max_age_s: float) -> Backend
     """Fewest requests (reported + sent since the report), then most free KV blocks; a stale or
     missing report counts the proxy's own in-flight requests only."""
     def score(b: Backend) -> tuple[float, float]:
-        load = b.load
-        if load is None or now - load.at > max_age_s:
+        report = b.load
+        if report is None or now - report.at > max_age_s:
             return (b.in_flight, 0.0)
-        return (load.running + load.waiting + b.sent_since_report, -load.free_blocks)
+        return (report.load.running + report.load.waiting + b.sent_since_report, -report.load.free_blocks)
 
     return min(live, key=score)
 

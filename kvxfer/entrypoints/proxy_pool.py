@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from kvxfer.entrypoints.prefix_index import PrefixIndex
-from kvxfer.entrypoints.proxy_load import parse_load
+from kvxfer.entrypoints.proxy_load import Load, parse_load
 
 SLOW_CHECKS_TO_FAIL = 3  # consecutive timed-out /health checks before a backend is marked down
 DEFAULT_INDEX_BLOCKS = 4096  # a server's index size until its /metrics says its pool size (--index-blocks)
@@ -24,11 +24,7 @@ DEFAULT_INDEX_BLOCKS = 4096  # a server's index size until its /metrics says its
 class LoadReport:
     """A server's load as its /metrics page said at `at` (monotonic seconds)."""
     at: float
-    running: int
-    waiting: int
-    free_blocks: int
-    num_blocks: int
-    prefix_hit_blocks: int
+    load: Load
 
 
 @dataclass
@@ -87,7 +83,6 @@ async def read_load(client: httpx.AsyncClient, backend: Backend, timeout_s: floa
         return
     if load is None:
         return
-    backend.load = LoadReport(time.monotonic(), load.running, load.waiting, load.free_blocks, load.num_blocks,
-                              load.prefix_hit_blocks)
+    backend.load = LoadReport(time.monotonic(), load)
     backend.sent_since_report = 0
     backend.index.resize(load.num_blocks)

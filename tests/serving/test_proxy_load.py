@@ -5,6 +5,8 @@ config as an info gauge). Expected numbers are worked out by hand from the page.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from kvxfer.entrypoints.proxy_load import Load, parse_load
@@ -69,12 +71,24 @@ def test_pages_without_a_full_load_give_none(page):
 def test_decode_choice_on_vllm_loads():
     # Same request count: the one with more free blocks wins; fewer requests beat more room.
     def backend(name: str, page: str) -> Backend:
-        load = parse_load(page)
-        return Backend(name, healthy=True, load=LoadReport(0.0, load.running, load.waiting, load.free_blocks,
-                                                          load.num_blocks, load.prefix_hit_blocks))
+        return Backend(name, healthy=True, load=LoadReport(0.0, parse_load(page)))
 
     full = backend("full", vllm_page({"0": (2, 0, 0.9, 1000, 0)}))
     roomy = backend("roomy", vllm_page({"0": (1, 1, 0.2, 1000, 0)}))
     idle = backend("idle", vllm_page({"0": (0, 1, 0.95, 1000, 0)}))
     assert by_kv_room([full, roomy], now=1.0, max_age_s=10.0) is roomy
     assert by_kv_room([full, roomy, idle], now=1.0, max_age_s=10.0) is idle
+
+
+def test_health_view_shows_the_last_report_with_its_age():
+    import httpx
+
+    from kvxfer.entrypoints.proxy_fleet import Fleet, FleetConfig
+
+    fleet = Fleet([], ["http://decode:1"], FleetConfig("prefix_aware", 1.0, 5.0), httpx.AsyncClient())
+    (backend,) = fleet.decode.backends
+    assert fleet.view()["decode"][0]["load"] is None  # never read
+    backend.load = LoadReport(time.monotonic() - 3.0, parse_load(vllm_page({"0": (2, 5, 0.25, 1000, 640)})))
+    load = fleet.view()["decode"][0]["load"]
+    assert load.pop("age_s") >= 3.0
+    assert load == {"running": 2, "waiting": 5, "free_blocks": 750, "num_blocks": 1000, "prefix_hit_blocks": 20}

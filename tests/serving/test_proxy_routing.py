@@ -13,6 +13,7 @@ import pytest
 from kvxfer.entrypoints.prefix_index import PrefixIndex, block_hashes
 from kvxfer.entrypoints.proxy_fleet import Fleet, FleetConfig
 from kvxfer.entrypoints.proxy_policy import Pool, by_kv_room, by_prefix, colocate, uncached_tokens
+from kvxfer.entrypoints.proxy_load import Load
 from kvxfer.entrypoints.proxy_pool import Backend, LoadReport
 from kvxfer.entrypoints.proxy_prompt import CHARS_PER_TOKEN, PromptKey, prompt_key
 from kvxfer.ports import free_ports
@@ -90,8 +91,8 @@ def test_prefix_aware_without_a_match_spreads_by_load_then_index_room():
 def test_decode_by_kv_room_uses_fresh_reports_only():
     now = 1000.0
     a, b = backend("a", in_flight=0), backend("b", in_flight=3)
-    a.load = LoadReport(now - 1, running=6, waiting=0, free_blocks=10, num_blocks=100, prefix_hit_blocks=0)
-    b.load = LoadReport(now - 1, running=2, waiting=1, free_blocks=50, num_blocks=100, prefix_hit_blocks=0)
+    a.load = LoadReport(now - 1, Load(running=6, waiting=0, free_blocks=10, num_blocks=100, prefix_hit_blocks=0))
+    b.load = LoadReport(now - 1, Load(running=2, waiting=1, free_blocks=50, num_blocks=100, prefix_hit_blocks=0))
     assert by_kv_room([a, b], now, max_age_s=5) is b  # 3 requests against 6
     b.sent_since_report = 4  # sent since its report: 7 now
     assert by_kv_room([a, b], now, max_age_s=5) is a
