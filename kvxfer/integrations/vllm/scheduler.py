@@ -11,6 +11,9 @@ What differs from kvxfer's own engine, and is adapted here:
   at once on the worker side (`KvxferConnectorMetadata.refused`, nothing is read, nothing
   connects), so vLLM's failure policy (`kv_load_failure_policy`: fail or recompute) decides.
 - A request is loaded at most once: a preempted, rescheduled request computes locally.
+- vLLM's prefill scheduler adds its own keys to the params it returns (`VLLM_OWN_PARAMS`: the
+  prefill's cache hits, which the decode's output processor reports); they are vLLM's, read by
+  vLLM, and left out of kvxfer's strict parse, which refuses any other unknown field.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ if TYPE_CHECKING:
 
 # Under "vllm." so that vLLM's logging config (its handler, its level) shows these lines.
 logger = logging.getLogger(f"vllm.{__name__}")
+# Keys vLLM's scheduler itself adds to a finished prefill's kv_transfer_params (v1/core/sched/scheduler.py).
+VLLM_OWN_PARAMS = frozenset({"remote_prefill_cached_tokens"})
 
 
 @dataclass(frozen=True)
@@ -80,8 +85,11 @@ class KvxferScheduler:
     def _parsed(self, request: Request) -> KVTransferParams | KVParamsError | None:
         """The request's params parsed once (a KVParamsError is kept, to fail its load)."""
         if request.request_id not in self._params:
+            raw = request.kv_transfer_params
+            if isinstance(raw, dict):
+                raw = {k: v for k, v in raw.items() if k not in VLLM_OWN_PARAMS}
             try:
-                parsed = parse_kv_transfer_params(request.kv_transfer_params)
+                parsed = parse_kv_transfer_params(raw)
             except KVParamsError as e:
                 parsed = e
             self._params[request.request_id] = parsed
