@@ -8,7 +8,11 @@ group only the blocks inside the window that position N sees. A full local hit s
 notify-only load, so the prefill side frees its blocks.
 
 A decode request aborted before its load was sent to the ranks tells the prefill side at once
-(`Releaser`: a signed `Release` under the token), so the hold does not wait for its lease.
+(`Releaser`: a signed `Release` under the token), so the hold does not wait for its lease;
+unless this engine already sent a load under that token (`_loaded_tokens`): then the hold's end
+is that load's (its ReadDone, or the lease after a refused or failed one). vLLM's serving layer
+re-submits a failed request's params as a pre-aborted request "to free the prefill's blocks";
+releasing there let params with the genuine token but other blocks end the genuine hold.
 
 Prefill: a finished `do_remote_decode` request is held under a fresh transfer token (128
 random bits) with its exact block ids; the params name the token. Its `holds.HoldTable`, in
@@ -21,6 +25,7 @@ expires unpinned holds at their lease (`ConnectorMetadata.expire`) and releases 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Any
 
 import msgspec
@@ -50,6 +55,8 @@ from kvxfer.connectors.metadata import (
 from kvxfer.specs import KVCacheGroup
 
 logger = logging.getLogger(__name__)
+# Transfer tokens this decode engine sent a load under, newest last; enough for minutes of loads.
+LOADED_TOKEN_MEMORY = 4096
 
 
 class NixlConnectorScheduler(KVConnectorScheduler):
@@ -64,6 +71,7 @@ class NixlConnectorScheduler(KVConnectorScheduler):
         self._recv: list[RecvRequest] = []
         self._send: list[SendRequest] = []
         self._sent: set[str] = set()  # decode: unfinished requests whose load went to the ranks
+        self._loaded_tokens: OrderedDict[str, None] = OrderedDict()  # decode: tokens loaded under
         self._releaser: Releaser | None = Releaser(
             config.handshake_timeout_s, FrameAuth(config.auth_key)) if config.is_consumer else None
         self.counters = {
@@ -156,6 +164,10 @@ class NixlConnectorScheduler(KVConnectorScheduler):
             )
         )
         self._sent.add(request.request_id)
+        self._loaded_tokens[params.transfer_token] = None
+        self._loaded_tokens.move_to_end(params.transfer_token)
+        while len(self._loaded_tokens) > LOADED_TOKEN_MEMORY:
+            self._loaded_tokens.popitem(last=False)
 
     # --- prefill side: the hold table -----------------------------------------------------
 
@@ -164,10 +176,11 @@ class NixlConnectorScheduler(KVConnectorScheduler):
         sent = request.request_id in self._sent
         self._sent.discard(request.request_id)
         if isinstance(params, RemotePrefillParams) and not sent and request.finish_reason == "abort" \
-                and self._releaser is not None:
+                and self._releaser is not None and params.transfer_token not in self._loaded_tokens:
             # Ended before its pull was sent to the ranks: nobody here will read the prefill's
-            # hold, so release it now rather than leave it to the lease. (A load already sent
-            # runs to its end and its ReadDone frees the hold.)
+            # hold, so release it now rather than leave it to the lease. (A load already sent,
+            # by this request or another with the token, runs to its end and its ReadDone frees
+            # the hold; a refused one leaves the hold to its rightful reader.)
             self._releaser.release(params)
         wants_decode = isinstance(request.kv_transfer_params, RemoteDecodeParams)
         if not (wants_decode and self.config.is_producer and request.finish_reason in ("stop", "length")):

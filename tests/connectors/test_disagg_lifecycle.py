@@ -297,3 +297,27 @@ def test_a_decode_request_aborted_before_its_pull_releases_the_prefill_hold_now(
     assert stats["released"] == before["released"] + 1
     assert stats["expired_leases"] == before["expired_leases"]
     assert_all_blocks_free(prefill, decode)
+
+
+def test_an_abort_after_a_refused_load_under_the_token_does_not_release_the_hold(engines):
+    """vLLM's serving layer re-submits a failed request's params as a request aborted before
+    scheduling, so that the connector frees the prefill's blocks. After a load refused for
+    naming other blocks (nothing read), that abort released the hold under the genuine token, and
+    the genuine params then failed "not held". A load already sent under a token leaves the
+    hold's end to the prefill side (ReadDone, or the lease)."""
+    prefill, decode = engines.prefill, engines.decode_fail
+    [p] = prompts(41, 2 * BLOCK_SIZE + 5)
+    [genuine] = [o.kv_transfer_params for o in prefill.generate([p], GREEDY, kv_transfer_params=HANDOFF)]
+    other = {**genuine, "remote_block_ids": [b + 1 for b in genuine["remote_block_ids"]]}
+    [out] = decode.generate([p], GREEDY, kv_transfer_params=other)
+    assert out.error_kind == "params" and "held with other blocks" in out.error
+    released = prefill.engine.stats()["connector"]["released"]
+    decode.engine.add_request("after-refusal", p, GREEDY, other)  # what vLLM's serving layer sends
+    assert decode.engine.abort_request("after-refusal") == "aborted"
+    [out] = decode.engine.step()
+    assert out.finished and out.finish_reason == "abort"
+    [out] = decode.generate([p], GREEDY, kv_transfer_params=genuine)  # the hold is still there
+    assert out.error is None and out.output_token_ids == local_tokens(decode, [p])[0]
+    drain(prefill)
+    assert prefill.engine.stats()["connector"]["released"] == released
+    assert_all_blocks_free(prefill, decode)
