@@ -74,6 +74,32 @@ kvx_stop_all() {
   KVX_PIDS=()
 }
 
+# kvx_work_dir PREFIX: WORK_DIR (kept when given) or a fresh temporary one (PREFIX.XXXXXX),
+# LOGS="$WORK_DIR/logs", and the traps: at exit every started process group is stopped, then
+# the work dir is removed unless the run failed (and was not a DRY_RUN=1), KEEP_LOGS=1, or
+# WORK_DIR was given; SIGINT exits 130 and SIGTERM 143, through the same clean-up.
+kvx_work_dir() {
+  KVX_KEEP_WORK=0
+  if [[ -z "${WORK_DIR:-}" ]]; then WORK_DIR=$(mktemp -d -t "$1.XXXXXX"); else KVX_KEEP_WORK=1; mkdir -p "$WORK_DIR"; fi
+  LOGS="$WORK_DIR/logs"
+  mkdir -p "$LOGS"
+  trap kvx_cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+}
+
+kvx_cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  kvx_stop_all
+  if ((rc != 0 && ! ${DRY_RUN:-0})) || [[ "${KEEP_LOGS:-0}" == 1 ]] || ((KVX_KEEP_WORK)); then
+    kvx_log "logs in $LOGS"
+  else
+    rm -rf "$WORK_DIR"
+  fi
+  exit "$rc"
+}
+
 # kvx_http_ok URL: GET URL answers 200 within 2 s.
 kvx_http_ok() {
   if command -v curl >/dev/null; then

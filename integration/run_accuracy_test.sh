@@ -38,25 +38,7 @@ done
 [[ "$DRY_RUN" == 0 || "$DRY_RUN" == 1 ]] || kvx_die "DRY_RUN must be 0 or 1, got '$DRY_RUN'"
 [[ -z "${NUM_GPUS:-}" || "$NUM_GPUS" =~ ^[0-9]+$ ]] || kvx_die "NUM_GPUS must be a non-negative integer, got '$NUM_GPUS'"
 
-KEEP_WORK=0
-if [[ -z "${WORK_DIR:-}" ]]; then WORK_DIR=$(mktemp -d -t kvxfer-accuracy.XXXXXX); else KEEP_WORK=1; mkdir -p "$WORK_DIR"; fi
-LOGS="$WORK_DIR/logs"
-mkdir -p "$LOGS"
-
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  kvx_stop_all
-  if ((rc != 0 && ! DRY_RUN)) || [[ "${KEEP_LOGS:-0}" == 1 ]] || ((KEEP_WORK)); then
-    kvx_log "logs in $LOGS"
-  else
-    rm -rf "$WORK_DIR"
-  fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+kvx_work_dir kvxfer-accuracy
 
 if ((DRY_RUN)); then MODEL_DIR=$MODEL; else MODEL_DIR=$(kvx_model_dir "$MODEL" "$MODEL_CACHE"); fi
 

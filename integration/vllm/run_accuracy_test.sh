@@ -27,20 +27,7 @@ done
 kvx_vllm_kv_config "$CONNECTOR" >/dev/null
 kvx_vllm_check
 
-KEEP_WORK=0
-if [[ -z "${WORK_DIR:-}" ]]; then WORK_DIR=$(mktemp -d -t kvxfer-vllm-accuracy.XXXXXX); else KEEP_WORK=1; mkdir -p "$WORK_DIR"; fi
-LOGS="$WORK_DIR/logs"
-mkdir -p "$LOGS"
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  kvx_stop_all
-  if ((rc != 0 || KEEP_WORK)) || [[ "${KEEP_LOGS:-0}" == 1 ]]; then kvx_log "logs in $LOGS"; else rm -rf "$WORK_DIR"; fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+kvx_work_dir kvxfer-vllm-accuracy
 
 MODEL_DIR=$(kvx_model_dir "$MODEL" "${MODEL_CACHE:-$HOME/.cache/kvxfer/integration}")
 read -r P_PORT P_SIDE D_PORT D_SIDE R_PORT X_PORT <<<"$(kvx_free_ports 6)"
