@@ -35,7 +35,7 @@ install: $(VENV)/.installed
 # six-layer transfer bench, the HF parity stage, the TP 2 accuracy script, the prefill-death
 # failover); `make test-slow` runs
 # just those, and `.ci/run` runs both, so CI loses no coverage. The tests marked vllm (real vLLM
-# servers, from their own environment) run in neither: `make test-vllm` runs them.
+# servers, from their own environment) run in neither: `make test-vllm` runs them (also in .ci/run).
 test: install
 	$(PY) -m pytest -q $(PYTEST_XDIST) -m "not slow and not vllm" $(PYTEST_ARGS) tests
 
