@@ -145,3 +145,60 @@ def test_sigterm_stops_the_running_stage_and_still_writes_the_summary(tmp_path, 
     while running(child) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not running(child), "the stopped stage's child survived"
+
+
+def test_a_sigterm_while_the_stage_starts_still_stops_its_group(tmp_path, monkeypatch):
+    """The signal lands inside Popen, after the fork (as on a busy host, where the test above
+    once failed: the check unwound before it knew the process, and the stage's child lived on).
+    It takes effect once the process is known, and the group is stopped."""
+    import signal
+    import subprocess
+
+    started: list[int] = []
+    real_popen = subprocess.Popen
+
+    class SignalledDuringStart(real_popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self.pid)
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # bytecodes still inside Popen, where a handler would run
+                pass
+
+    sleeper = Stage("sleeper", "sleeps", ("sleep 120 & echo child $!; sleep 120",), 1, 200, needs_cuda=False)
+    monkeypatch.setattr(gpu_check, "stages", lambda py, quick=False: [sleeper])
+    monkeypatch.setattr(gpu_check, "cuda_available", lambda py, env: (False, ""))
+    monkeypatch.setattr(gpu_check.subprocess, "Popen", SignalledDuringStart)
+    log = tmp_path / "out" / "logs" / "01-sleeper.log"
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit):
+            gpu_check.main(["--out", str(tmp_path / "out"), "--wheels", str(tmp_path / "none")])
+        assert len(started) == 1
+        deadline = time.monotonic() + 30  # the group was stopped; its child printed, or never ran
+        while time.monotonic() < deadline and (running(started[0]) or group_alive(started[0])):
+            time.sleep(0.1)
+        assert not group_alive(started[0]), "the stage's process group survived the stop"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for pid in started:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    (stage,) = [s for s in summary["stages"] if s["name"] == "sleeper"]
+    assert (stage["status"], stage["reason"]) == ("timed out", "the check was stopped")
+    assert log.exists()
+
+
+def group_alive(pgid: int) -> bool:
+    """A process of the group that is not a zombie is left."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False

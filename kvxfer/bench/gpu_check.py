@@ -22,7 +22,9 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,9 +124,13 @@ def run_stage(stage: Stage, log: Path, env: dict[str, str], timeout_s: float) ->
             left = timeout_s - (time.monotonic() - start)
             f.write(f"$ {command}\n")
             f.flush()
-            proc = subprocess.Popen(["bash", "-c", command], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            pending: list[int] = []
+            with _signals_held(pending):
+                proc = subprocess.Popen(["bash", "-c", command], cwd=ROOT, env=env, stdout=f,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
             try:
+                for signum in pending:  # its handler runs here, where the clean-up below sees it
+                    signal.raise_signal(signum)
                 rc = proc.wait(timeout=max(left, 0.1))
             except subprocess.TimeoutExpired:
                 _stop_group(proc)
@@ -139,6 +145,23 @@ def run_stage(stage: Stage, log: Path, env: dict[str, str], timeout_s: float) ->
     result.seconds = round(time.monotonic() - start, 1)
     result.results = _json_lines(log)
     return result
+
+
+@contextmanager
+def _signals_held(pending: list[int]):
+    """Hold SIGINT and SIGTERM (recorded in `pending`) while a stage's process starts. One that
+    came while Popen ran, after the fork but before `proc` was known, unwound past the clean-up
+    and left the stage's process group running (seen once on a busy host)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread gets signals in Python, and only it may set handlers
+        return
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
