@@ -60,8 +60,12 @@ kvx_start() {
 
 # kvx_stop_all: SIGTERM every group, SIGKILL what is left after a grace period.
 kvx_stop_all() {
-  local pid i
+  local pid i saved
   ((${#KVX_PIDS[@]})) || return 0
+  # A second SIGINT/SIGTERM (Ctrl-C twice, or `timeout` and a kill) must not end the script
+  # half-way through the stop and leave servers running: held until every group is gone.
+  saved=$(trap -p INT TERM)
+  trap '' INT TERM
   for pid in "${KVX_PIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
   for i in $(seq 1 "${KVX_STOP_GRACE:-15}"); do
     local alive=0
@@ -72,6 +76,8 @@ kvx_stop_all() {
   for pid in "${KVX_PIDS[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   KVX_PIDS=()
+  trap - INT TERM
+  eval "$saved"
 }
 
 # kvx_work_dir PREFIX: WORK_DIR (kept when given) or a fresh temporary one (PREFIX.XXXXXX),
