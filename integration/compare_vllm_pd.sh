@@ -42,8 +42,7 @@ LOAD_ROUNDS=${LOAD_ROUNDS:-4}
 TTFT_LENS=${TTFT_LENS:-16 128 512 1024}
 TTFT_REPEATS=${TTFT_REPEATS:-20}
 SEED=${SEED:-0}
-PREFILL_CPUS=${PREFILL_CPUS:-0}
-DECODE_CPUS=${DECODE_CPUS:-1}
+[[ -n "$PREFILL_CPUS" && -n "$DECODE_CPUS" ]] || kvx_die "PREFILL_CPUS and DECODE_CPUS must name cores here (taskset lists)"
 read -r -a LOAD <<<"${LOAD_ARGS:---input-len 128-512 --output-len 32 --num-requests 64 --concurrency 8}"
 mkdir -p "$OUT"
 trap kvx_stop_all EXIT

@@ -5,6 +5,12 @@
 
 VLLM_VENV=${VLLM_VENV:-$KVX_ROOT/.vllm-venv}
 VLLM_PYTHON=${VLLM_PYTHON:-$VLLM_VENV/bin/python}
+# Where the P/D instances run (taskset lists; set one empty to leave it unpinned): apart, one
+# core each, as the tests run them. Unpinned, vLLM's own "auto" OMP binding puts both instances
+# on every core, and on a 2-core host kvxfer's READs were then posted and never completed ("KV
+# READ not done after 30s", every request); pinned apart they take milliseconds. Not root-caused.
+PREFILL_CPUS=${PREFILL_CPUS-0}
+if (($(nproc) > 1)); then DECODE_CPUS=${DECODE_CPUS-1}; else DECODE_CPUS=${DECODE_CPUS-0}; fi
 
 # kvx_vllm_check: die, before anything starts, unless VLLM_PYTHON can import vLLM and NIXL.
 kvx_vllm_check() {
@@ -13,11 +19,18 @@ kvx_vllm_check() {
     || kvx_die "$VLLM_PYTHON cannot import vllm and nixl (scripts/vllm-venv.sh $VLLM_VENV installs them)"
 }
 
-# kvx_vllm_kv_config CONNECTOR: the --kv-transfer-config JSON of a P/D instance; CONNECTOR is
-# kvxfer (kvxfer's KvxferConnector from this checkout) or nixl (vLLM's NixlConnector on CPU memory).
+# kvx_vllm_kv_config CONNECTOR [SIDE_PORT]: the --kv-transfer-config JSON of a P/D instance;
+# CONNECTOR is kvxfer (kvxfer's KvxferConnector from this checkout) or nixl (vLLM's NixlConnector
+# on CPU memory). kvxfer's side channel port goes in kv_connector_extra_config (without one it
+# falls back to vLLM's kv_port, 14579 by default for every instance: a second one on the host
+# cannot bind it); NixlConnector's is VLLM_NIXL_SIDE_CHANNEL_PORT (kvx_start_vllm).
 kvx_vllm_kv_config() {
+  local side=${2:-}
+  [[ -z "$side" || "$side" =~ ^[1-9][0-9]*$ ]] || kvx_die "side channel port must be a port number, got '$side'"
+  local extra=""
+  [[ -z "$side" ]] || extra=",\"kv_connector_extra_config\":{\"side_channel_port\":$side}"
   case $1 in
-    kvxfer) echo '{"kv_connector":"KvxferConnector","kv_connector_module_path":"kvxfer.integrations.vllm","kv_role":"kv_both"}' ;;
+    kvxfer) printf '{"kv_connector":"KvxferConnector","kv_connector_module_path":"kvxfer.integrations.vllm","kv_role":"kv_both"%s}\n' "$extra" ;;
     nixl) echo '{"kv_connector":"NixlConnector","kv_role":"kv_both","kv_buffer_device":"cpu"}' ;;
     *) kvx_die "CONNECTOR must be kvxfer or nixl, got '$1'" ;;
   esac
@@ -35,11 +48,11 @@ kvx_start_vllm() {
              VLLM_CPU_KVCACHE_SPACE="${VLLM_KV_GIB:-1}")
   # Only P/D instances get a side channel: vLLM parses VLLM_NIXL_SIDE_CHANNEL_PORT as an int at start,
   # so an empty one (a colocated server) kills its engine ("invalid literal for int()").
-  [[ -z "$side" ]] || cmd+=(VLLM_NIXL_SIDE_CHANNEL_PORT="$side" KVXFER_SIDE_CHANNEL_PORT="$side")
+  [[ -z "$side" ]] || cmd+=(VLLM_NIXL_SIDE_CHANNEL_PORT="$side")
   [[ -z "$cpus" ]] || cmd+=(VLLM_CPU_OMP_THREADS_BIND="$cpus" taskset -c "$cpus")
   cmd+=("$VLLM_PYTHON" -m vllm.entrypoints.openai.api_server --model "$model" --host 127.0.0.1 --port "$port"
         --served-model-name "$(basename "$model")" --dtype "${VLLM_DTYPE:-${DTYPE:-auto}}" --block-size 32
         --max-model-len "${VLLM_MAX_MODEL_LEN:-4096}" --uvicorn-log-level warning)
-  [[ "$connector" == none ]] || cmd+=(--kv-transfer-config "$(kvx_vllm_kv_config "$connector")")
+  [[ "$connector" == none ]] || cmd+=(--kv-transfer-config "$(kvx_vllm_kv_config "$connector" "$side")")
   kvx_start "$name" "$log" "${cmd[@]}" ${VLLM_ARGS:-} "$@"
 }

@@ -6,8 +6,8 @@
 #   integration/vllm/launch_pd.sh MODEL      (a model directory or a kvxfer preset, e.g. tiny-qwen3)
 #   curl -s localhost:8000/v1/completions -d '{"prompt":"Hello","max_tokens":8}' -H 'content-type: application/json'
 # Environment: PORT [8000] (the proxy's) CONNECTOR [kvxfer] (nixl: vLLM's NixlConnector on CPU
-#   memory, for comparison) VLLM_VENV [.vllm-venv: scripts/vllm-venv.sh] PREFILL_CPUS / DECODE_CPUS
-#   [unpinned] (taskset lists) LOG_DIR [fresh temp dir] START_TIMEOUT_S [900]
+#   memory, for comparison) VLLM_VENV [.vllm-venv: scripts/vllm-venv.sh] PREFILL_CPUS [0] / DECODE_CPUS
+#   [1] (taskset lists, empty: unpinned; vllm/common.sh says why they are pinned apart) LOG_DIR [fresh temp dir] START_TIMEOUT_S [900]
 #   VLLM_ARGS (more `vllm serve` options for both) MODEL_CACHE [~/.cache/kvxfer/integration]
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
@@ -27,8 +27,8 @@ read -r P_PORT P_SIDE D_PORT D_SIDE <<<"$(kvx_free_ports 4)"
 trap 'kvx_stop_all; kvx_log "stopped; logs in $LOG_DIR"' EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-kvx_start_vllm prefill "$LOG_DIR/prefill.log" "$MODEL_DIR" "$P_PORT" "$P_SIDE" "${PREFILL_CPUS:-}" "$CONNECTOR"
-kvx_start_vllm decode "$LOG_DIR/decode.log" "$MODEL_DIR" "$D_PORT" "$D_SIDE" "${DECODE_CPUS:-}" "$CONNECTOR"
+kvx_start_vllm prefill "$LOG_DIR/prefill.log" "$MODEL_DIR" "$P_PORT" "$P_SIDE" "$PREFILL_CPUS" "$CONNECTOR"
+kvx_start_vllm decode "$LOG_DIR/decode.log" "$MODEL_DIR" "$D_PORT" "$D_SIDE" "$DECODE_CPUS" "$CONNECTOR"
 kvx_wait_healthy "http://127.0.0.1:$P_PORT" "${KVX_PIDS[0]}" prefill "${KVX_LOGS[0]}" "${START_TIMEOUT_S:-900}"
 kvx_wait_healthy "http://127.0.0.1:$D_PORT" "${KVX_PIDS[1]}" decode "${KVX_LOGS[1]}" "${START_TIMEOUT_S:-900}"
 kvx_start proxy "$LOG_DIR/proxy.log" "$PYTHON" -m kvxfer.entrypoints.cli proxy --port "$PORT" --first-token decode \

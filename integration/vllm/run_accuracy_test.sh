@@ -5,7 +5,7 @@
 # request itself, and no KV block may stay in use afterwards (../accuracy_check.py --vllm).
 #   integration/vllm/run_accuracy_test.sh          (MODEL [tiny-qwen3]: a preset or model directory)
 # Environment: CONNECTOR [kvxfer] (nixl: vLLM's NixlConnector, for comparison) PREFILL_TP [1]
-#   DECODE_TP [1] (vLLM's --tensor-parallel-size) NUM_PROMPTS [100] MAX_TOKENS [8] CONCURRENCY [8]
+#   DECODE_TP [1] (vLLM's --tensor-parallel-size) PREFILL_CPUS [0] DECODE_CPUS [1] (vllm/common.sh) NUM_PROMPTS [100] MAX_TOKENS [8] CONCURRENCY [8]
 #   VLLM_DTYPE [float32] VLLM_VENV [.vllm-venv: scripts/vllm-venv.sh] HEALTH_TIMEOUT [900]
 #   MODEL_CACHE [~/.cache/kvxfer/integration] WORK_DIR [fresh temp dir] KEEP_LOGS [0]
 # Exit status 0 only when the check passes; every process started here is stopped on exit.
@@ -32,8 +32,8 @@ kvx_work_dir kvxfer-vllm-accuracy
 MODEL_DIR=$(kvx_model_dir "$MODEL" "${MODEL_CACHE:-$HOME/.cache/kvxfer/integration}")
 read -r P_PORT P_SIDE D_PORT D_SIDE R_PORT X_PORT <<<"$(kvx_free_ports 6)"
 kvx_log "model $MODEL_DIR | vLLM prefill TP$PREFILL_TP -> decode TP$DECODE_TP | connector $CONNECTOR"
-kvx_start_vllm prefill "$LOGS/prefill.log" "$MODEL_DIR" "$P_PORT" "$P_SIDE" "" "$CONNECTOR" --tensor-parallel-size "$PREFILL_TP"
-kvx_start_vllm decode "$LOGS/decode.log" "$MODEL_DIR" "$D_PORT" "$D_SIDE" "" "$CONNECTOR" --tensor-parallel-size "$DECODE_TP"
+kvx_start_vllm prefill "$LOGS/prefill.log" "$MODEL_DIR" "$P_PORT" "$P_SIDE" "$PREFILL_CPUS" "$CONNECTOR" --tensor-parallel-size "$PREFILL_TP"
+kvx_start_vllm decode "$LOGS/decode.log" "$MODEL_DIR" "$D_PORT" "$D_SIDE" "$DECODE_CPUS" "$CONNECTOR" --tensor-parallel-size "$DECODE_TP"
 kvx_start_vllm reference "$LOGS/reference.log" "$MODEL_DIR" "$R_PORT" "" "" none
 SERVER_PORTS=("$P_PORT" "$D_PORT" "$R_PORT")  # in the order started, so index i is KVX_PIDS[i]
 for i in 0 1 2; do
