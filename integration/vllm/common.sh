@@ -8,7 +8,8 @@ VLLM_PYTHON=${VLLM_PYTHON:-$VLLM_VENV/bin/python}
 # Where the P/D instances run (taskset lists; set one empty to leave it unpinned): apart, one
 # core each, as the tests run them. Unpinned, vLLM's own "auto" OMP binding puts both instances
 # on every core, and on a 2-core host kvxfer's READs were then posted and never completed ("KV
-# READ not done after 30s", every request); pinned apart they take milliseconds. Not root-caused.
+# READ not done after 30s"): every thread of both workers inherits the OMP master's core 0
+# (docs/architecture.md, vLLM connector); pinned apart they take milliseconds.
 PREFILL_CPUS=${PREFILL_CPUS-0}
 if (($(nproc) > 1)); then DECODE_CPUS=${DECODE_CPUS-1}; else DECODE_CPUS=${DECODE_CPUS-0}; fi
 
