@@ -230,7 +230,14 @@ def _request(host: str, port: int, msg: SideChannelRequest, timeout_s: float, au
         answered = False
         try:
             frame, nonce = auth.seal_request(payload)
-            sock.send(frame)
+            # A REQ send blocks while the socket has no pipe: after a peer that is not a zmq side
+            # channel (an HTTP port) rejected the connection, or a reused socket's peer went away.
+            sock.setsockopt(zmq.SNDTIMEO, max(int(min(remaining, _ATTEMPT_S) * 1000), 1))
+            try:
+                sock.send(frame)
+            except zmq.Again:
+                last_error = "nothing there accepts a KV side channel connection"
+                continue
             if sock.poll(int(min(remaining, _ATTEMPT_S) * 1000), zmq.POLLIN):
                 raw = sock.recv()
                 answered = True

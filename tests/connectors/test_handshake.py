@@ -344,3 +344,64 @@ def test_after_hostile_frames_a_valid_handshake_still_works(server, port):
     register(port, 0)
     register(port, 1)
     assert fetch(port).tp_size == 2
+
+
+def _not_a_side_channel(port: int):
+    """An HTTP server (uvicorn, as kvxfer's own servers) on `port`: what the KV side channel
+    reaches when params name an HTTP port. It answers the zmq greeting with a 400 and closes."""
+    import threading
+
+    import uvicorn
+    from fastapi import FastAPI
+
+    server = uvicorn.Server(uvicorn.Config(FastAPI(), host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+
+    class Stop:
+        def set(self) -> None:
+            server.should_exit = True
+
+    return Stop(), thread
+
+
+def test_a_port_that_is_not_a_side_channel_times_out_instead_of_hanging(port):
+    """Seen on a quiet host (tests/serving/test_faults_peers.py): once such a peer had rejected
+    the connection, the REQ socket had no pipe and its send blocked for ever, so the load never
+    ended and its blocks stayed taken. A reused socket (ReqSockets) whose peer is gone is the
+    same case; one is set up here so that the send comes after the rejection."""
+    import threading
+
+    stop, server_thread = _not_a_side_channel(port)
+    sockets = ReqSockets()
+    try:
+        stale = zmq.Context.instance().socket(zmq.REQ)
+        stale.setsockopt(zmq.LINGER, 0)
+        stale.connect(f"tcp://127.0.0.1:{port}")
+        time.sleep(1.0)  # the server has rejected its greeting: no pipe left
+        sockets.give_back("127.0.0.1", port, stale)
+        held = Held(engine_id="eng-h", instance_id="inst", request_id="r", transfer_token="t" * 32, block_ids=[1],
+                    reader="dec", reader_rank=0, transfer_timeout_s=5.0, claim="c")
+        outcome: list[BaseException | None] = []
+
+        def run() -> None:
+            try:
+                check_held("127.0.0.1", port, held, 1.5, FrameAuth(None), sockets)
+                outcome.append(None)
+            except BaseException as e:  # noqa: BLE001 - the outcome is what is asserted
+                outcome.append(e)
+
+        caller = threading.Thread(target=run, daemon=True)
+        caller.start()
+        caller.join(30)  # far above the 1.5 s time-out: only a hang gets here
+        assert not caller.is_alive(), "check_held hung on a socket whose peer is not a side channel"
+        assert isinstance(outcome[0], (HandshakeError, KVPeerError)), outcome
+        assert "timed out after 1.5s" in str(outcome[0])
+    finally:
+        stop.set()
+        server_thread.join(5)
+        sockets.close()
