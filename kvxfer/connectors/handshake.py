@@ -232,13 +232,14 @@ def _request(host: str, port: int, msg: SideChannelRequest, timeout_s: float, au
             frame, nonce = auth.seal_request(payload)
             # A REQ send blocks while the socket has no pipe: after a peer that is not a zmq side
             # channel (an HTTP port) rejected the connection, or a reused socket's peer went away.
-            sock.setsockopt(zmq.SNDTIMEO, max(int(min(remaining, _ATTEMPT_S) * 1000), 1))
+            attempt_ms = max(int(min(remaining, _ATTEMPT_S) * 1000), 1)
+            sock.setsockopt(zmq.SNDTIMEO, attempt_ms)
             try:
                 sock.send(frame)
             except zmq.Again:
                 last_error = "nothing there accepts a KV side channel connection"
                 continue
-            if sock.poll(int(min(remaining, _ATTEMPT_S) * 1000), zmq.POLLIN):
+            if sock.poll(attempt_ms, zmq.POLLIN):
                 raw = sock.recv()
                 answered = True
                 try:
